@@ -1,0 +1,63 @@
+"""Engine configuration: limits named as text-generation-launcher names them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .sampling_params import ValidationError
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the engine needs to start; None means "derive from the model and memory".
+
+    - ``max_input_tokens``: longest prompt accepted (TGI's MAX_INPUT_TOKENS).
+    - ``max_total_tokens``: prompt + new tokens of one request (TGI's MAX_TOTAL_TOKENS).
+    - ``max_batch_prefill_tokens``: prompt tokens computed in one step; longer prompts prefill in chunks.
+    - ``max_batch_total_tokens``: KV cache capacity in tokens over all sequences. When None it is
+      sized from ``kv_cache_memory`` bytes (default: a share of free memory).
+    - ``max_num_seqs``: sequences running at once.
+
+    Example:
+        >>> EngineConfig(max_input_tokens=1024, max_total_tokens=2048).block_size
+        16
+    """
+
+    model_id: str = DEFAULT_MODEL_ID
+    revision: Optional[str] = None
+    dtype: Optional[str] = None          # "float32" | "bfloat16" | "float16" | "float64"; None: by device
+    device: Optional[str] = None         # "cpu" | "cuda"; None: cuda when available
+    max_input_tokens: Optional[int] = None
+    max_total_tokens: Optional[int] = None
+    max_batch_prefill_tokens: int = 512
+    max_batch_total_tokens: Optional[int] = None
+    max_num_seqs: int = 64
+    block_size: int = 16
+    kv_cache_memory: Optional[int] = None
+    enable_prefix_caching: bool = True
+    num_threads: Optional[int] = None
+    chat_template: Optional[str] = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_input_tokens", "max_total_tokens", "max_batch_total_tokens", "kv_cache_memory",
+                     "num_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValidationError(name, f"{name}: must be an integer >= 1, got {value!r}")
+        for name in ("max_batch_prefill_tokens", "max_num_seqs", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValidationError(name, f"{name}: must be an integer >= 1, got {value!r}")
+        if (self.max_input_tokens is not None and self.max_total_tokens is not None
+                and self.max_input_tokens >= self.max_total_tokens):
+            raise ValidationError(
+                "max_input_tokens",
+                f"max_input_tokens ({self.max_input_tokens}) must be < max_total_tokens "
+                f"({self.max_total_tokens})")
+        if self.dtype not in (None, "float32", "bfloat16", "float16", "float64"):
+            raise ValidationError("dtype", f"dtype: must be one of float32, bfloat16, float16, float64, "
+                                           f"got {self.dtype!r}")

@@ -1,0 +1,483 @@
+"""The engine: a loop thread that schedules, runs and samples, and thread-safe ways in and out.
+
+Requests enter through a thread-safe inbox; the loop thread owns every scheduler, block manager and
+model structure, so nothing else ever touches them. Outputs leave through a per-request callback:
+``generate`` (async) hands them to the caller's event loop with ``call_soon_threadsafe``, ``stream``
+(blocking) through a ``queue.Queue``. No event loop ever waits on a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import queue
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator, Optional, Sequence as Seq
+
+import torch
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner
+from .outputs import (CompletionDelta, GenerationResult, RequestOutput, ResultAccumulator, TokenLogprob,
+                      TopLogprob)
+from .sampler import SampledToken, sample
+from .sampling_params import SamplingParams, ValidationError
+from .scheduler import Scheduler
+from .sequence import Request, Sequence, SequenceStatus
+
+logger = logging.getLogger("tgi_nb")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64}
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """A snapshot of the engine's state and counters, readable from any thread."""
+
+    num_requests: int
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    block_size: int
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    prefix_cache_hit_tokens: int
+    num_preemptions: int
+    num_steps: int
+    last_batch_size: int
+
+
+def default_num_threads() -> int:
+    """One intra-op thread per core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _default_kv_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.8)
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 8 << 30
+    return int(min(max(available * 0.15, 1 << 30), 8 << 30))
+
+
+def _eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen = model_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class LLMEngine:
+    """Continuous-batching generation over a paged KV cache, in a thread of its own.
+
+    Example:
+        >>> from tgi_nb.engine import LLMEngine, EngineConfig, SamplingParams
+        >>> engine = LLMEngine(EngineConfig())          # the bundled SmolLM2-135M-Instruct  # doctest: +SKIP
+        >>> prompt = engine.tokenizer.apply_chat_template(
+        ...     [{"role": "user", "content": "What is the capital of France?"}],
+        ...     tokenize=False, add_generation_prompt=True)                               # doctest: +SKIP
+        >>> engine.generate_sync(prompt, SamplingParams(max_new_tokens=20, temperature=0)).outputs[0].text  # doctest: +SKIP
+        'The capital of France is Paris.'
+        >>> engine.shutdown()                                                             # doctest: +SKIP
+    """
+
+    def __init__(self, config: Optional[EngineConfig] = None, **overrides):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from tgi_nb.models import resolve_model
+        from tgi_nb.models.llama import LlamaModel, is_llama_family
+
+        config = dataclasses.replace(config or EngineConfig(), **overrides)
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _DTYPES[config.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+        if device.type == "cpu":
+            torch.set_num_threads(config.num_threads or default_num_threads())
+
+        started = time.perf_counter()
+        resolved = resolve_model(config.model_id, revision=config.revision)
+        self.model_id = config.model_id or resolved.model_id
+        self.model_dir = Path(resolved.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        if config.chat_template:
+            self.tokenizer.chat_template = config.chat_template
+        hf_config = AutoConfig.from_pretrained(self.model_dir)
+        if not is_llama_family(hf_config):
+            raise ValueError(f"architecture {getattr(hf_config, 'architectures', None)} is not supported: "
+                             f"tgi_nb runs llama, mistral, qwen2 and qwen3 models")
+        self.model = LlamaModel.load(self.model_dir, dtype=dtype, device=device, config=hf_config)
+        self.eos_token_ids = _eos_token_ids(self.model_dir, self.tokenizer)
+        self.vocab_size = self.model.spec.vocab_size
+
+        max_model_len = self.model.spec.max_position_embeddings
+        kv_per_token = self.model.kv_bytes_per_token()
+        if config.max_batch_total_tokens:
+            capacity = config.max_batch_total_tokens
+        else:
+            budget_tokens = (config.kv_cache_memory or _default_kv_memory(device)) // kv_per_token
+            wanted = config.max_num_seqs * (config.max_total_tokens or max_model_len)
+            capacity = min(budget_tokens, wanted)
+        num_blocks = max(1, capacity // config.block_size)
+        capacity = num_blocks * config.block_size
+        max_total = config.max_total_tokens or min(max_model_len, capacity)
+        if max_total > capacity:
+            raise ValidationError("max_total_tokens",
+                                  f"max_total_tokens ({max_total}) exceeds the KV cache capacity "
+                                  f"max_batch_total_tokens ({capacity})")
+        if max_total > max_model_len:
+            raise ValidationError("max_total_tokens",
+                                  f"max_total_tokens ({max_total}) exceeds the model's context "
+                                  f"max_position_embeddings ({max_model_len})")
+        self.max_total_tokens = max_total
+        self.max_input_tokens = config.max_input_tokens or max_total - 1
+        if self.max_input_tokens >= max_total:
+            raise ValidationError("max_input_tokens",
+                                  f"max_input_tokens ({self.max_input_tokens}) must be < max_total_tokens "
+                                  f"({max_total})")
+        self.config = dataclasses.replace(config, max_total_tokens=max_total,
+                                          max_input_tokens=self.max_input_tokens,
+                                          max_batch_total_tokens=capacity, dtype=str(dtype).split(".")[-1],
+                                          device=device.type)
+
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batch_prefill_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        logger.info("engine ready: %s (%s) on %s %s, %d KV blocks x %d tokens (%.0f MiB), threads=%d, %.1fs",
+                    self.model_id, resolved.source, device, dtype, num_blocks, config.block_size,
+                    num_blocks * config.block_size * kv_per_token / 2**20, torch.get_num_threads(),
+                    time.perf_counter() - started)
+
+        self._inbox: queue.Queue = queue.Queue()
+        self._requests: dict[str, Request] = {}
+        self._token_text_cache: dict[int, str] = {}
+        self._prompt_tokens_total = 0
+        self._generated_tokens_total = 0
+        self._prefix_hit_tokens = 0
+        self._num_steps = 0
+        self._last_batch_size = 0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="tgi_nb-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ ways in
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = False) -> list[int]:
+        """Token ids of a prompt; token id lists are checked against the vocabulary."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        ids = list(prompt)
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValidationError("prompt", f"prompt: token ids must be integers in [0, {self.vocab_size}), "
+                                            f"got {bad[0]!r}")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: Optional[str] = None,
+                    on_output: Optional[Callable[[RequestOutput], None]] = None,
+                    add_special_tokens: bool = False) -> str:
+        """Validate and queue a request; ``on_output`` is called from the engine thread with each
+        ``RequestOutput``. Raises ``ValidationError`` (naming the field) before anything is queued."""
+        if self._stopped:
+            raise RuntimeError("the engine has been shut down")
+        token_ids = self.tokenize(prompt, add_special_tokens)
+        if not token_ids:
+            raise ValidationError("prompt", "prompt: must contain at least one token")
+        if len(token_ids) > self.max_input_tokens:
+            raise ValidationError("prompt", f"prompt: {len(token_ids)} tokens is more than max_input_tokens "
+                                            f"({self.max_input_tokens})")
+        if len(token_ids) + params.max_new_tokens > self.max_total_tokens:
+            raise ValidationError(
+                "max_new_tokens",
+                f"max_new_tokens: prompt ({len(token_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"must be <= max_total_tokens ({self.max_total_tokens})")
+        request_id = request_id or uuid.uuid4().hex
+        request = Request(request_id, token_ids, params, on_output or (lambda _: None), time.monotonic())
+        for index in range(params.n):
+            generator = None
+            if not params.greedy:
+                generator = torch.Generator()
+                seed = params.seed + index if params.seed is not None else random.getrandbits(63)
+                generator.manual_seed(seed)
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop)
+            seq = Sequence(request, index, list(token_ids), detok, generator)
+            if index:
+                seq.status = SequenceStatus.FORK_PENDING
+            request.seqs.append(seq)
+        self._inbox.put(("add", request))
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its KV blocks are freed before the next step."""
+        self._inbox.put(("abort", request_id))
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs into the running event loop. Cancelling the consumer (or
+        closing the iterator early) aborts the request.
+
+        Example:
+            >>> async for out in engine.generate("Once upon a time", SamplingParams(max_new_tokens=8)):  # doctest: +SKIP
+            ...     print(out.outputs[0].text, end="")
+        """
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        request_id = self.add_request(prompt, params, request_id,
+                                      lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def stream(self, prompt: str | list[int], params: SamplingParams,
+               request_id: Optional[str] = None) -> Iterator[RequestOutput]:
+        """Blocking iterator over a request's outputs (for scripts and the CLI).
+
+        Example:
+            >>> for out in engine.stream("Once upon a time", SamplingParams(max_new_tokens=8)):  # doctest: +SKIP
+            ...     print(out.outputs[0].text, end="")
+        """
+        outputs: queue.Queue = queue.Queue()
+        request_id = self.add_request(prompt, params, request_id, outputs.put)
+        finished = False
+        try:
+            while not finished:
+                out = outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def generate_sync(self, prompts: str | list[int] | Seq[str | list[int]], params: SamplingParams
+                      ) -> GenerationResult | list[GenerationResult]:
+        """Run one prompt (or a list, batched together) to completion and return the results.
+
+        Example:
+            >>> r = engine.generate_sync("The sky is", SamplingParams(max_new_tokens=5, temperature=0))  # doctest: +SKIP
+            >>> r.outputs[0].finish_reason                                                             # doctest: +SKIP
+            'length'
+        """
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        done: queue.Queue = queue.Queue()
+        accumulators = {}
+        for prompt in batch:
+            rid = uuid.uuid4().hex
+            accumulators[rid] = ResultAccumulator(rid, params.n)
+            self.add_request(prompt, params, rid, done.put)
+        remaining = len(batch)
+        while remaining:
+            out = done.get()
+            accumulators[out.request_id].add(out)
+            remaining -= out.finished
+        results = [a.result() for a in accumulators.values()]
+        return results[0] if single else results
+
+    def stats(self) -> EngineStats:
+        """Counters and queue sizes, safe to read from any thread (values may be one step old)."""
+        bm = self.block_manager
+        return EngineStats(
+            num_requests=len(self._requests),
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used, kv_blocks_free=bm.num_free,
+            block_size=bm.block_size,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generated_tokens_total=self._generated_tokens_total,
+            prefix_cache_hit_tokens=self._prefix_hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self._num_steps,
+            last_batch_size=self._last_batch_size,
+        )
+
+    def shutdown(self) -> None:
+        """Abort every request and stop the loop thread."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                if not self._drain_inbox(block=not self.scheduler.has_work()):
+                    break
+                if not self.scheduler.has_work():
+                    continue
+                try:
+                    self._step()
+                except Exception as exc:  # a failed forward fails the requests in it, not the engine
+                    logger.exception("engine step failed")
+                    for request in list(self._requests.values()):
+                        if any(s.status is SequenceStatus.RUNNING for s in request.seqs):
+                            self._fail(request, f"{type(exc).__name__}: {exc}")
+        for request in list(self._requests.values()):
+            self._finish_request(request, "abort")
+
+    def _drain_inbox(self, block: bool) -> bool:
+        try:
+            item = self._inbox.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            kind, payload = item
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self._requests[payload.request_id] = payload
+                self.scheduler.add(payload.seqs[0])
+            elif kind == "abort" and payload in self._requests:
+                self._finish_request(self._requests[payload], "abort")
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _step(self) -> None:
+        step = self.scheduler.schedule()
+        if step.empty:
+            time.sleep(0.001)
+            return
+        now = time.monotonic()
+        for seq, _ in step.prefills:
+            if seq.request.first_scheduled is None:
+                seq.request.first_scheduled = now
+                self._prefix_hit_tokens += seq.num_computed_tokens
+        self.runner.copy_blocks(step.block_copies)
+        logits, sampling = self.runner.run(step)
+        self._num_steps += 1
+        self._last_batch_size = len(step.decodes) + len(step.prefills)
+        self._generated_tokens_total += len(step.decodes)
+        for seq in step.decodes:
+            seq.num_computed_tokens += 1
+            self.block_manager.register_computed(seq)
+        for seq, n in step.prefills:
+            seq.num_computed_tokens += n
+            self._prompt_tokens_total += n
+            self.block_manager.register_computed(seq)
+
+        rows = list(range(len(sampling)))
+        for row, seq in enumerate(list(sampling)):
+            if seq.index == 0 and seq.num_output_tokens == 0:   # the prompt is done: start the other samples
+                for child in seq.request.seqs[1:]:
+                    if child.status is SequenceStatus.FORK_PENDING:
+                        self.block_manager.fork(seq, child)
+                        self.scheduler.add_running(child)
+                        sampling.append(child)
+                        rows.append(row)
+        if len(rows) != logits.shape[0]:
+            logits = logits[rows]
+        sampled = sample(logits, sampling)
+
+        deltas: dict[str, list[CompletionDelta]] = {}
+        for seq, token in zip(sampling, sampled):
+            deltas.setdefault(seq.request.request_id, []).append(self._append(seq, token))
+        for request_id, request_deltas in deltas.items():
+            request = self._requests.get(request_id)
+            if request is None:
+                continue
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
+            finished = request.finished
+            if finished:
+                del self._requests[request_id]
+            self._emit(request, RequestOutput(request_id, request.prompt_token_ids, request_deltas, finished,
+                                              request.num_cached_tokens))
+
+    def _append(self, seq: Sequence, token: SampledToken) -> CompletionDelta:
+        """Add a sampled token to a sequence, detokenize, check every stop condition."""
+        params = seq.request.params
+        token_id = token.token_id
+        seq.append_token(token_id)
+        detok = seq.detokenizer
+        finish, stop_reason = None, None
+        if token.error is not None:
+            finish = "error"
+            logger.warning("request %s failed: %s", seq.request.request_id, token.error)
+        elif token_id in self.eos_token_ids and not params.ignore_eos:
+            finish = "stop"
+        elif token_id in params.stop_token_ids:
+            finish, stop_reason = "stop", token_id
+        else:
+            added = len(detok.add_token(token_id))
+            stop_reason = detok.check_stop(added)
+            if stop_reason is not None:
+                finish = "stop"
+        if finish is None and (seq.num_output_tokens >= params.max_new_tokens
+                               or len(seq.token_ids) >= self.max_total_tokens):
+            finish = "length"
+            stop_reason = detok.check_stop(detok.flush())
+            if stop_reason is not None:
+                finish = "stop"
+        logprobs = None
+        if token.logprob is not None:
+            logprobs = [TokenLogprob(token_id, self._token_text(token_id), token.logprob,
+                                     [TopLogprob(t, self._token_text(t), lp) for t, lp in token.top or []])]
+        delta = CompletionDelta(seq.index, detok.take_output(final=finish is not None), [token_id], logprobs,
+                                finish, stop_reason)
+        if finish is not None:
+            seq.finish_reason, seq.stop_reason = finish, stop_reason
+            self.scheduler.finish(seq)
+        return delta
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_text_cache.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self._token_text_cache[token_id] = text
+        return text
+
+    def _finish_request(self, request: Request, reason: str, error: Optional[str] = None) -> None:
+        deltas = []
+        for seq in request.seqs:
+            if seq.status is not SequenceStatus.FINISHED:
+                self.scheduler.finish(seq)
+                seq.finish_reason = reason
+                deltas.append(CompletionDelta(seq.index, seq.detokenizer.take_output(final=True), [],
+                                              finish_reason=reason))
+        self._requests.pop(request.request_id, None)
+        self._emit(request, RequestOutput(request.request_id, request.prompt_token_ids, deltas, True,
+                                          request.num_cached_tokens, error))
+
+    def _fail(self, request: Request, message: str) -> None:
+        self._finish_request(request, "error", message)
+
+    def _emit(self, request: Request, out: RequestOutput) -> None:
+        try:
+            request.on_output(out)
+        except Exception:  # a consumer gone away (closed event loop) must not stop the engine
+            logger.debug("dropping output of request %s", request.request_id, exc_info=True)

@@ -1,0 +1,96 @@
+"""Owns the model and its paged KV cache; turns a scheduled step into one forward pass."""
+
+from __future__ import annotations
+
+import torch
+
+from tgi_nb.models.llama import AttentionBatch
+
+from .scheduler import SchedulerOutput
+from .sequence import Sequence
+
+
+class ModelRunner:
+    """Allocates ``num_blocks`` KV blocks per layer and runs packed steps.
+
+    Example:
+        >>> runner = ModelRunner(model, num_blocks=256, block_size=16)    # doctest: +SKIP
+        >>> logits, seqs = runner.run(scheduler.schedule())               # doctest: +SKIP
+    """
+
+    def __init__(self, model, num_blocks: int, block_size: int):
+        self.model = model
+        self.block_size = block_size
+        spec = model.spec
+        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        # Zeroed, not empty: padded block-table entries of the torch attention path read them (masked).
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=model.dtype, device=model.device),
+             torch.zeros(shape, dtype=model.dtype, device=model.device))
+            for _ in range(spec.num_layers)
+        ]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.model.device)
+        dst = torch.tensor([d for _, d in copies], device=self.model.device)
+        for k, v in self.kv_caches:
+            k[dst] = k[src]
+            v[dst] = v[src]
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def run(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
+        """Compute the step's tokens; return logits (float32, one row per sequence that samples now:
+        decodes and prefills whose chunk reaches the end of their tokens) and those sequences."""
+        device = self.model.device
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_indices: list[int] = []
+        sampling: list[Sequence] = []
+
+        for seq in step.decodes:
+            pos = seq.num_computed_tokens
+            logits_indices.append(len(input_ids))
+            sampling.append(seq)
+            input_ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.extend(self._slots(seq, pos, pos + 1))
+        decode_tables = decode_lens = None
+        if step.decodes:
+            width = max(len(s.block_table) for s in step.decodes)
+            decode_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))
+                                          for s in step.decodes], dtype=torch.int32, device=device)
+            decode_lens = torch.tensor([s.num_computed_tokens + 1 for s in step.decodes],
+                                       dtype=torch.int32, device=device)
+
+        prefills = []
+        for seq, n in step.prefills:
+            start, cached = len(input_ids), seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[cached:cached + n])
+            positions.extend(range(cached, cached + n))
+            slots.extend(self._slots(seq, cached, cached + n))
+            table = torch.tensor(seq.block_table, dtype=torch.long, device=device) if cached else None
+            prefills.append((start, n, cached, table))
+            if cached + n == len(seq.token_ids):
+                logits_indices.append(start + n - 1)
+                sampling.append(seq)
+
+        batch = AttentionBatch(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            num_decodes=len(step.decodes),
+            decode_block_tables=decode_tables,
+            decode_context_lens=decode_lens,
+            prefills=prefills,
+        )
+        logits = self.model.forward(
+            torch.tensor(input_ids, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            batch, self.kv_caches,
+            torch.tensor(logits_indices, dtype=torch.long, device=device),
+        )
+        return logits.cpu(), sampling

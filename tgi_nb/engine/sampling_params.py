@@ -1,0 +1,112 @@
+"""Per-request sampling parameters, validated before a request is queued."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+# A logits processor sees the token ids generated so far for one sequence and its next-token
+# logits (1-D float tensor over the vocabulary) and returns the logits to sample from.
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+MAX_TOP_LOGPROBS = 20
+
+
+class ValidationError(ValueError):
+    """A request parameter is out of range. ``field`` names it, the message says what is allowed.
+
+    Example:
+        >>> try:
+        ...     SamplingParams(temperature=-1)
+        ... except ValidationError as e:
+        ...     print(e.field)
+        temperature
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValidationError(field, f"{field}: {message}")
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How one request samples and when it stops.
+
+    ``temperature == 0`` (or ``do_sample=False``) means greedy decoding. ``frequency_penalty`` and
+    ``presence_penalty`` have OpenAI's meaning (subtracted from the logits, proportional to the count /
+    once per token already generated); ``repetition_penalty`` is the multiplicative CTRL penalty of
+    transformers and TGI over prompt and generated tokens. ``logprobs=None`` returns none, ``0`` the
+    chosen token's log-probability only, ``k`` also the top ``k`` alternatives. ``n`` samples share the
+    prompt's KV blocks; with a ``seed`` sample ``i`` uses ``seed + i``.
+
+    Example:
+        >>> p = SamplingParams(max_new_tokens=16, temperature=0.7, top_p=0.9, stop=["\\n\\n"], seed=1)
+        >>> p.greedy
+        False
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: Optional[dict[int, float]] = None
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: Optional[int] = None
+    n: int = 1
+    do_sample: bool = True
+    logits_processor: Optional[LogitsProcessor] = None
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+               "max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
+        _check(math.isfinite(self.temperature) and self.temperature >= 0,
+               "temperature", f"must be >= 0 (0 means greedy), got {self.temperature!r}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+               "top_k", f"must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
+        _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
+        _check(self.repetition_penalty > 0, "repetition_penalty",
+               f"must be > 0 (1 disables it), got {self.repetition_penalty!r}")
+        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty",
+               f"must be in [-2, 2], got {self.frequency_penalty!r}")
+        _check(-2 <= self.presence_penalty <= 2, "presence_penalty",
+               f"must be in [-2, 2], got {self.presence_penalty!r}")
+        if self.logit_bias:
+            for token_id, bias in self.logit_bias.items():
+                _check(isinstance(token_id, int) and token_id >= 0, "logit_bias",
+                       f"keys must be token ids (integers >= 0), got {token_id!r}")
+                _check(-100 <= bias <= 100, "logit_bias",
+                       f"values must be in [-100, 100], got {bias!r} for token {token_id}")
+        _check(self.seed is None or isinstance(self.seed, int), "seed",
+               f"must be an integer, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
+               "must be non-empty strings")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               "must be token ids (integers >= 0)")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int)
+                                         and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+               "logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+        _check(isinstance(self.n, int) and 1 <= self.n <= 128, "n",
+               f"must be an integer in [1, 128], got {self.n!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the next token is always the most likely one."""
+        return not self.do_sample or self.temperature == 0 or self.top_k == 1

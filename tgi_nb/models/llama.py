@@ -1,0 +1,280 @@
+"""Our own forward pass for the Llama family (llama, mistral, qwen2, qwen3), straight from safetensors.
+
+The model works on a *packed* batch: the tokens of every scheduled sequence laid end to end, no
+padding. Keys and values go into the paged KV cache owned by the engine; the attention for each
+token reads them back through the sequence's block table (see ``tgi_nb.engine.attention``).
+Projections are fused (q|k|v and gate|up) so one decode step is a handful of large matmuls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+logger = logging.getLogger("tgi_nb")
+
+LLAMA_FAMILY = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+@dataclass(slots=True)
+class LlamaSpec:
+    """The architecture facts the forward needs, read from a transformers config."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    sliding_window: int  # 0: none
+
+    @classmethod
+    def from_config(cls, config) -> "LlamaSpec":
+        archs = getattr(config, "architectures", None) or []
+        arch = next((LLAMA_FAMILY[a] for a in archs if a in LLAMA_FAMILY), config.model_type)
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        sliding = 0
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", arch == "mistral"):
+            sliding = int(config.sliding_window)
+        return cls(
+            arch=arch,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            attention_bias=bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2",
+            qk_norm=config.model_type == "qwen3",
+            sliding_window=sliding,
+        )
+
+
+def is_llama_family(config) -> bool:
+    """True when our own forward can run this transformers config."""
+    archs = getattr(config, "architectures", None) or []
+    return any(a in LLAMA_FAMILY for a in archs) or config.model_type in LLAMA_FAMILY.values()
+
+
+def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling for the config's RoPE variant (default, linear,
+    llama3, yarn, longrope... via transformers' own initialisers, so every scaling it knows works)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv_freq, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope type {rope_type!r} is not supported; known: {sorted(ROPE_INIT_FUNCTIONS)}")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+@dataclass(slots=True)
+class AttentionBatch:
+    """How the packed tokens of one step map onto sequences and the KV cache.
+
+    The batch is laid out decodes first (one token each), then prefill chunks.
+    - ``slot_mapping[t]``: the cache slot (block * block_size + offset) that token t's K/V go to.
+    - decodes: ``decode_block_tables`` [num_decodes, max_blocks] and ``decode_context_lens``.
+    - prefill chunks: per chunk (start in the packed batch, length, tokens already in the cache before
+      it, that sequence's block table as a tensor).
+    """
+
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    decode_block_tables: Optional[torch.Tensor]
+    decode_context_lens: Optional[torch.Tensor]
+    prefills: list[tuple[int, int, int, torch.Tensor]]
+
+
+class LlamaModel:
+    """Weights and the packed forward of one Llama-family model.
+
+    Example:
+        >>> model = LlamaModel.load("path/to/model_dir", dtype=torch.float32)   # doctest: +SKIP
+        >>> logits = model.forward(input_ids, positions, batch, kv_caches, logits_indices)  # doctest: +SKIP
+    """
+
+    def __init__(self, config, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
+        spec = LlamaSpec.from_config(config)
+        self.spec, self.dtype, self.device = spec, dtype, device
+        self.config = config
+
+        def take(name: str) -> torch.Tensor:
+            return weights.pop(name).to(device=device, dtype=dtype).contiguous()
+
+        def maybe(name: str) -> Optional[torch.Tensor]:
+            return take(name) if name in weights else None
+
+        self.embed = take("model.embed_tokens.weight")
+        self.layers = []
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}."
+            qkv = torch.cat([take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight"),
+                             take(p + "self_attn.v_proj.weight")])
+            biases = [maybe(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
+            qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
+            self.layers.append(dict(
+                input_norm=take(p + "input_layernorm.weight"),
+                qkv=qkv,
+                qkv_bias=qkv_bias,
+                q_norm=maybe(p + "self_attn.q_norm.weight"),
+                k_norm=maybe(p + "self_attn.k_norm.weight"),
+                o=take(p + "self_attn.o_proj.weight"),
+                post_norm=take(p + "post_attention_layernorm.weight"),
+                gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+                down=take(p + "mlp.down_proj.weight"),
+            ))
+        self.norm = take("model.norm.weight")
+        lm_head = weights.pop("lm_head.weight", None)
+        self.lm_head = (self.embed if spec.tie_word_embeddings or lm_head is None
+                        else lm_head.to(device=device, dtype=dtype).contiguous())
+        inv_freq, scaling = rope_inv_freq(config)
+        self._inv_freq, self._rope_scaling = inv_freq, scaling
+        self._cos = self._sin = torch.empty(0)
+        self._ensure_rope(spec.max_position_embeddings)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu", config=None) -> "LlamaModel":
+        """Load config and safetensors shards from a local Hugging Face layout directory."""
+        from transformers import AutoConfig
+
+        model_dir = Path(model_dir)
+        config = config or AutoConfig.from_pretrained(model_dir)
+        index = model_dir / "model.safetensors.index.json"
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+                 else sorted(p.name for p in model_dir.glob("*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+        weights: dict[str, torch.Tensor] = {}
+        for name in files:
+            with safe_open(model_dir / name, framework="pt") as f:
+                for key in f.keys():
+                    weights[key] = f.get_tensor(key)
+        return cls(config, weights, dtype, torch.device(device))
+
+    def _ensure_rope(self, length: int) -> None:
+        # cos/sin computed in float32 then cast, exactly as transformers' rotary embedding does.
+        if self._cos.shape[0] >= length:
+            return
+        positions = torch.arange(length, dtype=torch.float32)
+        freqs = positions[:, None] * self._inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos = (emb.cos() * self._rope_scaling).to(device=self.device, dtype=self.dtype)
+        self._sin = (emb.sin() * self._rope_scaling).to(device=self.device, dtype=self.dtype)
+
+    def kv_bytes_per_token(self) -> int:
+        s = self.spec
+        return 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        """Run the packed tokens through the model, writing their K/V into ``kv_caches``; return
+        float32 logits for the rows in ``logits_indices`` only (the last token of each sequence that
+        samples this step)."""
+        from tgi_nb.engine.attention import paged_decode_attention
+
+        s = self.spec
+        num_tokens = input_ids.shape[0]
+        h_dim, nh, nkv, d = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim
+        q_size, kv_size = nh * d, nkv * d
+        scale = d ** -0.5
+        self._ensure_rope(int(positions.max()) + 1)
+        cos = self._cos[positions].unsqueeze(1)
+        sin = self._sin[positions].unsqueeze(1)
+        half = d // 2
+        nd = batch.num_decodes
+
+        x = self.embed[input_ids]
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            h = F.rms_norm(x, (h_dim,), layer["input_norm"], s.rms_norm_eps)
+            qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])
+            # q and k get RoPE together: one [T, nh + nkv, d] view of the fused projection.
+            qk = qkv[:, : q_size + kv_size].view(num_tokens, nh + nkv, d)
+            v = qkv[:, q_size + kv_size:].view(num_tokens, nkv, d)
+            if s.qk_norm:
+                qk = torch.cat([F.rms_norm(qk[:, :nh], (d,), layer["q_norm"], s.rms_norm_eps),
+                                F.rms_norm(qk[:, nh:], (d,), layer["k_norm"], s.rms_norm_eps)], dim=1)
+            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+            qk = qk * cos + rotated * sin
+            q, k = qk[:, :nh], qk[:, nh:]
+            k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k)
+            v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v)
+
+            attn = torch.empty(num_tokens, nh, d, dtype=x.dtype, device=x.device)
+            if nd:
+                paged_decode_attention(q[:nd].contiguous(), k_cache, v_cache, batch.decode_block_tables,
+                                       batch.decode_context_lens, scale, s.sliding_window, out=attn[:nd])
+            for start, length, cached, table in batch.prefills:
+                attn[start:start + length] = _prefill_attention(
+                    q[start:start + length], k[start:start + length], v[start:start + length],
+                    k_cache, v_cache, table, cached, scale, s.sliding_window)
+            x = torch.addmm(x, attn.view(num_tokens, q_size), layer["o"].t())
+            h = F.rms_norm(x, (h_dim,), layer["post_norm"], s.rms_norm_eps)
+            gate_up = F.linear(h, layer["gate_up"])
+            gate, up = gate_up.chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate) * up, layer["down"].t())
+
+        x = F.rms_norm(x[logits_indices], (h_dim,), self.norm, s.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+
+def _prefill_attention(q, k, v, k_cache, v_cache, block_table, cached: int, scale: float,
+                       sliding_window: int) -> torch.Tensor:
+    """Causal attention of one prefill chunk ([L, heads, d]) over its sequence's cached prefix plus
+    itself. A chunk with nothing before it attends to its own K/V directly, no cache read."""
+    length, nh, d = q.shape
+    nkv = k.shape[1]
+    if cached:
+        block_size = k_cache.shape[1]
+        total = cached + length
+        num_blocks = (total + block_size - 1) // block_size
+        blocks = block_table[:num_blocks]
+        k = k_cache[blocks].view(-1, nkv, d)[:total]
+        v = v_cache[blocks].view(-1, nkv, d)[:total]
+    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if nkv != nh:
+        kt = kt.repeat_interleave(nh // nkv, dim=0)
+        vt = vt.repeat_interleave(nh // nkv, dim=0)
+    if not cached and not sliding_window:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    else:
+        q_pos = torch.arange(cached, cached + length, device=q.device)[:, None]
+        k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window:
+            mask &= k_pos > q_pos - sliding_window
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
