@@ -108,6 +108,7 @@ class LLMEngine:
         from transformers import AutoConfig, AutoTokenizer
 
         from tgi_nb.models import resolve_model
+        from tgi_nb.models.hf_model import TransformersModel
         from tgi_nb.models.llama import LlamaModel, is_llama_family
 
         config = dataclasses.replace(config or EngineConfig(), **overrides)
@@ -123,11 +124,12 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         if config.chat_template:
             self.tokenizer.chat_template = config.chat_template
-        hf_config = AutoConfig.from_pretrained(self.model_dir)
-        if not is_llama_family(hf_config):
-            raise ValueError(f"architecture {getattr(hf_config, 'architectures', None)} is not supported: "
-                             f"tgi_nb runs llama, mistral, qwen2 and qwen3 models")
-        self.model = LlamaModel.load(self.model_dir, dtype=dtype, device=device, config=hf_config)
+        hf_config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=config.trust_remote_code)
+        if is_llama_family(hf_config):
+            self.model = LlamaModel.load(self.model_dir, dtype=dtype, device=device, config=hf_config)
+        else:  # transformers' own modules, our paged attention and cache
+            self.model = TransformersModel.load(self.model_dir, dtype=dtype, device=device,
+                                                trust_remote_code=config.trust_remote_code)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.tokenizer)
         self.vocab_size = self.model.spec.vocab_size
 

@@ -204,8 +204,6 @@ class LlamaModel:
         """Run the packed tokens through the model, writing their K/V into ``kv_caches``; return
         float32 logits for the rows in ``logits_indices`` only (the last token of each sequence that
         samples this step)."""
-        from tgi_nb.engine.attention import paged_decode_attention
-
         s = self.spec
         num_tokens = input_ids.shape[0]
         h_dim, nh, nkv, d = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim
@@ -215,7 +213,6 @@ class LlamaModel:
         cos = self._cos[positions].unsqueeze(1)
         sin = self._sin[positions].unsqueeze(1)
         half = d // 2
-        nd = batch.num_decodes
 
         x = self.embed[input_ids]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
@@ -230,17 +227,7 @@ class LlamaModel:
             rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
             qk = qk * cos + rotated * sin
             q, k = qk[:, :nh], qk[:, nh:]
-            k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k)
-            v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v)
-
-            attn = torch.empty(num_tokens, nh, d, dtype=x.dtype, device=x.device)
-            if nd:
-                paged_decode_attention(q[:nd].contiguous(), k_cache, v_cache, batch.decode_block_tables,
-                                       batch.decode_context_lens, scale, s.sliding_window, out=attn[:nd])
-            for start, length, cached, table in batch.prefills:
-                attn[start:start + length] = _prefill_attention(
-                    q[start:start + length], k[start:start + length], v[start:start + length],
-                    k_cache, v_cache, table, cached, scale, s.sliding_window)
+            attn = attend(q, k, v, k_cache, v_cache, batch, scale, s.sliding_window)
             x = torch.addmm(x, attn.view(num_tokens, q_size), layer["o"].t())
             h = F.rms_norm(x, (h_dim,), layer["post_norm"], s.rms_norm_eps)
             gate_up = F.linear(h, layer["gate_up"])
@@ -249,6 +236,28 @@ class LlamaModel:
 
         x = F.rms_norm(x[logits_indices], (h_dim,), self.norm, s.rms_norm_eps)
         return F.linear(x, self.lm_head).float()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           batch: AttentionBatch, scale: float, sliding_window: int = 0) -> torch.Tensor:
+    """Write the step's keys and values ([T, kv_heads, d]) into the paged cache, then attend: decode
+    tokens through the paged decode kernel, prefill chunks causally over their cached prefix.
+    Returns [T, heads, d]."""
+    from tgi_nb.engine.attention import paged_decode_attention
+
+    num_tokens, nkv, d = k.shape
+    k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k)
+    v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v)
+    out = torch.empty(num_tokens, q.shape[1], d, dtype=q.dtype, device=q.device)
+    nd = batch.num_decodes
+    if nd:
+        paged_decode_attention(q[:nd].contiguous(), k_cache, v_cache, batch.decode_block_tables,
+                               batch.decode_context_lens, scale, sliding_window, out=out[:nd])
+    for start, length, cached, table in batch.prefills:
+        out[start:start + length] = _prefill_attention(
+            q[start:start + length], k[start:start + length], v[start:start + length],
+            k_cache, v_cache, table, cached, scale, sliding_window)
+    return out
 
 
 def _prefill_attention(q, k, v, k_cache, v_cache, block_table, cached: int, scale: float,
