@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .sampling_params import ValidationError
+from tgi_nb.models.loader import DEFAULT_MODEL_ID
 
-DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from .sampling_params import ValidationError
 
 
 @dataclass(slots=True)
