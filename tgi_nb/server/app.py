@@ -1,0 +1,64 @@
+"""The FastAPI application: OpenAI routes, TGI routes, errors, auth and metrics around one engine."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Any, Callable, Optional, Union
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from .auth import APIKeyMiddleware
+from .errors import install_error_handlers
+from .openai_routes import router as openai_router
+from .serving import EngineHolder, ServerContext
+from .settings import ServerSettings
+from .tgi_routes import router as tgi_router
+from .version import server_version
+
+
+def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Optional[ServerSettings] = None) -> FastAPI:
+    """An ASGI app serving ``engine_or_factory`` with OpenAI's and TGI's APIs.
+
+    ``engine_or_factory`` is a ready ``LLMEngine`` (the caller keeps ownership: it is never shut
+    down here) or a callable returning one, called in a background thread when the app starts; until
+    it returns /health answers 503 and generation routes 503 with ``Retry-After``. The app's state
+    holds ``app.state.holder`` (:class:`~tgi_nb.server.serving.EngineHolder`: ``status``, ``error``,
+    ``wait()``, ``unload()``) and ``app.state.ctx``.
+
+    Example:
+        >>> from tgi_nb.engine import EngineConfig, LLMEngine
+        >>> from tgi_nb.server import ServerSettings, ServerThread, build_app
+        >>> app = build_app(lambda: LLMEngine(EngineConfig()), ServerSettings(api_key="secret"))  # doctest: +SKIP
+        >>> server = ServerThread(app, port=0).start()                                           # doctest: +SKIP
+        >>> app.state.holder.wait(120)                                                            # doctest: +SKIP
+        True
+        >>> server.stop()                                                                          # doctest: +SKIP
+    """
+    settings = settings or ServerSettings()
+    holder = EngineHolder(engine_or_factory)
+    ctx = ServerContext(holder, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        holder.start()  # returns at once; the model loads in its own thread
+        try:
+            yield
+        finally:
+            holder.shutdown()
+
+    app = FastAPI(title="tgi_nb", version=server_version(), lifespan=lifespan, root_path=settings.root_path,
+                  description="OpenAI-compatible (/v1) and Text Generation Inference API on tgi_nb's engine.")
+    app.state.ctx = ctx
+    app.state.holder = holder
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(openai_router)
+    app.include_router(tgi_router)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    if settings.cors_allow_origins:
+        # Added last so it wraps auth: browsers' preflight requests never carry the key.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    return app

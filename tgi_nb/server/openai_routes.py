@@ -1,0 +1,46 @@
+"""OpenAI-compatible routes under /v1 (thin: the logic lives in openai_serving)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from . import openai_serving
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                       ModelCard, ModelList, OpenAIError)
+from .serving import ServerContext
+
+router = APIRouter(tags=["OpenAI"])
+
+_ERRORS = {code: {"model": OpenAIError} for code in (400, 401, 404, 429, 500, 503)}
+
+
+async def get_ctx(request: Request) -> ServerContext:
+    # async: a plain def would hop to a worker thread on every request
+    return request.app.state.ctx
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """Chat completion, streamed as ``chat.completion.chunk`` events when ``stream`` is true."""
+    return await openai_serving.create_chat_completion(ctx, body, request)
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+async def completions(body: CompletionRequest, request: Request, ctx: ServerContext = Depends(get_ctx)) -> Response:
+    """Text completion of a prompt (string, strings or token ids)."""
+    return await openai_serving.create_completion(ctx, body, request)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+async def models(ctx: ServerContext = Depends(get_ctx)) -> ModelList:
+    """The served model."""
+    return openai_serving.list_models(ctx)
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERRORS)
+async def model(model: str, ctx: ServerContext = Depends(get_ctx)) -> ModelCard:
+    """The served model's card; 404 for any other name."""
+    return openai_serving.retrieve_model(ctx, model)
+

@@ -1,0 +1,403 @@
+"""The OpenAI routes' logic: chat completions, completions and models, streamed or not.
+
+Shapes follow openai-python's types: one id for every chunk of a stream, ``role`` only in the first
+delta of each choice, ``finish_reason`` only ``stop`` or ``length``, a usage chunk with ``choices: []``
+when ``stream_options.include_usage`` is set, then ``data: [DONE]``. An error after the stream started
+is sent as ``data: {"error": {...}}`` and the stream ends there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Optional
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tgi_nb.engine.outputs import ResultAccumulator, TokenLogprob
+
+from .chat import render_chat
+from .errors import APIError, BadRequest, NotFound
+from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                       ChatCompletionResponse, ChatDelta, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
+                       CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ModelCard,
+                       ModelList, PromptTokensDetails, UsageInfo, ignored_fields)
+from .serving import (KEEP_ALIVE, SSE_DONE, SSE_KEEP_ALIVE, ClientDisconnected, GenerationStream, ServerContext,
+                      SSEResponse, TokenTable, check_finished, log_ignored, make_sampling_params, new_id,
+                      parse_logit_bias, resolve_max_new_tokens, sse, stop_list, token_table, tokenize)
+
+logger = logging.getLogger("tgi_nb.server")
+
+SYSTEM_FINGERPRINT = "tgi_nb"
+
+# Engine field -> what the client called it, for error messages.
+_CHAT_NAMES = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs", "prompt": "messages"}
+_COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "prompt": "prompt"}
+
+
+def finish_reason(reason: Optional[str]) -> Optional[str]:
+    """The engine's finish reason as OpenAI spells it (``error``/``abort`` never get this far).
+
+    Example:
+        >>> finish_reason("stop"), finish_reason(None)
+        ('stop', None)
+    """
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "stop"
+
+
+def _sampling(req: Any, engine: Any, max_new_tokens: int, logprobs: Optional[int], n: int,
+              names: dict[str, str]):
+    temperature = 1.0 if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    top_k = 0 if req.top_k in (None, -1) else req.top_k
+    if top_p == 0:  # OpenAI accepts 0: only the most likely token is left
+        top_p, top_k = 1.0, 1
+    return make_sampling_params(
+        names,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        min_p=req.min_p or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
+        logit_bias=parse_logit_bias(req.logit_bias, engine.vocab_size), seed=req.seed,
+        stop=stop_list(req.stop), stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
+        logprobs=logprobs, n=n)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+def _error_kind(err: APIError) -> str:
+    return {400: "validation", 429: "overloaded", 503: "unavailable"}.get(err.status_code, "generation")
+
+
+def _error_event(err: APIError) -> bytes:
+    return sse(json.dumps(err.openai_body()))
+
+
+def _internal_error(exc: Exception) -> APIError:
+    logger.exception("stream failed")
+    return APIError(f"internal server error: {type(exc).__name__}: {exc}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat completions
+# ----------------------------------------------------------------------------------------------
+
+def _reject_unsupported_chat(req: ChatCompletionRequest) -> None:
+    fmt = req.response_format
+    if fmt and fmt.get("type") not in (None, "text"):
+        raise BadRequest(f"response_format: type {fmt.get('type')!r} is not supported by this server yet; "
+                         f"allowed: 'text'", param="response_format")
+    if req.tools and req.tool_choice not in (None, "none"):
+        raise BadRequest("tools: tool calling is not supported by this server yet; send tool_choice='none' "
+                         "or no tools", param="tools")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise BadRequest("top_logprobs: requires logprobs=true", param="top_logprobs")
+
+
+def chat_logprobs(table: TokenTable, logprobs: Optional[list[TokenLogprob]]) -> Optional[ChatChoiceLogprobs]:
+    """Engine log-probabilities in the chat shape ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    if logprobs is None:
+        return None
+    return ChatChoiceLogprobs(content=[
+        ChatTokenLogprob(token=table.text(lp.token_id), logprob=lp.logprob, bytes=table.bytes(lp.token_id),
+                         top_logprobs=[ChatTopLogprob(token=table.text(t.token_id), logprob=t.logprob,
+                                                      bytes=table.bytes(t.token_id)) for t in lp.top])
+        for lp in logprobs])
+
+
+async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, request: Request) -> Response:
+    """POST /v1/chat/completions."""
+    log_ignored("/v1/chat/completions", ignored_fields(req))
+    _reject_unsupported_chat(req)
+    engine = ctx.engine()
+    prompt = render_chat(engine.tokenizer, req.messages, chat_template=ctx.chat_template,
+                         add_generation_prompt=req.add_generation_prompt,
+                         continue_final_message=req.continue_final_message,
+                         chat_template_kwargs=req.chat_template_kwargs)
+    ids = tokenize(engine, prompt, "messages")
+    max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_new = resolve_max_new_tokens(req.max_completion_tokens or req.max_tokens, len(ids), ctx.limits(engine),
+                                     field=max_field, prompt_field="messages")
+    names = {**_CHAT_NAMES, "max_new_tokens": max_field}
+    params = _sampling(req, engine, max_new, (req.top_logprobs or 0) if req.logprobs else None, req.n, names)
+    request_id = new_id("chatcmpl")
+    stream = GenerationStream(ctx, engine, "chat_completions")
+    try:
+        stream.submit([ids], params, request_id, names)
+    except BaseException:
+        stream.close()
+        raise
+    table = token_table(engine)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = _chat_events(ctx, stream, request, request_id, req.n, req.logprobs, include_usage, table)
+        return SSEResponse(events, on_close=stream.close)
+    try:
+        outputs = (await stream.collect(request))[0]
+        for out in outputs:
+            check_finished(out)
+        acc = ResultAccumulator(request_id, req.n)
+        for out in outputs:
+            acc.add(out)
+        result = acc.result()
+        choices = [ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
+                              logprobs=chat_logprobs(table, o.logprobs or []) if req.logprobs else None,
+                              finish_reason=finish_reason(o.finish_reason))
+                   for o in result.outputs]
+        response = ChatCompletionResponse(id=request_id, model=ctx.served_model_name, choices=choices,
+                                          usage=_usage(len(ids), result.completion_tokens, result.num_cached_tokens),
+                                          system_fingerprint=SYSTEM_FINGERPRINT)
+        stream.succeed()
+        return Response(response.model_dump_json(), media_type="application/json")
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except APIError as err:
+        stream.fail(_error_kind(err))
+        raise
+    finally:
+        stream.close()
+
+
+async def _chat_events(ctx: ServerContext, stream: GenerationStream, request: Request, request_id: str, n: int,
+                       want_logprobs: bool, include_usage: bool, table: TokenTable) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    model = ctx.served_model_name
+
+    def chunk(choices: list[ChatChunkChoice], usage: Optional[UsageInfo] = None) -> bytes:
+        return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices,
+                                       system_fingerprint=SYSTEM_FINGERPRINT, usage=usage).model_dump_json())
+
+    stream.watch_disconnect(request)
+    try:
+        # Sent before the first token: the client sees the stream open at once, and role appears once.
+        for index in range(n):
+            yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+        cached = 0
+        async for event in stream.events(keep_alive=ctx.settings.keep_alive_interval):
+            if event is KEEP_ALIVE:
+                yield SSE_KEEP_ALIVE
+                continue
+            _, out = event
+            check_finished(out)
+            cached = out.num_cached_tokens
+            for d in out.outputs:
+                logprobs = chat_logprobs(table, d.logprobs) if want_logprobs and d.logprobs else None
+                if not d.text and d.finish_reason is None and logprobs is None:
+                    continue
+                delta = ChatDelta(content=d.text) if (d.text or logprobs) else ChatDelta()
+                yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
+                                             finish_reason=finish_reason(d.finish_reason))])
+        if include_usage:
+            yield chunk([], usage=_usage(stream.prompt_lens[0], stream.generated[0], cached))
+        yield SSE_DONE
+        stream.succeed()
+    except ClientDisconnected:
+        return
+    except APIError as err:
+        stream.fail(_error_kind(err))
+        yield _error_event(err)
+    except Exception as exc:  # noqa: BLE001 - the client must learn the stream failed, in OpenAI's shape
+        stream.fail("internal")
+        yield _error_event(_internal_error(exc))
+
+
+# ----------------------------------------------------------------------------------------------
+# Completions
+# ----------------------------------------------------------------------------------------------
+
+def _completion_prompts(engine: Any, prompt: Any) -> list[tuple[list[int], str]]:
+    """(token ids, text) of each prompt: a string, strings, token ids or lists of token ids."""
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif not prompt:
+        raise BadRequest("prompt: must not be empty", param="prompt")
+    elif all(isinstance(p, int) for p in prompt):
+        items = [list(prompt)]
+    else:
+        items = list(prompt)
+    out = []
+    for item in items:
+        ids = tokenize(engine, item, "prompt", add_special_tokens=isinstance(item, str))
+        text = item if isinstance(item, str) else engine.tokenizer.decode(ids)
+        out.append((ids, text))
+    return out
+
+
+class _CompletionLogprobBuilder:
+    """Completions' logprobs (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``) per choice."""
+
+    def __init__(self, table: TokenTable, offset: int):
+        self.table = table
+        self.offset = offset
+
+    def build(self, logprobs: list[TokenLogprob]) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for lp in logprobs:
+            text = self.table.text(lp.token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(lp.logprob)
+            top: dict[str, float] = {}
+            for t in lp.top:
+                top.setdefault(self.table.text(t.token_id), t.logprob)
+            out.top_logprobs.append(top)
+            out.text_offset.append(self.offset)
+            self.offset += len(text)
+        return out
+
+
+def _cumulative_logprob(logprobs: Optional[list[TokenLogprob]]) -> float:
+    return sum(lp.logprob for lp in logprobs or [])
+
+
+async def create_completion(ctx: ServerContext, req: CompletionRequest, request: Request) -> Response:
+    """POST /v1/completions."""
+    log_ignored("/v1/completions", ignored_fields(req))
+    if req.suffix is not None:
+        raise BadRequest("suffix: not supported; this server has no fill-in-the-middle mode (send the whole "
+                         "prompt instead)", param="suffix")
+    if req.echo and req.logprobs is not None:
+        raise BadRequest("echo: echo=true with logprobs is not supported (prompt tokens have no "
+                         "log-probabilities here); drop one of them", param="echo")
+    best_of = req.best_of or req.n
+    if best_of < req.n:
+        raise BadRequest(f"best_of: must be >= n ({req.n}), got {best_of}", param="best_of")
+    if req.stream and best_of > req.n:
+        raise BadRequest("best_of: cannot be larger than n when streaming", param="best_of")
+    engine = ctx.engine()
+    prompts = _completion_prompts(engine, req.prompt)
+    limits = ctx.limits(engine)
+    # Scoring best_of candidates needs each token's log-probability even if the client asked for none.
+    engine_logprobs = req.logprobs if req.logprobs is not None else (0 if best_of > req.n else None)
+    params = [_sampling(req, engine, resolve_max_new_tokens(req.max_tokens, len(ids), limits, field="max_tokens",
+                                                            prompt_field="prompt"),
+                        engine_logprobs, best_of, _COMPLETION_NAMES)
+              for ids, _ in prompts]
+    request_id = new_id("cmpl")
+    stream = GenerationStream(ctx, engine, "completions")
+    try:
+        stream.submit([ids for ids, _ in prompts], params, request_id, _COMPLETION_NAMES)
+    except BaseException:
+        stream.close()
+        raise
+    table = token_table(engine)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        events = _completion_events(ctx, stream, request, request_id, req, prompts, include_usage, table)
+        return SSEResponse(events, on_close=stream.close)
+    try:
+        all_outputs = await stream.collect(request)
+        choices, completion_tokens, cached = [], 0, 0
+        for p, outputs in enumerate(all_outputs):
+            acc = ResultAccumulator(stream.request_ids[p], best_of)
+            for out in outputs:
+                check_finished(out)
+                acc.add(out)
+            result = acc.result()
+            completion_tokens += result.completion_tokens
+            cached += result.num_cached_tokens
+            samples = result.outputs
+            if best_of > req.n:
+                samples = sorted(samples, key=lambda o: _cumulative_logprob(o.logprobs), reverse=True)[:req.n]
+            prompt_text = prompts[p][1]
+            for j, o in enumerate(samples):
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = _CompletionLogprobBuilder(table, 0).build(o.logprobs or [])
+                choices.append(CompletionChoice(index=p * req.n + j,
+                                                text=(prompt_text + o.text) if req.echo else o.text,
+                                                logprobs=logprobs, finish_reason=finish_reason(o.finish_reason)))
+        prompt_tokens = sum(stream.prompt_lens)
+        response = CompletionResponse(id=request_id, model=ctx.served_model_name, choices=choices,
+                                      usage=_usage(prompt_tokens, completion_tokens, cached),
+                                      system_fingerprint=SYSTEM_FINGERPRINT)
+        stream.succeed()
+        return Response(response.model_dump_json(), media_type="application/json")
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except APIError as err:
+        stream.fail(_error_kind(err))
+        raise
+    finally:
+        stream.close()
+
+
+async def _completion_events(ctx: ServerContext, stream: GenerationStream, request: Request, request_id: str,
+                             req: CompletionRequest, prompts: list[tuple[list[int], str]], include_usage: bool,
+                             table: TokenTable) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    model = ctx.served_model_name
+    n = req.n
+    builders = {p * n + j: _CompletionLogprobBuilder(table, 0) for p in range(len(prompts)) for j in range(n)}
+
+    def chunk(choices: list[CompletionChoice], usage: Optional[UsageInfo] = None) -> bytes:
+        return sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage,
+                                      system_fingerprint=SYSTEM_FINGERPRINT).model_dump_json())
+
+    stream.watch_disconnect(request)
+    try:
+        if req.echo:
+            for p, (_, text) in enumerate(prompts):
+                for j in range(n):
+                    yield chunk([CompletionChoice(index=p * n + j, text=text)])
+        cached = 0
+        async for event in stream.events(keep_alive=ctx.settings.keep_alive_interval):
+            if event is KEEP_ALIVE:
+                yield SSE_KEEP_ALIVE
+                continue
+            p, out = event
+            check_finished(out)
+            cached += out.num_cached_tokens if out.finished else 0
+            for d in out.outputs:
+                index = p * n + d.index
+                logprobs = builders[index].build(d.logprobs) if req.logprobs is not None and d.logprobs else None
+                if not d.text and d.finish_reason is None and logprobs is None:
+                    continue
+                yield chunk([CompletionChoice(index=index, text=d.text, logprobs=logprobs,
+                                              finish_reason=finish_reason(d.finish_reason))])
+        if include_usage:
+            prompt_tokens, completion_tokens = sum(stream.prompt_lens), sum(stream.generated)
+            yield chunk([], usage=_usage(prompt_tokens, completion_tokens, cached))
+        yield SSE_DONE
+        stream.succeed()
+    except ClientDisconnected:
+        return
+    except APIError as err:
+        stream.fail(_error_kind(err))
+        yield _error_event(err)
+    except Exception as exc:  # noqa: BLE001
+        stream.fail("internal")
+        yield _error_event(_internal_error(exc))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+def _model_card(ctx: ServerContext) -> ModelCard:
+    engine = ctx.holder.engine
+    return ModelCard(id=ctx.served_model_name, created=ctx.started,
+                     root=(engine.model_id if engine is not None else ctx.settings.model_id),
+                     max_model_len=ctx.limits(engine).max_total_tokens if engine is not None else
+                     ctx.settings.max_total_tokens)
+
+
+def list_models(ctx: ServerContext) -> ModelList:
+    """GET /v1/models: the one model this server serves (known before it finished loading)."""
+    return ModelList(data=[_model_card(ctx)])
+
+
+def retrieve_model(ctx: ServerContext, model: str) -> ModelCard:
+    """GET /v1/models/{model}: the card, or 404 for any other name."""
+    card = _model_card(ctx)
+    if model not in {card.id, card.root}:
+        raise NotFound(f"The model '{model}' does not exist; this server serves '{card.id}'", param="model",
+                       code="model_not_found")
+    return card

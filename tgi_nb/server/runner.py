@@ -1,0 +1,142 @@
+"""Running an app with uvicorn in a background thread (a notebook kernel, tests) or in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from typing import Optional
+
+import uvicorn
+
+logger = logging.getLogger("tgi_nb.server")
+
+
+def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening TCP socket; port 0 picks a free one. Raises ``OSError`` when the port is taken.
+
+    Binding before uvicorn starts removes the race between "find a free port" and "listen on it", and
+    turns "address already in use" into an exception in the caller's thread.
+
+    Example:
+        >>> sock = bind_socket(port=0)
+        >>> sock.getsockname()[1] > 0
+        True
+        >>> sock.close()
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT after a restart is free
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_in_new_loop(coro) -> None:
+    """Run ``coro`` to completion in a fresh event loop of the calling thread, then clean up as
+    ``asyncio.run`` does (pending tasks cancelled, async generators and the default executor shut down,
+    so no worker thread is left to block interpreter exit). Unlike ``asyncio.run`` it installs no SIGINT
+    handler and never touches another thread's loop (a Jupyter kernel's, patched by nest_asyncio or not).
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(coro)
+    finally:
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+class ServerThread:
+    """A uvicorn server in a daemon thread with its own event loop.
+
+    Works inside a Jupyter kernel (with or without ``nest_asyncio``): the thread creates a fresh loop and
+    never touches the kernel's. ``stop()`` asks uvicorn to exit (open streams get
+    ``graceful_shutdown_timeout`` seconds, then are cancelled, which aborts their engine requests) and
+    runs the app's shutdown (which frees an engine the app built).
+
+    Example:
+        >>> from tgi_nb.server import ServerSettings, ServerThread, build_app
+        >>> server = ServerThread(build_app(lambda: None), port=0).start()
+        >>> server.url.startswith("http://127.0.0.1:")
+        True
+        >>> server.stop()
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning",
+                 graceful_shutdown_timeout: float = 5.0, access_log: bool = False):
+        self.app = app
+        self.host = host
+        self.sock = bind_socket(host, port)
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level=log_level, log_config=None, access_log=access_log, lifespan="on",
+                                loop="asyncio", ws="none", timeout_graceful_shutdown=graceful_shutdown_timeout)
+        self.server = uvicorn.Server(config)
+        self._thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` without a trailing slash."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            run_in_new_loop(self.server.serve(sockets=[self.sock]))
+        except BaseException as exc:  # noqa: BLE001 - reported through .error and start()
+            self.error = exc
+            logger.exception("server thread failed")
+        finally:
+            self.sock.close()
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        """Start serving and return once uvicorn accepts connections (the model may still be loading)."""
+        self._thread = threading.Thread(target=self._run, name=f"tgi_nb-server-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the server on {self.url} stopped during start-up: {self.error!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server on {self.url} did not start within {timeout}s")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop serving and free the port; idempotent."""
+        if self._thread is None:
+            self.sock.close()
+            return
+        self.server.should_exit = True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.server.force_exit = True
+            self._thread.join(5)
+        self._thread = None
+
+    def __enter__(self) -> "ServerThread":
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

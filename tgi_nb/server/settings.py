@@ -1,0 +1,71 @@
+"""Server settings: what the HTTP layer needs beyond the engine's own configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work together; the message names the values involved."""
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """How the server listens, limits and labels requests.
+
+    Limits left at None come from the engine once it is loaded (``max_input_tokens``,
+    ``max_total_tokens``); when set they must agree with the engine's. ``served_model_name``
+    defaults to the engine's model id; clients may send any ``model`` and get this name back.
+    ``keep_alive_interval`` is how long a stream may stay silent (a long prefill, a full queue)
+    before an SSE comment is sent so that proxies and clients do not time out.
+
+    Example:
+        >>> ServerSettings(port=8081, api_key="secret").port
+        8081
+        >>> ServerSettings(max_input_tokens=4096, max_total_tokens=2048)
+        Traceback (most recent call last):
+        ...
+        tgi_nb.server.settings.SettingsError: max_input_tokens (4096) must be < max_total_tokens (2048)
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: Optional[str] = None
+    served_model_name: Optional[str] = None
+    model_id: Optional[str] = None
+    max_concurrent_requests: int = 128
+    max_input_tokens: Optional[int] = None
+    max_total_tokens: Optional[int] = None
+    max_top_n_tokens: int = 5
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    chat_template: Optional[str] = None
+    keep_alive_interval: float = 10.0
+    retry_after: int = 1
+    cors_allow_origins: list[str] = field(default_factory=list)
+    root_path: str = ""
+    graceful_shutdown_timeout: float = 5.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise SettingsError(f"port: must be an integer in [0, 65535], got {self.port!r}")
+        for name in ("max_concurrent_requests", "max_best_of", "max_stop_sequences", "retry_after"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SettingsError(f"{name}: must be an integer >= 1, got {value!r}")
+        for name in ("max_input_tokens", "max_total_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise SettingsError(f"{name}: must be an integer >= 1, got {value!r}")
+        if not isinstance(self.max_top_n_tokens, int) or not 0 <= self.max_top_n_tokens <= 20:
+            raise SettingsError(f"max_top_n_tokens: must be an integer in [0, 20], got {self.max_top_n_tokens!r}")
+        if (self.max_input_tokens is not None and self.max_total_tokens is not None
+                and self.max_input_tokens >= self.max_total_tokens):
+            raise SettingsError(f"max_input_tokens ({self.max_input_tokens}) must be < max_total_tokens "
+                                f"({self.max_total_tokens})")
+        if not self.keep_alive_interval > 0:
+            raise SettingsError(f"keep_alive_interval: must be > 0 seconds, got {self.keep_alive_interval!r}")
+        if self.api_key == "":
+            self.api_key = None
