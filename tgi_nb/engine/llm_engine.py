@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -375,8 +376,8 @@ class LLMEngine:
             time.sleep(0.001)
             return
         now = time.monotonic()
-        for seq, _ in step.prefills:
-            if seq.request.first_scheduled is None:
+        for seq in itertools.chain(step.decodes, (s for s, _ in step.prefills)):
+            if seq.request.first_scheduled is None:   # a 1-token prompt starts as a "decode"
                 seq.request.first_scheduled = now
                 self._prefix_hit_tokens += seq.num_computed_tokens
         self.runner.copy_blocks(step.block_copies)
@@ -412,13 +413,15 @@ class LLMEngine:
             request = self._requests.get(request_id)
             if request is None:
                 continue
-            if request.first_token_time is None:
-                request.first_token_time = time.monotonic()
+            queue_time = None
+            if not request.started:
+                request.started = True
+                queue_time = request.first_scheduled - request.arrival
             finished = request.finished
             if finished:
                 del self._requests[request_id]
             self._emit(request, RequestOutput(request_id, request.prompt_token_ids, request_deltas, finished,
-                                              request.num_cached_tokens))
+                                              request.num_cached_tokens, queue_time=queue_time))
 
     def _append(self, seq: Sequence, token: SampledToken) -> CompletionDelta:
         """Add a sampled token to a sequence, detokenize, check every stop condition."""

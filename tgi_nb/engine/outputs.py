@@ -52,7 +52,8 @@ class RequestOutput:
 
     ``finished`` is True on the request's last output (every sample finished). ``error`` carries
     the message when the engine failed the request (then each unfinished sample ends with
-    finish_reason "error").
+    finish_reason "error"). ``queue_time`` (seconds from arrival to first being scheduled) is set on
+    a request's first output.
     """
 
     request_id: str
@@ -61,6 +62,7 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     error: Optional[str] = None
+    queue_time: Optional[float] = None
 
 
 @dataclass(slots=True)

@@ -78,7 +78,7 @@ class Request:
     """A prompt and its ``n`` samples; outputs go to ``on_output`` from the engine thread."""
 
     __slots__ = ("request_id", "prompt_token_ids", "params", "seqs", "on_output", "arrival",
-                 "num_cached_tokens", "first_scheduled", "first_token_time")
+                 "num_cached_tokens", "first_scheduled", "started")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  on_output: Callable[[RequestOutput], None], arrival: float):
@@ -90,7 +90,7 @@ class Request:
         self.arrival = arrival
         self.num_cached_tokens = 0
         self.first_scheduled: Optional[float] = None
-        self.first_token_time: Optional[float] = None
+        self.started = False   # has produced its first output
 
     @property
     def finished(self) -> bool:

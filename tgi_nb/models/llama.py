@@ -131,7 +131,9 @@ class LlamaModel:
         self.config = config
 
         def take(name: str) -> torch.Tensor:
-            return weights.pop(name).to(device=device, dtype=dtype).contiguous()
+            # copy=True: a tensor that already has the right dtype would otherwise stay a view of the
+            # safetensors file mapping, which measured 2x slower to stream through in decode.
+            return weights.pop(name).to(device=device, dtype=dtype, copy=True).contiguous()
 
         def maybe(name: str) -> Optional[torch.Tensor]:
             return take(name) if name in weights else None
@@ -158,7 +160,7 @@ class LlamaModel:
         self.norm = take("model.norm.weight")
         lm_head = weights.pop("lm_head.weight", None)
         self.lm_head = (self.embed if spec.tie_word_embeddings or lm_head is None
-                        else lm_head.to(device=device, dtype=dtype).contiguous())
+                        else lm_head.to(device=device, dtype=dtype, copy=True).contiguous())
         inv_freq, scaling = rope_inv_freq(config)
         self._inv_freq, self._rope_scaling = inv_freq, scaling
         self._cos = self._sin = torch.empty(0)
