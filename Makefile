@@ -30,8 +30,9 @@ test-deps: setup
 test: setup test-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The OpenAI-compatible server on http://127.0.0.1:8080 with the bundled model (Ctrl-C stops it).
 demo: setup
-	$(BIN)/tgi-nb chat "What is the capital of France?"
+	$(BIN)/tgi-nb serve
 
 bench: setup
 	$(BIN)/python benchmarks/bench_engine.py
