@@ -26,11 +26,18 @@ _LAZY = {
     "resolve_model": "tgi_nb.models",
     "ResolvedModel": "tgi_nb.models",
     "ModelNotFoundError": "tgi_nb.models",
+    "create_inference_endpoint": "tgi_nb.endpoints",
+    "get_inference_endpoint": "tgi_nb.endpoints",
+    "list_inference_endpoints": "tgi_nb.endpoints",
+    "connect": "tgi_nb.endpoints",
+    "InferenceEndpoint": "tgi_nb.endpoints",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # for editors and type checkers only
+    from .endpoints import (InferenceEndpoint, connect, create_inference_endpoint, get_inference_endpoint,
+                            list_inference_endpoints)
     from .engine import EngineConfig, LLMEngine, SamplingParams
     from .models import ModelNotFoundError, ResolvedModel, resolve_model
 

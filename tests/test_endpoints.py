@@ -1,0 +1,421 @@
+"""create_inference_endpoint / InferenceEndpoint in this process (kernel-thread backend) on a tiny random model:
+huggingface_hub's arguments, fields, statuses, methods and errors, limits fitted with warnings, auth, the life
+cycle (pause, resume, scale to zero, delete), re-creation, several endpoints, clients and browser URLs.
+
+Kernel-specific behaviour (a real ipykernel, nest_asyncio, the process backend, connect(), kernel shutdown) is
+in test_endpoints_kernel.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import sys
+import time
+import types
+import warnings
+
+import httpx
+import openai
+import pytest
+from huggingface_hub.errors import InferenceEndpointError, InferenceEndpointTimeoutError
+from openai import OpenAI
+
+import tgi_nb
+from tgi_nb.endpoints import (
+    EndpointWarning,
+    InferenceEndpointNotFoundError,
+    create_inference_endpoint,
+    get_inference_endpoint,
+    list_inference_endpoints,
+)
+
+# Small limits: a KV cache of a few MB for the tiny model.
+SMALL_ENV = {"MAX_TOTAL_TOKENS": "512", "MAX_BATCH_TOTAL_TOKENS": "4096"}
+MESSAGES = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir) -> str:
+    return str(tiny_model_dir("llama"))
+
+
+@pytest.fixture
+def make(tiny):
+    """create_inference_endpoint with the tiny model, public and small by default; deleted after the test."""
+    created = []
+
+    def _make(name: str, **kwargs):
+        kwargs.setdefault("repository", tiny)
+        kwargs.setdefault("type", "public")
+        kwargs.setdefault("env", dict(SMALL_ENV))
+        endpoint = create_inference_endpoint(name, **kwargs)
+        created.append(endpoint)
+        return endpoint
+
+    yield _make
+    for endpoint in created:
+        endpoint.delete()
+
+
+def chat(url: str, key: str = "-", **kwargs) -> str:
+    client = OpenAI(base_url=url + "/v1/", api_key=key, max_retries=0)
+    reply = client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=4, **kwargs)
+    return reply.choices[0].message.content
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_cookbook_call_is_accepted_and_limits_are_lowered_with_warnings(tiny, monkeypatch):
+    from tgi_nb.endpoints import runtime
+
+    # Pretend the KV cache may only take 16 MiB, so that MAX_BATCH_TOTAL_TOKENS is too large for memory too.
+    monkeypatch.setattr(runtime, "kv_memory_budget", lambda device: 16 << 20)
+    endpoint = create_inference_endpoint(
+        "cookbook",
+        repository=tiny,
+        framework="pytorch",
+        task="text-generation",
+        accelerator="gpu",
+        vendor="aws",
+        region="us-east-1",
+        type="protected",
+        instance_type="p4de",
+        instance_size="2xlarge",
+        custom_image={
+            "health_route": "/health",
+            "env": {
+                "MAX_INPUT_LENGTH": "4096",
+                "MAX_BATCH_PREFILL_TOKENS": "4096",
+                "MAX_TOTAL_TOKENS": "32000",
+                "MAX_BATCH_TOTAL_TOKENS": "1024000",
+                "MODEL_ID": "/repository",
+            },
+            "url": "ghcr.io/huggingface/text-generation-inference:sha-1734540",
+        },
+        token="hf_secret",
+    )
+    try:
+        # Returned before the model loaded: huggingface_hub's early statuses, no URL yet.
+        assert endpoint.status in ("pending", "initializing")
+        assert endpoint.url is None
+        with pytest.warns(EndpointWarning) as caught:
+            assert endpoint.wait(timeout=300) is endpoint
+        messages = " | ".join(str(w.message) for w in caught)
+        assert "MAX_TOTAL_TOKENS=32000" in messages and "lowered to 2048" in messages
+        assert "MAX_INPUT_LENGTH=4096" in messages and "lowered to 2047" in messages
+        assert "MAX_BATCH_TOTAL_TOKENS=1024000" in messages
+        import torch
+
+        if not torch.cuda.is_available():
+            assert "accelerator='gpu'" in messages and "CPU" in messages
+
+        assert endpoint.status == "running"
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", endpoint.url)
+        assert os.path.join(endpoint.url, "v1/") == endpoint.url + "/v1/"
+        info = httpx.get(endpoint.url + "/info", headers={"Authorization": "Bearer hf_secret"}).json()
+        assert (info["max_input_tokens"], info["max_total_tokens"]) == (2047, 2048)
+        assert info["max_batch_total_tokens"] < 1024000
+        assert endpoint.limits["max_total_tokens"] == 2048
+
+        # huggingface_hub's fields; cloud-only arguments recorded, not acted on.
+        assert (endpoint.name, endpoint.namespace, endpoint.repository) == ("cookbook", "local", tiny)
+        assert (endpoint.framework, endpoint.task, endpoint.type, endpoint.health_route) == (
+            "pytorch", "text-generation", "protected", "/health")
+        assert endpoint.raw["provider"] == {"vendor": "aws", "region": "us-east-1"}
+        assert endpoint.raw["compute"]["instanceType"] == "p4de"
+        assert endpoint.raw["model"]["image"]["url"].startswith("ghcr.io/")
+        assert endpoint.created_at <= endpoint.updated_at
+        assert "url='http://127.0.0.1:" in repr(endpoint) and "status='running'" in repr(endpoint)
+        assert chat(endpoint.url, "hf_secret")
+        # Each warning is shown once, not on every fetch.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            endpoint.fetch()
+    finally:
+        endpoint.delete()
+
+
+def test_protected_endpoint_requires_the_token_and_public_does_not(make, monkeypatch):
+    protected = make("protected", type="protected", token="hf_right")
+    public = make("public")
+    protected.wait(timeout=120)
+    public.wait(timeout=120)
+    with pytest.raises(openai.AuthenticationError):
+        chat(protected.url, "hf_wrong")
+    assert chat(protected.url, "hf_right")
+    assert httpx.get(protected.url + "/health").status_code == 200  # health checks need no token
+    assert chat(public.url, "anything")
+    assert httpx.get(public.url + "/v1/models").status_code == 200
+
+    # token=None: HF_TOKEN, as huggingface_hub does.
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    from_env = make("from-env", type="authenticated")
+    from_env.wait(timeout=120)
+    assert chat(from_env.url, "hf_from_env")
+    with pytest.raises(openai.AuthenticationError):
+        chat(from_env.url, "hf_wrong")
+
+
+def test_protected_without_any_token_is_refused_at_once(tiny, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(ValueError, match="token"):
+        create_inference_endpoint("no-token", repository=tiny, type="protected")
+    assert "no-token" not in [e.name for e in list_inference_endpoints()]
+
+
+def test_life_cycle_pause_resume_scale_to_zero_delete(make):
+    endpoint = make("life", type="protected", token="k")
+    endpoint.wait(timeout=120)
+    client = OpenAI(base_url=endpoint.url + "/v1/", api_key="k", max_retries=0)
+    stream = client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=6, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    url, port = endpoint.url, int(endpoint.url.rsplit(":", 1)[1])
+
+    assert endpoint.pause() is endpoint and endpoint.status == "paused"
+    with pytest.raises(openai.InternalServerError) as err:
+        chat(url, "k")
+    assert err.value.status_code == 503 and err.value.body["code"] == "endpoint_paused"
+    health = httpx.get(url + "/health")
+    assert health.status_code == 503 and health.json()["status"] == "paused"
+    with pytest.raises(InferenceEndpointError, match="paused"):
+        endpoint.wait(timeout=5)
+
+    assert endpoint.resume() is endpoint and endpoint.status in ("initializing", "running")
+    endpoint.wait(timeout=120)
+    assert endpoint.url == url  # same port: clients made before the pause keep working
+    assert chat(url, "k")
+    with pytest.raises(InferenceEndpointError, match="already running"):
+        endpoint.resume(running_ok=False)
+    assert endpoint.resume() is endpoint  # running_ok=True: nothing to do
+
+    assert endpoint.scale_to_zero() is endpoint and endpoint.status == "scaledToZero"
+    assert endpoint.url == url
+    assert httpx.get(url + "/health").status_code == 503
+    assert chat(url, "k")  # the request wakes the model and waits for it
+    assert endpoint.fetch().status == "running"
+
+    endpoint.delete()
+    assert endpoint.status == "deleted" and endpoint.url is None
+    assert not listening(port)
+    with pytest.raises(InferenceEndpointError, match="deleted"):
+        endpoint.fetch()
+    with socket.socket() as s:  # free for the next server (which binds with SO_REUSEADDR, as ours does)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
+def test_same_name_gives_back_the_running_endpoint_or_restarts_it_on_its_port(make):
+    first = make("again")
+    first.wait(timeout=120)
+    backend = first._backend
+    second = make("again")
+    assert second is first and second._backend is backend and second.status == "running"
+
+    # Cloud-only changes are recorded without a restart.
+    third = make("again", region="eu-west-1")
+    assert third is first and third._backend is backend and third.raw["provider"]["region"] == "eu-west-1"
+
+    # A change to what is served restarts it, on the same port.
+    url = first.url
+    changed = make("again", env={**SMALL_ENV, "MAX_TOTAL_TOKENS": "256"})
+    assert changed is first and changed._backend is not backend
+    changed.wait(timeout=120)
+    assert changed.url == url and changed.limits["max_total_tokens"] == 256
+    assert chat(url)
+
+
+def test_update_changes_the_server_in_place(make):
+    endpoint = make("upd")
+    endpoint.wait(timeout=120)
+    url = endpoint.url
+    assert endpoint.update(instance_size="x4") is endpoint and endpoint.raw["compute"]["instanceSize"] == "x4"
+    endpoint.update(env={"MAX_TOTAL_TOKENS": "300", "MAX_BATCH_TOTAL_TOKENS": "4096"}).wait(timeout=120)
+    assert endpoint.limits["max_total_tokens"] == 300 and endpoint.url == url
+
+
+def test_two_endpoints_at_once(make, tiny_model_dir):
+    a = make("two-a")
+    b = make("two-b", repository=str(tiny_model_dir("qwen3")))
+    a.wait(timeout=120)
+    b.wait(timeout=120)
+    assert a.url != b.url
+    assert chat(a.url) and chat(b.url)
+    models = {httpx.get(e.url + "/v1/models").json()["data"][0]["id"] for e in (a, b)}
+    assert len(models) == 2
+    assert {"two-a", "two-b"} <= {e.name for e in list_inference_endpoints()}
+
+
+def test_env_model_id_and_container_args(make, tiny, tiny_model_dir):
+    qwen = str(tiny_model_dir("qwen3"))
+    # MODEL_ID other than "/repository" is what is served; a container flag wins over its variable.
+    endpoint = make("flags", repository=tiny, env={**SMALL_ENV, "MODEL_ID": qwen},
+                    container_args=["--max-total-tokens", "200"])
+    endpoint.wait(timeout=120)
+    info = httpx.get(endpoint.url + "/info").json()
+    assert info["model_id"] == qwen and info["max_total_tokens"] == 200
+    assert endpoint.repository == tiny
+
+
+def test_failures_and_timeouts_raise_huggingface_hub_errors(make, tmp_path):
+    missing = make("missing", repository=str(tmp_path / "no-such-model"))
+    with pytest.raises(InferenceEndpointError, match="no-such-model"):
+        missing.wait(timeout=120)
+    assert missing.status == "failed" and missing.raw["status"]["message"]
+
+    bad_env = make("bad-env", env={"MAX_TOTAL_TOKENS": "many"})
+    with pytest.raises(InferenceEndpointError, match="MAX_TOTAL_TOKENS"):
+        bad_env.wait(timeout=60)
+
+    slow = make("slow")
+    with pytest.raises(InferenceEndpointTimeoutError) as err:
+        slow.wait(timeout=0)
+    assert isinstance(err.value, TimeoutError)
+    with pytest.raises(ValueError):
+        slow.wait(timeout=-1)
+    with pytest.raises(ValueError):
+        slow.wait(refresh_every=0)
+
+
+def test_invalid_arguments_name_the_allowed_values(tiny):
+    with pytest.raises(ValueError, match="type: must be one of public, authenticated, protected, private"):
+        create_inference_endpoint("bad", repository=tiny, type="secret")
+    with pytest.raises(ValueError, match="task"):
+        create_inference_endpoint("bad", repository=tiny, type="public", task="text-to-image")
+    with pytest.raises(ValueError, match="backend: must be one of thread, process"):
+        create_inference_endpoint("bad", repository=tiny, type="public", backend="docker")
+    with pytest.raises(ValueError, match="name"):
+        create_inference_endpoint("", repository=tiny, type="public")
+
+
+def test_get_and_list(make):
+    endpoint = make("findme")
+    assert get_inference_endpoint("findme") is endpoint
+    assert endpoint in list_inference_endpoints()
+    with pytest.raises(InferenceEndpointNotFoundError, match="findme"):
+        get_inference_endpoint("nope")
+    assert issubclass(InferenceEndpointNotFoundError, InferenceEndpointError)
+    # The top-level package exports them lazily.
+    assert tgi_nb.create_inference_endpoint is create_inference_endpoint
+    assert tgi_nb.get_inference_endpoint is get_inference_endpoint
+    assert tgi_nb.InferenceEndpoint is type(endpoint)
+
+
+def test_huggingface_hub_clients_work_offline(make):
+    from huggingface_hub import constants
+
+    assert constants.is_offline_mode()  # conftest: HF_HUB_OFFLINE=1, which blocks even 127.0.0.1 by default
+    endpoint = make("clients", type="protected", token="k")
+    with pytest.raises(InferenceEndpointError, match="not yet deployed"):
+        _ = endpoint.client
+    endpoint.wait(timeout=120)
+    out = endpoint.client.chat_completion(MESSAGES, max_tokens=4)
+    assert out.choices[0].message.content
+    assert endpoint.client.text_generation("Hello", max_new_tokens=3)
+
+    async def run():
+        return await endpoint.async_client.chat_completion(MESSAGES, max_tokens=4)
+
+    assert asyncio.run(run()).choices[0].message.content
+
+
+def test_scale_to_zero_after_idle_minutes(make):
+    # HF's autoscaling: min_replica=0 and scale_to_zero_timeout (minutes) free an idle model.
+    endpoint = make("idle", min_replica=0, scale_to_zero_timeout=0.01)
+    endpoint.wait(timeout=120)
+    assert chat(endpoint.url)
+    assert wait_for(lambda: endpoint.fetch().status == "scaledToZero", timeout=30)
+    assert chat(endpoint.url)
+    assert endpoint.fetch().status in ("running", "scaledToZero")
+
+
+def test_browser_url(make, monkeypatch):
+    from tgi_nb.endpoints import browser
+
+    endpoint = make("browser")
+    endpoint.wait(timeout=120)
+    port = endpoint.url.rsplit(":", 1)[1]
+    monkeypatch.delenv("TGI_NB_BROWSER_URL", raising=False)
+    monkeypatch.delenv("JUPYTERHUB_SERVICE_PREFIX", raising=False)
+    assert endpoint.browser_url == endpoint.url  # JupyterLab on this machine
+
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ada/")  # Binder, JupyterHub: jupyter-server-proxy
+    assert endpoint.browser_url == f"/user/ada/proxy/{port}"
+
+    monkeypatch.setenv("TGI_NB_BROWSER_URL", "https://lab.example.org/proxy/{port}/")
+    assert endpoint.browser_url == f"https://lab.example.org/proxy/{port}"
+    monkeypatch.delenv("TGI_NB_BROWSER_URL")
+    monkeypatch.delenv("JUPYTERHUB_SERVICE_PREFIX")
+
+    # Colab: the URL google.colab.kernel.proxyPort gives.
+    calls = []
+    output = types.ModuleType("google.colab.output")
+    output.eval_js = lambda js: calls.append(js) or f"https://{port}-abc.colab.googleusercontent.com/"
+    colab = types.ModuleType("google.colab")
+    colab.output = output
+    google = types.ModuleType("google")
+    google.colab = colab
+    monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.output", output)
+    browser._colab_url.cache_clear()
+    try:
+        assert endpoint.browser_url == f"https://{port}-abc.colab.googleusercontent.com"
+        assert calls == [f"google.colab.kernel.proxyPort({port})"]
+    finally:
+        browser._colab_url.cache_clear()
+
+
+def test_launcher_settings_from_every_form_of_custom_image_and_env():
+    from huggingface_hub import InferenceEndpointType
+
+    from tgi_nb.endpoints.spec import build_request
+
+    def env_of(**kwargs):
+        return build_request("x", repository="org/model", type="public", **kwargs).launch.env_dict
+
+    assert env_of(custom_image={"env": {"MAX_TOTAL_TOKENS": "2048"}}) == {"MAX_TOTAL_TOKENS": "2048"}
+    assert env_of(custom_image={"url": "ghcr.io/tgi", "health_route": "/health",
+                                "env": {"MAX_INPUT_LENGTH": "100"}}) == {"MAX_INPUT_LENGTH": "100"}
+    # huggingface_hub's TGI variant, camelCase keys.
+    assert env_of(custom_image={"tgi": {"url": "ghcr.io/tgi", "maxTotalTokens": 1024, "maxInputLength": 512}}) == {
+        "MAX_TOTAL_TOKENS": "1024", "MAX_INPUT_LENGTH": "512"}
+    # env= (huggingface_hub's own argument) wins over the image's env.
+    assert env_of(custom_image={"env": {"MAX_TOTAL_TOKENS": "2048"}}, env={"MAX_TOTAL_TOKENS": 4096}) == {
+        "MAX_TOTAL_TOKENS": "4096"}
+
+    req = build_request("x", repository="org/model", custom_image={"env": {"MODEL_ID": "/repository"}},
+                        type=InferenceEndpointType.AUTHENTICATED, token="t", secrets={"MY_KEY": "s3cret"})
+    assert (req.launch.model_id, req.launch.api_key, req.type) == ("org/model", "t", "authenticated")
+    raw = req.raw(state="pending", url=None, message=None, created_at=req_time(), updated_at=req_time())
+    assert raw["model"]["secrets"] == {"MY_KEY": "********"} and "s3cret" not in str(raw)
+    other = build_request("x", repository="org/model", type="public", env={"MODEL_ID": "other/model"})
+    assert other.launch.model_id == "other/model"
+    # Scale to zero after idle minutes only with min_replica=0, as on Hugging Face.
+    always_on = build_request("x", repository="m", type="public", scale_to_zero_timeout=15)
+    assert always_on.launch.scale_to_zero_after is None
+    assert build_request("x", repository="m", type="public", min_replica=0,
+                         scale_to_zero_timeout=15).launch.scale_to_zero_after == 900
+
+
+def req_time():
+    from tgi_nb.endpoints.spec import utcnow
+
+    return utcnow()

@@ -1,0 +1,60 @@
+"""The migration notebooks, executed top to bottom in a real kernel (nbclient) with the bundled SmolLM2, offline.
+
+The kernel runs this interpreter (the repository's .venv) from a kernel spec written to a temporary folder (see
+test_endpoints_kernel.kernel_manager), with HF_HUB_OFFLINE=1 and no HF_TOKEN: the notebooks must not prompt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from test_endpoints_kernel import kernel_manager
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+CELL_TIMEOUT = 600  # seconds: the first run converts the bundled model (about 30 s); generation is on the CPU
+
+
+def execute(name: str, spec_root: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = NotebookClient(nb, km=kernel_manager(spec_root), timeout=CELL_TIMEOUT, allow_errors=False,
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.execute()
+    return nb
+
+
+def outputs(nb: nbformat.NotebookNode) -> str:
+    """Everything the cells printed or displayed, as text."""
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                parts.append(out["text"])
+            elif "data" in out:
+                parts.append(out["data"].get("text/plain", ""))
+    return "\n".join(parts)
+
+
+@pytest.fixture
+def no_token(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_01_create_endpoint(tmp_path, no_token, smollm2_dir):
+    text = outputs(execute("01_create_endpoint.ipynb", tmp_path))
+    assert "running" in text and "paused" in text and "scaledToZero" in text and "deleted" in text
+    assert "MAX_TOTAL_TOKENS=32000" in text  # the cookbook's limits, lowered with a visible warning
+    assert "Paris" in text                   # a real answer from the real model
+
+
+def test_02_openai_client(tmp_path, no_token, smollm2_dir):
+    nb = execute("02_openai_client.ipynb", tmp_path)
+    text = outputs(nb)
+    assert "Paris" in text
+    assert "401:" in text and "400: context_length_exceeded" in text
+    seeded = [line for line in text.splitlines() if line.startswith("seed 1")]
+    assert len(seeded) == 2 and seeded[0].split(":", 1)[1].strip() == seeded[1].split(":", 1)[1].strip()
+    assert "'length')" in text and "'stop')" in text

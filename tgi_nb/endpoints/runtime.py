@@ -1,0 +1,475 @@
+"""The server side of a local endpoint, the same in a kernel thread and in a child process.
+
+:func:`build_endpoint_app` turns an endpoint's launcher settings (TGI's environment variable names) into the
+server's app wrapped by :class:`ControlledApp`, which adds what Hugging Face Inference Endpoints do around TGI:
+
+- pause: the model is freed and every route but /health, /info, /metrics and the docs answers 503 until resume;
+- scale to zero: the model is freed and the next request loads it again, waiting for it rather than failing
+  (/health says 503 meanwhile); with ``scale_to_zero_after`` this happens by itself after that many idle seconds;
+- limits larger than the model's context or the memory for the KV cache are lowered to what fits, with a note
+  that the notebook side shows as a warning;
+- a control route (child processes only, behind a per-endpoint secret) through which the kernel pauses,
+  resumes and scales the child's model and reads its state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Optional
+
+logger = logging.getLogger("tgi_nb.endpoints")
+
+CONTROL_PREFIX = "/_tgi_nb/endpoint/"
+CONTROL_HEADER = "x-tgi-nb-control-token"
+# Routes that never wake a scaled-to-zero model nor count as activity (health checks must not keep it awake).
+PASSIVE_PATHS = frozenset({"/health", "/info", "/metrics", "/docs", "/redoc", "/openapi.json",
+                           "/docs/oauth2-redirect"})
+WAKE_TIMEOUT = 600.0  # seconds a request waits for a waking model; openai-python's default timeout too
+
+# The launcher option behind each limit, and the names a user may have set it with (the first set is quoted).
+_LIMIT_NAMES = {
+    "max_input_tokens": ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH", "--max-input-tokens"),
+    "max_total_tokens": ("MAX_TOTAL_TOKENS", "--max-total-tokens"),
+    "max_batch_total_tokens": ("MAX_BATCH_TOTAL_TOKENS", "--max-batch-total-tokens"),
+}
+
+
+class Notes:
+    """Warnings about how the endpoint was adapted to this machine, each kept once, in order."""
+
+    def __init__(self) -> None:
+        self._items: list[str] = []
+        self._lock = threading.Lock()
+
+    def add(self, message: str) -> None:
+        with self._lock:
+            if message in self._items:
+                return
+            self._items.append(message)
+        logger.info("%s", message)  # shown to the user as an EndpointWarning by wait() and fetch()
+
+    def list(self) -> list[str]:
+        with self._lock:
+            return list(self._items)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fitting limits to the model and the machine
+# ----------------------------------------------------------------------------------------------------------
+
+def _limit_name(option: str, env: dict[str, str], args: tuple[str, ...]) -> str:
+    names = _LIMIT_NAMES[option]
+    for name in names:
+        if name in env or name in args:
+            return name
+    return names[0]
+
+
+def context_length(config: dict[str, Any]) -> Optional[int]:
+    """The model's context in tokens from its config.json, or None when it does not say.
+
+    Example:
+        >>> context_length({"max_position_embeddings": 8192})
+        8192
+        >>> context_length({"text_config": {"max_position_embeddings": 4096}})
+        4096
+    """
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    text = config.get("text_config")
+    return context_length(text) if isinstance(text, dict) else None
+
+
+def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> Optional[int]:
+    """Bytes of K and V one token takes in every layer, from config.json (None when it lacks the sizes).
+
+    Example:
+        >>> kv_bytes_per_token({"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        ...                     "hidden_size": 576}, 4)
+        46080
+    """
+    if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict):
+        config = config["text_config"]
+    try:
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def kv_memory_budget(device: str) -> int:
+    """Bytes the engine gives its KV cache when it sizes it itself: 80% of free GPU memory, or on the CPU 15% of
+    the available memory between 1 and 8 GiB. A larger explicit MAX_BATCH_TOTAL_TOKENS is not honoured (as TGI
+    ignores it when it infers the value from memory)."""
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * 0.8)
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 8 << 30
+    return int(min(max(available * 0.15, 1 << 30), 8 << 30))
+
+
+def fit_options(opts: dict[str, Any], notes: Notes, *, env: dict[str, str], args: tuple[str, ...]) -> dict[str, Any]:
+    """Launcher options with limits lowered to what the model and memory allow, each change noted.
+
+    Resolves the model (a download or a GGUF conversion happens here, once), reads its config.json, then:
+    MAX_TOTAL_TOKENS above the model's context becomes the context; MAX_INPUT_TOKENS that no longer fits below
+    MAX_TOTAL_TOKENS becomes MAX_TOTAL_TOKENS - 1; MAX_BATCH_TOTAL_TOKENS whose KV cache exceeds the engine's
+    memory budget is dropped, so the engine sizes the cache from free memory.
+    """
+    from tgi_nb.models import resolve_model
+
+    fitted = dict(opts)
+    resolved = resolve_model(opts["model_id"], revision=opts.get("revision"))
+    try:
+        config = json.loads((resolved.path / "config.json").read_text())
+    except (OSError, ValueError):
+        return fitted  # the engine's own loading reports what is wrong with the folder
+    model = opts["model_id"]
+    ctx = context_length(config)
+    total = fitted.get("max_total_tokens")
+    if ctx and total and total > ctx:
+        notes.add(f"{_limit_name('max_total_tokens', env, args)}={total} is more than {model}'s context "
+                  f"({ctx} tokens): lowered to {ctx}.")
+        fitted["max_total_tokens"] = total = ctx
+    limit = total or ctx
+    max_input = fitted.get("max_input_tokens")
+    if limit and max_input and max_input >= limit:
+        notes.add(f"{_limit_name('max_input_tokens', env, args)}={max_input} does not fit below max_total_tokens "
+                  f"({limit}): lowered to {limit - 1}.")
+        fitted["max_input_tokens"] = limit - 1
+    batch_total = fitted.get("max_batch_total_tokens")
+    if batch_total:
+        device = fitted.get("device") or "cpu"
+        dtype = fitted.get("dtype") or ("bfloat16" if device == "cuda" else "float32")
+        per_token = kv_bytes_per_token(config, 8 if dtype == "float64" else 4 if dtype == "float32" else 2)
+        budget = kv_memory_budget(device)
+        if per_token and batch_total * per_token > budget:
+            fitted["max_batch_total_tokens"] = None
+            fitted["_dropped_batch_total"] = (_limit_name("max_batch_total_tokens", env, args), batch_total,
+                                              batch_total * per_token, budget)
+    return fitted
+
+
+def choose_device(opts: dict[str, Any], accelerator: Optional[str], notes: Notes) -> None:
+    """Set ``opts["device"]`` from huggingface_hub's ``accelerator`` ("gpu", "cpu", ...) unless DEVICE was given.
+
+    A GPU asked for on a machine without CUDA falls back to the CPU with a note, as does any other accelerator
+    (neuron, inf2...) that tgi_nb does not drive.
+    """
+    if opts.get("device") or not accelerator:
+        return
+    kind = accelerator.lower()
+    if kind in ("gpu", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            opts["device"] = "cuda"
+        else:
+            opts["device"] = "cpu"
+            notes.add(f"accelerator={accelerator!r} but this machine has no CUDA GPU: running on the CPU.")
+    elif kind == "cpu":
+        opts["device"] = "cpu"
+    else:
+        opts["device"] = "cpu"
+        notes.add(f"accelerator={accelerator!r} is not supported by tgi_nb: running on the CPU.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pause, resume, scale to zero
+# ----------------------------------------------------------------------------------------------------------
+
+class EndpointController:
+    """Endpoint life cycle on top of the server's engine holder (``app.state.holder``).
+
+    ``state()`` gives huggingface_hub's status strings: initializing while the model loads, running,
+    paused, scaledToZero (freed; the next request loads it again) and failed (with the error as message).
+
+    Example:
+        >>> from tgi_nb.server import EngineHolder
+        >>> ctl = EndpointController(EngineHolder(lambda: object()), Notes())   # doctest: +SKIP
+        >>> ctl.state()["state"]                                                  # doctest: +SKIP
+        'initializing'
+    """
+
+    def __init__(self, holder: Any, notes: Notes, *, scale_to_zero_after: Optional[float] = None):
+        self.holder = holder
+        self.notes = notes
+        self.paused = False
+        self.in_flight = 0
+        self.last_activity = time.monotonic()
+        self.scale_to_zero_after = scale_to_zero_after
+        self._freed_once = False
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        if scale_to_zero_after:
+            threading.Thread(target=self._idle_watch, name="tgi_nb-endpoint-idle", daemon=True).start()
+
+    def state(self) -> dict[str, Any]:
+        """``{"state", "message", "warnings", "limits"}``; ``limits`` once a model is loaded."""
+        status = self.holder.status
+        message = None
+        if self.paused:
+            state = "paused"
+        elif status == "ready":
+            state = "running"
+        elif status == "loading":
+            state = "initializing"
+        elif status == "failed":
+            state, message = "failed", self.holder.error
+        elif status == "idle":
+            state = "scaledToZero" if self._freed_once else "initializing"
+        else:  # stopped: the server is shutting down
+            state, message = "paused", "the server is stopping"
+        engine = self.holder.engine
+        limits = None
+        if engine is not None:
+            limits = {"max_input_tokens": engine.max_input_tokens, "max_total_tokens": engine.max_total_tokens,
+                      "max_batch_total_tokens": engine.config.max_batch_total_tokens,
+                      "device": engine.config.device, "dtype": engine.config.dtype}
+        return {"state": state, "message": message, "warnings": self.notes.list(), "limits": limits}
+
+    def pause(self) -> None:
+        self.paused = True
+        self._free()
+
+    def resume(self) -> None:
+        self.paused = False
+        self.holder.start()  # no-op when loading or ready; a failed model is loaded again
+
+    def scale_to_zero(self) -> None:
+        self.paused = False
+        self._free()
+
+    def wake(self) -> None:
+        """Start loading a model freed by scale-to-zero (what a request does)."""
+        if not self.paused and self.holder.status == "idle":
+            self.holder.start()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _free(self) -> None:
+        with self._lock:
+            self._freed_once = True
+            if self.holder.status == "loading":
+                # Freed once loaded, unless a resume or a request wanted it in between.
+                threading.Thread(target=self._free_when_loaded, name="tgi_nb-endpoint-free", daemon=True).start()
+                return
+        self.holder.unload()
+
+    def _free_when_loaded(self) -> None:
+        self.holder.wait()
+        if self.paused or (self.in_flight == 0 and self.holder.status == "ready"
+                           and time.monotonic() - self.last_activity > 0.5):
+            self.holder.unload()
+
+    def _idle_watch(self) -> None:
+        after = float(self.scale_to_zero_after or 0)
+        interval = max(0.1, min(30.0, after / 4))
+        while not self._closed.wait(interval):
+            idle = time.monotonic() - self.last_activity
+            if self.holder.status == "ready" and not self.paused and self.in_flight == 0 and idle >= after:
+                logger.info("no request for %.0f s: scaling to zero", idle)
+                self._freed_once = True
+                self.holder.unload()
+
+    def request_started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.last_activity = time.monotonic()
+
+    def request_finished(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self.last_activity = time.monotonic()
+
+
+class ControlledApp:
+    """ASGI app around the server's: pause, wake-on-request, activity tracking and the control route.
+
+    Requests that need the model wait (up to ``wake_timeout`` seconds, asynchronously) while it loads after a
+    scale to zero or at start-up, so the first request after ``scale_to_zero()`` simply takes longer, as on
+    Hugging Face. Unauthenticated requests never wake the model: they reach the server's own 401.
+    """
+
+    def __init__(self, app: Any, controller: EndpointController, *, api_key: Optional[str] = None,
+                 control_token: Optional[str] = None, wake_timeout: float = WAKE_TIMEOUT):
+        self.app = app
+        self.controller = controller
+        self.api_key = api_key
+        self.control_token = control_token
+        self.wake_timeout = wake_timeout
+
+    @property
+    def state(self) -> Any:  # uvicorn and tests reach app.state through the wrapper
+        return self.app.state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        if self.control_token and path.startswith(CONTROL_PREFIX):
+            await self._control(scope, receive, send, path[len(CONTROL_PREFIX):])
+            return
+        ctl = self.controller
+        if path in PASSIVE_PATHS:
+            if path == "/health" and ctl.paused:
+                await _json(send, 503, {"error": "the endpoint is paused", "error_type": "healthcheck",
+                                        "status": "paused"})
+                return
+            await self.app(scope, receive, send)
+            return
+        if ctl.paused:
+            from tgi_nb.server.errors import ModelNotReady
+
+            err = ModelNotReady("This endpoint is paused: resume it (endpoint.resume()) to serve requests.",
+                                retry_after=None, code="endpoint_paused")
+            await err.response(path)(scope, receive, send)
+            return
+        ctl.request_started()
+        try:
+            if self.controller.holder.status in ("idle", "loading") and self._authorized(scope):
+                ctl.wake()
+                await self._wait_ready()
+            await self.app(scope, receive, send)
+        finally:
+            ctl.request_finished()
+
+    def _authorized(self, scope) -> bool:
+        if not self.api_key:
+            return True
+        from tgi_nb.server.auth import check_bearer
+        from tgi_nb.server.errors import Unauthorized
+
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1") or None
+        try:
+            check_bearer(authorization, self.api_key)
+        except Unauthorized:
+            return False
+        return True
+
+    async def _wait_ready(self) -> None:
+        holder = self.controller.holder
+        deadline = time.monotonic() + self.wake_timeout
+        while holder.status in ("idle", "loading") and time.monotonic() < deadline and not self.controller.paused:
+            await asyncio.sleep(0.05)
+
+    async def _control(self, scope, receive, send, action: str) -> None:
+        token = dict(scope["headers"]).get(CONTROL_HEADER.encode(), b"").decode("latin-1")
+        if not hmac.compare_digest(token.encode(), (self.control_token or "").encode()):
+            await _json(send, 403, {"error": "control token missing or wrong", "error_type": "authentication"})
+            return
+        ctl = self.controller
+        actions: dict[str, Callable[[], None]] = {"pause": ctl.pause, "resume": ctl.resume,
+                                                  "scale_to_zero": ctl.scale_to_zero}
+        if scope["method"] == "GET" and action == "state":
+            await _json(send, 200, ctl.state())
+        elif scope["method"] == "POST" and action in actions:
+            await asyncio.get_running_loop().run_in_executor(None, actions[action])  # unloading may take a moment
+            await _json(send, 200, ctl.state())
+        else:
+            await _json(send, 404, {"error": f"no control action {action!r}", "error_type": "not_found"})
+
+
+async def _json(send, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the app from launcher settings
+# ----------------------------------------------------------------------------------------------------------
+
+def parse_container_args(args: tuple[str, ...]):
+    """``container_args`` parsed with ``tgi-nb serve``'s flags (text-generation-launcher's names)."""
+    import argparse
+
+    from tgi_nb.server.launcher import LaunchError, add_serve_arguments
+
+    parser = argparse.ArgumentParser(prog="container_args", add_help=False, exit_on_error=False)
+    add_serve_arguments(parser)
+    try:
+        parsed, unknown = parser.parse_known_args(list(args))
+    except argparse.ArgumentError as exc:
+        raise LaunchError(f"container_args: {exc}") from None
+    if unknown:
+        raise LaunchError(f"container_args: unknown flags {unknown}; `tgi-nb serve --help` lists the known ones")
+    return parsed
+
+
+def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str, str], args: tuple[str, ...] = (),
+                       api_key: Optional[str] = None, accelerator: Optional[str] = None,
+                       scale_to_zero_after: Optional[float] = None, control_token: Optional[str] = None,
+                       wake_timeout: float = WAKE_TIMEOUT) -> ControlledApp:
+    """The server app for one endpoint, configured as ``text-generation-launcher`` would be by ``env`` (TGI's
+    variable names, read from this dict only, never from the process environment) and ``args`` (its flags).
+
+    Settings that contradict each other raise ``LaunchError`` here; the model loads when the app starts (in the
+    server's loader thread), after its limits are fitted to the model and memory.
+
+    Example:
+        >>> app = build_endpoint_app(model_id="HuggingFaceTB/SmolLM2-135M-Instruct", revision=None,
+        ...                          env={"MAX_TOTAL_TOKENS": "32000"}, api_key="secret")   # doctest: +SKIP
+        >>> server = ServerThread(app, port=0).start()                                        # doctest: +SKIP
+    """
+    from tgi_nb.server import build_app
+    from tgi_nb.server.launcher import plan_from_options, resolve_options
+
+    notes = Notes()
+    opts = resolve_options(parse_container_args(args), env)
+    if opts["model_id"] in (None, "", "/repository"):
+        opts["model_id"] = model_id
+    opts["revision"] = opts["revision"] or revision
+    opts["api_key"] = api_key
+    choose_device(opts, accelerator, notes)
+    limit_keys = ("max_input_tokens", "max_total_tokens", "max_batch_total_tokens", "max_batch_prefill_tokens")
+    # Validates everything but the limits, which are checked once fitted to the model.
+    settings = plan_from_options({**opts, **{k: None for k in limit_keys}}).settings
+
+    reported = []  # the dropped-cache note once: its sizes change with free memory at each reload
+
+    def load_engine() -> Any:
+        fitted = fit_options(opts, notes, env=env, args=args)
+        dropped = fitted.pop("_dropped_batch_total", None)
+        engine = plan_from_options(fitted).engine_factory()
+        if dropped and not reported:
+            reported.append(True)
+            name, asked, needed, budget = dropped
+            notes.add(f"{name}={asked} needs {needed / 2**30:.1f} GiB of KV cache, more than the "
+                      f"{budget / 2**30:.1f} GiB this machine gives it: lowered to "
+                      f"{engine.config.max_batch_total_tokens} (sized from free memory).")
+        return engine
+
+    app = build_app(load_engine, settings)
+    controller = EndpointController(app.state.holder, notes, scale_to_zero_after=scale_to_zero_after)
+    return ControlledApp(app, controller, api_key=api_key, control_token=control_token, wake_timeout=wake_timeout)
