@@ -9,10 +9,33 @@ Example:
     ...     # OpenAI(base_url=server.url + "/v1", api_key="-") works here
 """
 
-from .app import build_app
-from .errors import APIError
-from .runner import ServerThread, bind_socket
-from .serving import EngineHolder
-from .settings import ServerSettings, SettingsError
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = ["APIError", "EngineHolder", "ServerSettings", "ServerThread", "SettingsError", "bind_socket", "build_app"]
+# Names resolve on first use: importing tgi_nb.server.launcher or .settings (to check launcher options)
+# must not pay for FastAPI, uvicorn and torch.
+_LAZY = {
+    "build_app": ".app",
+    "APIError": ".errors",
+    "ServerThread": ".runner",
+    "bind_socket": ".runner",
+    "EngineHolder": ".serving",
+    "ServerSettings": ".settings",
+    "SettingsError": ".settings",
+}
+
+if TYPE_CHECKING:
+    from .app import build_app
+    from .errors import APIError
+    from .runner import ServerThread, bind_socket
+    from .serving import EngineHolder
+    from .settings import ServerSettings, SettingsError
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

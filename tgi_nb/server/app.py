@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Callable, Optional, Union
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.middleware.cors import CORSMiddleware
 
 from .auth import APIKeyMiddleware
@@ -48,7 +49,14 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
             holder.shutdown()
 
     app = FastAPI(title="tgi_nb", version=server_version(), lifespan=lifespan, root_path=settings.root_path,
+                  docs_url=None,
                   description="OpenAI-compatible (/v1) and Text Generation Inference API on tgi_nb's engine.")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        # A relative schema URL: behind a proxy that adds a prefix the server does not know
+        # (jupyter-server-proxy's /user/<name>/proxy/<port>/), /docs still finds its openapi.json.
+        return get_swagger_ui_html(openapi_url="openapi.json", title="tgi_nb - Swagger UI")
     app.state.ctx = ctx
     app.state.holder = holder
     app.state.settings = settings
