@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tgi_nb.engine import attention  # noqa: E402
-from tgi_nb.engine.attention import native_kernel_available, paged_decode_attention  # noqa: E402
+from tgi_nb.models import attention  # noqa: E402
+from tgi_nb.models.attention import native_kernel_available, paged_decode_attention  # noqa: E402
 
 NUM_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_LAYERS = 9, 3, 64, 16, 30
 TARGET_WORKING_SET = 96 << 20  # bytes of K/V over all cycled layers: well past a 32 MiB L3

@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from tgi_nb.engine import attention
-from tgi_nb.engine.attention import (
+from tgi_nb.models import attention
+from tgi_nb.models.attention import (
     native_kernel_available,
     paged_decode_attention,
     paged_decode_attention_reference,

@@ -2,7 +2,7 @@
 
 The model works on a *packed* batch: the tokens of every scheduled sequence laid end to end, no
 padding. Keys and values go into the paged KV cache owned by the engine; the attention for each
-token reads them back through the sequence's block table (see ``tgi_nb.engine.attention``).
+token reads them back through the sequence's block table (see ``tgi_nb.models.attention``).
 Projections are fused (q|k|v and gate|up) so one decode step is a handful of large matmuls.
 """
 
@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+
+from .attention import paged_decode_attention
 
 logger = logging.getLogger("tgi_nb")
 
@@ -245,8 +247,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     """Write the step's keys and values ([T, kv_heads, d]) into the paged cache, then attend: decode
     tokens through the paged decode kernel, prefill chunks causally over their cached prefix.
     Returns [T, heads, d]."""
-    from tgi_nb.engine.attention import paged_decode_attention
-
     num_tokens, nkv, d = k.shape
     k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k)
     v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v)
