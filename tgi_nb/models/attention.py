@@ -15,20 +15,16 @@ token ``t`` of a sequence lives at ``cache[block_table[t // block_size], t % blo
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import native
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +34,7 @@ __all__ = [
     "native_kernel_available",
 ]
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
 _SYMBOL = "paged_decode_attention_f32"
-# -march=native first; some compilers (older Apple clang) reject it, so a portable build is the second try.
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-ffast-math", "-fPIC", "-pthread"],
-    ["-O3", "-ffast-math", "-fPIC", "-pthread"],
-)
-# Linked in a separate step without -ffast-math: gcc < 13 otherwise links crtfastmath.o into the shared
-# library, which turns on flush-to-zero for the whole process (torch included) the moment it is loaded.
-_LINK_FLAGS = ["-shared", "-pthread"]
 # Below this many K/V rows (tokens x kv heads) per thread, starting a thread costs more than it saves:
 # a pthread start + join measured ~40 us on a 2-core VM, a 64-dim K+V row from cache ~20 ns.
 _MIN_ROWS_PER_THREAD = 4096
@@ -67,69 +54,7 @@ def _native_enabled() -> bool:
     return os.environ.get("TGI_NB_NATIVE_ATTENTION", "1").strip().lower() not in _DISABLE_VALUES
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("TGI_NB_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "tgi_nb"
-    return base / "kernels"
-
-
-def _find_compiler() -> Optional[str]:
-    for name in filter(None, (os.environ.get("CC"), "cc", "gcc", "clang")):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-def _machine_id() -> str:
-    # -march=native code may not run on another CPU sharing the same home directory: key on the CPU's features.
-    parts = [platform.system(), platform.machine()]
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features", "model name")):
-                    parts.append(line.strip())
-                if len(parts) >= 4:
-                    break
-    except OSError:
-        parts.append(platform.processor())
-    return "\n".join(parts)
-
-
-def _compile(compiler: str, source: bytes) -> Optional[Path]:
-    cache = _cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(
-            b"\0".join([source, " ".join(flags + _LINK_FLAGS).encode(), os.path.realpath(compiler).encode(),
-                        _machine_id().encode()])
-        ).hexdigest()[:16]
-        target = cache / f"paged_attention_{key}.so"
-        if target.exists():
-            return target
-        # Build into private temp files and rename: parallel processes never load a half-written library.
-        fd, tmp = tempfile.mkstemp(prefix=".paged_attention_", suffix=".so", dir=cache)
-        os.close(fd)
-        obj = tmp[:-3] + ".o"
-        try:
-            for cmd in ([compiler, *flags, "-c", "-o", obj, str(_SOURCE)],
-                        [compiler, *_LINK_FLAGS, "-o", tmp, obj, "-lm"]):
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-                if proc.returncode != 0:
-                    errors.append(f"{' '.join(cmd)}:\n{proc.stderr.strip()[-2000:]}")
-                    break
-            else:
-                os.replace(tmp, target)
-                return target
-        except (OSError, subprocess.SubprocessError) as exc:
-            errors.append(f"{' '.join(flags)}: {exc}")
-        finally:
-            for path in (tmp, obj):
-                if os.path.exists(path):
-                    os.unlink(path)
-    logger.warning("could not build the native attention kernel; using the torch path:\n%s", "\n".join(errors))
-    return None
+_find_compiler = native.find_compiler
 
 
 def _load():
@@ -146,7 +71,7 @@ def _load():
             _build_failed = True
             return None
         try:
-            path = _compile(compiler, _SOURCE.read_bytes())
+            path = native.compile_library(compiler, "paged_attention")
             if path is None:
                 _build_failed = True
                 return None

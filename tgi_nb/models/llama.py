@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from .attention import paged_decode_attention
+from .linear import linear
 
 logger = logging.getLogger("tgi_nb")
 
@@ -221,7 +222,7 @@ class LlamaModel:
         x = self.embed[input_ids]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h = F.rms_norm(x, (h_dim,), layer["input_norm"], s.rms_norm_eps)
-            qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])
+            qkv = linear(h, layer["qkv"], layer["qkv_bias"])
             # q and k get RoPE together: one [T, nh + nkv, d] view of the fused projection.
             qk = qkv[:, : q_size + kv_size].view(num_tokens, nh + nkv, d)
             v = qkv[:, q_size + kv_size:].view(num_tokens, nkv, d)
@@ -232,14 +233,14 @@ class LlamaModel:
             qk = qk * cos + rotated * sin
             q, k = qk[:, :nh], qk[:, nh:]
             attn = attend(q, k, v, k_cache, v_cache, batch, scale, s.sliding_window)
-            x = torch.addmm(x, attn.view(num_tokens, q_size), layer["o"].t())
+            x = linear(attn.view(num_tokens, q_size), layer["o"], residual=x)
             h = F.rms_norm(x, (h_dim,), layer["post_norm"], s.rms_norm_eps)
-            gate_up = F.linear(h, layer["gate_up"])
+            gate_up = linear(h, layer["gate_up"])
             gate, up = gate_up.chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(gate) * up, layer["down"].t())
+            x = linear(F.silu(gate) * up, layer["down"], residual=x)
 
         x = F.rms_norm(x[logits_indices], (h_dim,), self.norm, s.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return linear(x, self.lm_head).float()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,0 +1,106 @@
+"""Building the C kernels in tgi_nb/models/csrc once per machine and loading them with ctypes.
+
+A library is compiled at first use with the system C compiler into the kernel cache
+(``$TGI_NB_CACHE/kernels`` or ``~/.cache/tgi_nb/kernels``), under a name that hashes the source, the flags,
+the compiler and the CPU's features, so a later process (or another checkout) loads it at once. Callers fall
+back to torch when no compiler is found or the build fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc")
+# -march=native first; some compilers (older Apple clang) reject it, so a portable build is the second try.
+FLAG_SETS = (
+    ["-O3", "-march=native", "-ffast-math", "-fPIC", "-pthread"],
+    ["-O3", "-ffast-math", "-fPIC", "-pthread"],
+)
+# Linked in a separate step without -ffast-math: gcc < 13 otherwise links crtfastmath.o into the shared
+# library, which turns on flush-to-zero for the whole process (torch included) the moment it is loaded.
+LINK_FLAGS = ["-shared", "-pthread"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TGI_NB_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "tgi_nb"
+    return base / "kernels"
+
+
+def find_compiler() -> Optional[str]:
+    """The C compiler to build kernels with: $CC, cc, gcc or clang, whichever is found first."""
+    for name in filter(None, (os.environ.get("CC"), "cc", "gcc", "clang")):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _machine_id() -> str:
+    # -march=native code may not run on another CPU sharing the same home directory: key on the CPU's features.
+    parts = [platform.system(), platform.machine()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    parts.append(line.strip())
+                if len(parts) >= 4:
+                    break
+    except OSError:
+        parts.append(platform.processor())
+    return "\n".join(parts)
+
+
+def compile_library(compiler: str, name: str, extra_flags: Sequence[str] = ()) -> Optional[Path]:
+    """Build ``csrc/<name>.c`` into the cache (or find it there); None, with a warning, if it fails.
+
+    Example:
+        >>> path = compile_library(find_compiler(), "paged_attention")   # doctest: +SKIP
+    """
+    source_file = CSRC / f"{name}.c"
+    source = source_file.read_bytes()
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for base_flags in FLAG_SETS:
+        flags = [*base_flags, *extra_flags]
+        link_flags = [*LINK_FLAGS, *extra_flags]
+        key = hashlib.sha256(
+            b"\0".join([source, " ".join(flags + link_flags).encode(), os.path.realpath(compiler).encode(),
+                        _machine_id().encode()])
+        ).hexdigest()[:16]
+        target = cache / f"{name}_{key}.so"
+        if target.exists():
+            return target
+        # Build into private temp files and rename: parallel processes never load a half-written library.
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}_", suffix=".so", dir=cache)
+        os.close(fd)
+        obj = tmp[:-3] + ".o"
+        try:
+            for cmd in ([compiler, *flags, "-c", "-o", obj, str(source_file)],
+                        [compiler, *link_flags, "-o", tmp, obj, "-lm"]):
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                if proc.returncode != 0:
+                    errors.append(f"{' '.join(cmd)}:\n{proc.stderr.strip()[-2000:]}")
+                    break
+            else:
+                os.replace(tmp, target)
+                return target
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(f"{' '.join(flags)}: {exc}")
+        finally:
+            for path in (tmp, obj):
+                if os.path.exists(path):
+                    os.unlink(path)
+    logger.warning("could not build the native %s kernel; using the torch path:\n%s", name, "\n".join(errors))
+    return None
