@@ -136,7 +136,7 @@ def test_validation_errors_openai_shape(http):
     assert_openai_error(http.post("/v1/completions", json={"prompt": "x", "best_of": 2, "stream": True}), 400,
                         "best_of")
     assert_openai_error(http.post("/v1/chat/completions",
-                                  json={**CHAT, "response_format": {"type": "json_object"}}), 400, "response_format")
+                                  json={**CHAT, "response_format": {"type": "xml"}}), 400, "response_format.type")
     assert_openai_error(http.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
         400, "messages.0.content.0.type")
@@ -166,7 +166,7 @@ def test_validation_errors_tgi_shape(http):
     assert_tgi_error(http.post("/generate", json={"inputs": "x", "parameters": {"top_n_tokens": 6}}), 422,
                      "validation")
     assert_tgi_error(http.post("/generate", json={"inputs": "x", "parameters": {"grammar": {"type": "json",
-                                                                                          "value": {}}}}),
+                                                                                          "value": 3}}}),
                      422, "validation")
     assert_tgi_error(http.post("/generate_stream", json={"inputs": "x", "parameters": {"best_of": 2,
                                                                                        "do_sample": True}}),

@@ -26,7 +26,7 @@ class SampledToken:
 def _needs_processing(seq: Sequence) -> bool:
     p = seq.request.params
     return bool(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty or p.logit_bias
-                or p.logits_processor is not None)
+                or seq.logits_processor is not None)
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -48,8 +48,8 @@ def _apply_penalties(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
         if items:
             ids = torch.tensor([t for t, _ in items], dtype=torch.long)
             row[ids] += torch.tensor([b for _, b in items], dtype=row.dtype)
-    if p.logits_processor is not None:
-        row = p.logits_processor(seq.output_token_ids, row)
+    if seq.logits_processor is not None:
+        row = seq.logits_processor(seq.output_token_ids, row)
     return row
 
 

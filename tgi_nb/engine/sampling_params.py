@@ -11,6 +11,9 @@ import torch
 # A logits processor sees the token ids generated so far for one sequence and its next-token
 # logits (1-D float tensor over the vocabulary) and returns the logits to sample from.
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+# Builds a fresh processor; called once per sample, so a stateful processor (a grammar matcher that
+# advances with the sample's tokens) is never shared by the ``n`` samples of a request.
+LogitsProcessorFactory = Callable[[], LogitsProcessor]
 
 MAX_TOP_LOGPROBS = 20
 
@@ -45,7 +48,8 @@ class SamplingParams:
     once per token already generated); ``repetition_penalty`` is the multiplicative CTRL penalty of
     transformers and TGI over prompt and generated tokens. ``logprobs=None`` returns none, ``0`` the
     chosen token's log-probability only, ``k`` also the top ``k`` alternatives. ``n`` samples share the
-    prompt's KV blocks; with a ``seed`` sample ``i`` uses ``seed + i``.
+    prompt's KV blocks; with a ``seed`` sample ``i`` uses ``seed + i``. ``logits_processor`` is shared by
+    every sample; ``logits_processor_factory`` is called once per sample for processors with state.
 
     Example:
         >>> p = SamplingParams(max_new_tokens=16, temperature=0.7, top_p=0.9, stop=["\\n\\n"], seed=1)
@@ -70,6 +74,7 @@ class SamplingParams:
     n: int = 1
     do_sample: bool = True
     logits_processor: Optional[LogitsProcessor] = None
+    logits_processor_factory: Optional[LogitsProcessorFactory] = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
@@ -105,6 +110,8 @@ class SamplingParams:
                "logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
         _check(isinstance(self.n, int) and 1 <= self.n <= 128, "n",
                f"must be an integer in [1, 128], got {self.n!r}")
+        _check(self.logits_processor is None or self.logits_processor_factory is None,
+               "logits_processor_factory", "cannot be set together with logits_processor")
 
     @property
     def greedy(self) -> bool:

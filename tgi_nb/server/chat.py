@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .errors import BadRequest
 from .protocol import ChatMessage
+from .tools import tool_messages_as_text
 
 
 def load_chat_template(value: Optional[str]) -> Optional[str]:
@@ -80,15 +82,30 @@ def to_template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]
     return out
 
 
+def template_supports_tools(template: str) -> bool:
+    """True when a chat template renders tool definitions and tool calls itself (Llama 3.1, Qwen 2.5,
+    Hermes, Mistral...); such a template gets ``tools=`` and the messages as they are.
+
+    Example:
+        >>> template_supports_tools("{% for m in messages %}{{ m.content }}{% endfor %}")
+        False
+    """
+    return bool(re.search(r"\btools\b", template)) and "tool_calls" in template
+
+
 def render_chat(tokenizer, messages: Sequence[ChatMessage], *, chat_template: Optional[str] = None,
                 add_generation_prompt: Optional[bool] = None, continue_final_message: Optional[bool] = None,
-                tools: Optional[list[dict[str, Any]]] = None,
+                tools: Optional[list[dict[str, Any]]] = None, tool_instructions: Optional[str] = None,
                 chat_template_kwargs: Optional[dict[str, Any]] = None) -> str:
     """The prompt text for ``messages``, rendered with the model's chat template.
 
     A conversation ending with an assistant message is continued (the model writes on from where that
     message stops) unless ``continue_final_message=False``; otherwise the generation prompt opens the
     assistant's turn. Raises :class:`BadRequest` when the model has no template or rendering fails.
+
+    ``tools`` go to a template that renders them (:func:`template_supports_tools`); for any other template
+    ``tool_instructions`` (the tools described in text) join the system message, and tool calls and
+    tool results in the conversation are written out as text (:func:`tools.tool_messages_as_text`).
 
     Example:
         >>> from transformers import AutoTokenizer                                     # doctest: +SKIP
@@ -101,6 +118,9 @@ def render_chat(tokenizer, messages: Sequence[ChatMessage], *, chat_template: Op
         raise BadRequest("this model has no chat template, so /v1/chat/completions cannot format messages: "
                          "start the server with --chat-template, or use /v1/completions", param="messages")
     rendered = to_template_messages(messages)
+    native_tools = template_supports_tools(template)
+    if not native_tools:
+        rendered = tool_messages_as_text(rendered, tool_instructions if tools else None)
     if continue_final_message is None:
         continue_final_message = rendered[-1]["role"] == "assistant" and not add_generation_prompt
     if add_generation_prompt is None:
@@ -117,7 +137,7 @@ def render_chat(tokenizer, messages: Sequence[ChatMessage], *, chat_template: Op
             raise BadRequest(f"chat_template_kwargs: {reserved!r} cannot be set here", param="chat_template_kwargs")
     try:
         return tokenizer.apply_chat_template(
-            rendered, tools=tools, chat_template=template, tokenize=False,
+            rendered, tools=tools if native_tools else None, chat_template=template, tokenize=False,
             add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
             **kwargs)
     except BadRequest:

@@ -1,9 +1,11 @@
 """The OpenAI routes' logic: chat completions, completions and models, streamed or not.
 
 Shapes follow openai-python's types: one id for every chunk of a stream, ``role`` only in the first
-delta of each choice, ``finish_reason`` only ``stop`` or ``length``, a usage chunk with ``choices: []``
-when ``stream_options.include_usage`` is set, then ``data: [DONE]``. An error after the stream started
-is sent as ``data: {"error": {...}}`` and the stream ends there.
+delta of each choice, ``finish_reason`` only ``stop``, ``length`` or ``tool_calls``, a usage chunk with
+``choices: []`` when ``stream_options.include_usage`` is set, then ``data: [DONE]``. An error after the
+stream started is sent as ``data: {"error": {...}}`` and the stream ends there. Tool calls (tools.py) and
+structured output (guided.py) come as OpenAI sends them: ``message.tool_calls`` with ``content: null``,
+streamed as tool-call deltas with ``index`` on each and ``id``/``type``/``name`` on the first of each call.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tgi_nb.engine.outputs import ResultAccumulator, TokenLogprob
 
 from .chat import render_chat
 from .errors import APIError, BadRequest, NotFound
+from .guided import compile_guide, request_guide
 from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatDelta, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
                        CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ModelCard,
@@ -27,6 +30,7 @@ from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatComp
 from .serving import (KEEP_ALIVE, SSE_DONE, SSE_KEEP_ALIVE, ClientDisconnected, GenerationStream, ServerContext,
                       SSEResponse, TokenTable, check_finished, log_ignored, make_sampling_params, new_id,
                       parse_logit_bias, resolve_max_new_tokens, sse, stop_list, token_table, tokenize)
+from .tools import ToolCallParser, parse_tool_calls, plan_tools
 
 logger = logging.getLogger("tgi_nb.server")
 
@@ -37,20 +41,23 @@ _CHAT_NAMES = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs", "prom
 _COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "prompt": "prompt"}
 
 
-def finish_reason(reason: Optional[str]) -> Optional[str]:
-    """The engine's finish reason as OpenAI spells it (``error``/``abort`` never get this far).
+def finish_reason(reason: Optional[str], tool_calls: bool = False) -> Optional[str]:
+    """The engine's finish reason as OpenAI spells it (``error``/``abort`` never get this far);
+    ``tool_calls`` when a sample that ended on its own made tool calls.
 
     Example:
-        >>> finish_reason("stop"), finish_reason(None)
-        ('stop', None)
+        >>> finish_reason("stop"), finish_reason(None), finish_reason("stop", tool_calls=True)
+        ('stop', None, 'tool_calls')
     """
     if reason is None:
         return None
-    return "length" if reason == "length" else "stop"
+    if reason == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
 
 
 def _sampling(req: Any, engine: Any, max_new_tokens: int, logprobs: Optional[int], n: int,
-              names: dict[str, str]):
+              names: dict[str, str], logits_processor_factory: Any = None):
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None else req.top_p
     top_k = 0 if req.top_k in (None, -1) else req.top_k
@@ -64,7 +71,7 @@ def _sampling(req: Any, engine: Any, max_new_tokens: int, logprobs: Optional[int
         frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
         logit_bias=parse_logit_bias(req.logit_bias, engine.vocab_size), seed=req.seed,
         stop=stop_list(req.stop), stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-        logprobs=logprobs, n=n)
+        logprobs=logprobs, n=n, logits_processor_factory=logits_processor_factory)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> UsageInfo:
@@ -91,13 +98,6 @@ def _internal_error(exc: Exception) -> APIError:
 # ----------------------------------------------------------------------------------------------
 
 def _reject_unsupported_chat(req: ChatCompletionRequest) -> None:
-    fmt = req.response_format
-    if fmt and fmt.get("type") not in (None, "text"):
-        raise BadRequest(f"response_format: type {fmt.get('type')!r} is not supported by this server yet; "
-                         f"allowed: 'text'", param="response_format")
-    if req.tools and req.tool_choice not in (None, "none"):
-        raise BadRequest("tools: tool calling is not supported by this server yet; send tool_choice='none' "
-                         "or no tools", param="tools")
     if req.top_logprobs is not None and not req.logprobs:
         raise BadRequest("top_logprobs: requires logprobs=true", param="top_logprobs")
 
@@ -117,17 +117,26 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     """POST /v1/chat/completions."""
     log_ignored("/v1/chat/completions", ignored_fields(req))
     _reject_unsupported_chat(req)
+    tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+    # A forced call leaves no content for a response_format to shape (OpenAI accepts both): the call's
+    # grammar wins. Under a response_format the content is that format, so only forced calls are parsed.
+    constraint = request_guide(req)
+    spec = tools.guide() or constraint
+    tool_names = tools.names if tools.forced or (tools.mode == "auto" and spec is None) else None
     engine = ctx.engine()
     prompt = render_chat(engine.tokenizer, req.messages, chat_template=ctx.chat_template,
                          add_generation_prompt=req.add_generation_prompt,
                          continue_final_message=req.continue_final_message,
+                         tools=tools.template_tools, tool_instructions=tools.instructions(),
                          chat_template_kwargs=req.chat_template_kwargs)
     ids = tokenize(engine, prompt, "messages")
     max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_new = resolve_max_new_tokens(req.max_completion_tokens or req.max_tokens, len(ids), ctx.limits(engine),
                                      field=max_field, prompt_field="messages")
     names = {**_CHAT_NAMES, "max_new_tokens": max_field}
-    params = _sampling(req, engine, max_new, (req.top_logprobs or 0) if req.logprobs else None, req.n, names)
+    guide = await compile_guide(engine, spec) if spec is not None else None
+    params = _sampling(req, engine, max_new, (req.top_logprobs or 0) if req.logprobs else None, req.n, names,
+                       guide.processor if guide is not None else None)
     request_id = new_id("chatcmpl")
     stream = GenerationStream(ctx, engine, "chat_completions")
     try:
@@ -138,7 +147,8 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     table = token_table(engine)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = _chat_events(ctx, stream, request, request_id, req.n, req.logprobs, include_usage, table)
+        events = _chat_events(ctx, stream, request, request_id, req.n, req.logprobs, include_usage, table,
+                              tool_names, tools.forced)
         return SSEResponse(events, on_close=stream.close)
     try:
         outputs = (await stream.collect(request))[0]
@@ -148,10 +158,13 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         for out in outputs:
             acc.add(out)
         result = acc.result()
-        choices = [ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
-                              logprobs=chat_logprobs(table, o.logprobs or []) if req.logprobs else None,
-                              finish_reason=finish_reason(o.finish_reason))
-                   for o in result.outputs]
+        choices = []
+        for o in result.outputs:
+            content, calls = parse_tool_calls(o.text, tool_names) if tool_names is not None else (o.text, [])
+            choices.append(ChatChoice(index=o.index, message=ChatResponseMessage(content=content,
+                                                                                 tool_calls=calls or None),
+                                      logprobs=chat_logprobs(table, o.logprobs or []) if req.logprobs else None,
+                                      finish_reason=finish_reason(o.finish_reason, bool(calls))))
         response = ChatCompletionResponse(id=request_id, model=ctx.served_model_name, choices=choices,
                                           usage=_usage(len(ids), result.completion_tokens, result.num_cached_tokens),
                                           system_fingerprint=SYSTEM_FINGERPRINT)
@@ -167,9 +180,11 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
 
 
 async def _chat_events(ctx: ServerContext, stream: GenerationStream, request: Request, request_id: str, n: int,
-                       want_logprobs: bool, include_usage: bool, table: TokenTable) -> AsyncIterator[bytes]:
+                       want_logprobs: bool, include_usage: bool, table: TokenTable,
+                       tool_names: Optional[list[str]], forced_tools: bool) -> AsyncIterator[bytes]:
     created = int(time.time())
     model = ctx.served_model_name
+    parsers = [ToolCallParser(tool_names) for _ in range(n)] if tool_names is not None else None
 
     def chunk(choices: list[ChatChunkChoice], usage: Optional[UsageInfo] = None) -> bytes:
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices,
@@ -178,8 +193,10 @@ async def _chat_events(ctx: ServerContext, stream: GenerationStream, request: Re
     stream.watch_disconnect(request)
     try:
         # Sent before the first token: the client sees the stream open at once, and role appears once.
+        # A forced tool call has no content: OpenAI's first delta then carries none either.
+        first = ChatDelta(role="assistant", content=None if forced_tools else "")
         for index in range(n):
-            yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+            yield chunk([ChatChunkChoice(index=index, delta=first)])
         cached = 0
         async for event in stream.events(keep_alive=ctx.settings.keep_alive_interval):
             if event is KEEP_ALIVE:
@@ -190,11 +207,20 @@ async def _chat_events(ctx: ServerContext, stream: GenerationStream, request: Re
             cached = out.num_cached_tokens
             for d in out.outputs:
                 logprobs = chat_logprobs(table, d.logprobs) if want_logprobs and d.logprobs else None
-                if not d.text and d.finish_reason is None and logprobs is None:
+                text, calls, made_calls = d.text, [], False
+                if parsers is not None:
+                    parser = parsers[d.index]
+                    text, calls = parser.feed(d.text)
+                    if d.finish_reason is not None:
+                        more_text, more_calls = parser.finish()
+                        text, calls = text + more_text, calls + more_calls
+                    made_calls = bool(parser.calls)
+                if not text and not calls and d.finish_reason is None and logprobs is None:
                     continue
-                delta = ChatDelta(content=d.text) if (d.text or logprobs) else ChatDelta()
+                delta = ChatDelta(content=text if (text or (logprobs and not calls)) else None,
+                                  tool_calls=calls or None)
                 yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
-                                             finish_reason=finish_reason(d.finish_reason))])
+                                             finish_reason=finish_reason(d.finish_reason, made_calls))])
         if include_usage:
             yield chunk([], usage=_usage(stream.prompt_lens[0], stream.generated[0], cached))
         yield SSE_DONE
@@ -271,14 +297,16 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
         raise BadRequest(f"best_of: must be >= n ({req.n}), got {best_of}", param="best_of")
     if req.stream and best_of > req.n:
         raise BadRequest("best_of: cannot be larger than n when streaming", param="best_of")
+    spec = request_guide(req)
     engine = ctx.engine()
     prompts = _completion_prompts(engine, req.prompt)
     limits = ctx.limits(engine)
+    guide = await compile_guide(engine, spec) if spec is not None else None
     # Scoring best_of candidates needs each token's log-probability even if the client asked for none.
     engine_logprobs = req.logprobs if req.logprobs is not None else (0 if best_of > req.n else None)
     params = [_sampling(req, engine, resolve_max_new_tokens(req.max_tokens, len(ids), limits, field="max_tokens",
                                                             prompt_field="prompt"),
-                        engine_logprobs, best_of, _COMPLETION_NAMES)
+                        engine_logprobs, best_of, _COMPLETION_NAMES, guide.processor if guide is not None else None)
               for ids, _ in prompts]
     request_id = new_id("cmpl")
     stream = GenerationStream(ctx, engine, "completions")

@@ -81,6 +81,13 @@ class _SamplingFields(_Request):
     repetition_penalty: Optional[float] = Field(default=None, gt=0)
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
+    # vLLM's structured outputs: the ``guided_*`` fields and the newer ``structured_outputs`` object
+    # ({"json" | "regex" | "choice" | "grammar" | "json_object": ...}); see guided.py.
+    guided_json: Optional[Union[dict[str, Any], str]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    structured_outputs: Optional[dict[str, Any]] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,6 +111,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    # Structured output and tool calling: checked (with errors naming the field) in guided.py and tools.py.
     response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None

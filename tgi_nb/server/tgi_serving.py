@@ -20,6 +20,7 @@ from tgi_nb.engine.outputs import CompletionResult, ResultAccumulator
 
 from .chat import render_chat
 from .errors import APIError, BadRequest
+from .guided import compile_guide, grammar_from_format
 from .protocol import (BestOfSequence, ChatCompletionRequest, ChatTokenizeResponse, DetokenizeRequest,
                        DetokenizeResponse, GenerateDetails, GenerateParameters, GenerateRequest, GenerateResponse,
                        PrefillToken, SimpleToken, StreamDetails, StreamResponse, TGIToken, TokenizeRequest,
@@ -27,6 +28,7 @@ from .protocol import (BestOfSequence, ChatCompletionRequest, ChatTokenizeRespon
 from .serving import (KEEP_ALIVE, SSE_KEEP_ALIVE, ClientDisconnected, GenerationStream, ServerContext, SSEResponse,
                       TokenTable, check_finished, log_ignored, make_sampling_params, resolve_max_new_tokens, sse,
                       token_table, tokenize)
+from .tools import plan_tools
 
 logger = logging.getLogger("tgi_nb.server")
 
@@ -46,14 +48,13 @@ def tgi_finish_reason(result: Any) -> str:
     return "stop_sequence" if isinstance(result.stop_reason, str) else "eos_token"
 
 
-def _prepare(ctx: ServerContext, req: GenerateRequest, *, stream: bool):
+async def _prepare(ctx: ServerContext, req: GenerateRequest, *, stream: bool):
     """Validate TGI parameters; return (engine, prompt ids, SamplingParams, seed)."""
     log_ignored("/generate", ignored_fields(req) + [f"parameters.{f}" for f in ignored_fields(req.parameters)])
     p: GenerateParameters = req.parameters
     s = ctx.settings
     best_of = p.best_of or 1
-    if p.grammar is not None:
-        raise BadRequest("grammar is not supported", param="grammar")
+    spec = grammar_from_format(p.grammar, "grammar", allow_text=False)
     if best_of > s.max_best_of:
         raise BadRequest(f"`best_of` must be > 0 and <= {s.max_best_of}. Given: {best_of}", param="best_of")
     if stream and best_of != 1:
@@ -87,13 +88,15 @@ def _prepare(ctx: ServerContext, req: GenerateRequest, *, stream: bool):
         ids = ids[-p.truncate:]
     max_new = resolve_max_new_tokens(p.max_new_tokens, len(ids), ctx.limits(engine), field="max_new_tokens",
                                      prompt_field="inputs")
+    guide = await compile_guide(engine, spec) if spec is not None else None
     # A seed is drawn here (not in the engine) so that details.seed can tell the client how to reproduce.
     seed = (p.seed if p.seed is not None else random.getrandbits(63)) if sampling else None
     params = make_sampling_params(
         _NAMES, max_new_tokens=max_new, do_sample=sampling,
         temperature=(p.temperature or 1.0) if sampling else 0.0, top_k=p.top_k or 0, top_p=p.top_p or 1.0,
         repetition_penalty=p.repetition_penalty or 1.0, frequency_penalty=p.frequency_penalty or 0.0,
-        seed=seed, stop=list(p.stop), logprobs=top_n, n=best_of)
+        seed=seed, stop=list(p.stop), logprobs=top_n, n=best_of,
+        logits_processor_factory=guide.processor if guide is not None else None)
     return engine, ids, params, seed
 
 
@@ -122,7 +125,7 @@ def _headers(stream: GenerationStream, generated: int) -> dict[str, str]:
 async def generate(ctx: ServerContext, req: GenerateRequest, request: Request, *, wrap_in_list: bool = False
                    ) -> Response:
     """POST /generate (and POST / without ``stream``, whose answer TGI wraps in a list)."""
-    engine, ids, params, seed = _prepare(ctx, req, stream=False)
+    engine, ids, params, seed = await _prepare(ctx, req, stream=False)
     p = req.parameters
     stream = GenerationStream(ctx, engine, "generate")
     try:
@@ -170,7 +173,7 @@ async def generate(ctx: ServerContext, req: GenerateRequest, request: Request, *
 
 async def generate_stream(ctx: ServerContext, req: GenerateRequest, request: Request) -> Response:
     """POST /generate_stream (and POST / with ``stream: true``): one SSE event per token."""
-    engine, ids, params, seed = _prepare(ctx, req, stream=True)
+    engine, ids, params, seed = await _prepare(ctx, req, stream=True)
     stream = GenerationStream(ctx, engine, "generate_stream")
     try:
         stream.submit([ids], params, f"generate-{id(stream):x}-{time.monotonic_ns()}", _NAMES)
@@ -266,10 +269,13 @@ def detokenize_route(ctx: ServerContext, req: DetokenizeRequest) -> DetokenizeRe
 
 
 def chat_tokenize_route(ctx: ServerContext, req: ChatCompletionRequest) -> ChatTokenizeResponse:
-    """POST /chat_tokenize: the templated prompt of a chat request and its tokens (TGI's route)."""
+    """POST /chat_tokenize: the templated prompt of a chat request and its tokens (TGI's route), tools included
+    as /v1/chat/completions would show them."""
     engine = ctx.engine()
+    tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
     text = render_chat(engine.tokenizer, req.messages, chat_template=ctx.chat_template,
                        add_generation_prompt=req.add_generation_prompt,
                        continue_final_message=req.continue_final_message,
+                       tools=tools.template_tools, tool_instructions=tools.instructions(),
                        chat_template_kwargs=req.chat_template_kwargs)
     return ChatTokenizeResponse(tokenize_response=_simple_tokens(engine.tokenizer, text, False), templated_text=text)
