@@ -1,10 +1,19 @@
-"""Linear layers for the decode step: a native kernel for a few rows, BLAS for the rest.
+"""Linear layers: a native kernel for a few rows, oneDNN or BLAS for the rest.
 
 ``linear(x, weight, bias, residual)`` computes ``x @ weight.T (+ bias) (+ residual)``. For float32 CPU inputs
 with at most ``SMALL_GEMM_MAX_ROWS`` rows it calls ``csrc/small_gemm.c``, which streams the weight at close to
-the machine's memory bandwidth (measured on the 2-core AMD EPYC VM: ~36 ms instead of MKL's ~55 ms for one
-SmolLM2-135M token's weights, and 3x faster than MKL at 2 to 16 rows). Larger batches (prefill chunks, big
-decode batches) are compute-bound and go to torch's BLAS. ``TGI_NB_NATIVE_LINEAR=0`` turns the kernel off.
+the machine's memory bandwidth. Larger float32 batches (prefill chunks, big decode batches) are compute-bound
+and go to oneDNN, which torch bundles. Measured on the 2-core AMD EPYC VM, all of SmolLM2-135M's linear layers
+for M rows (benchmarks/bench_linear.py):
+
+    rows   MKL (torch default)   oneDNN     native
+    1        60 ms                 40 ms     33 ms
+    16      121 ms                 90 ms     61 ms
+    64      202 ms                172 ms    167 ms
+    128     312 ms                281 ms    402 ms
+    512    1121 ms               1066 ms   1536 ms
+
+``TGI_NB_NATIVE_LINEAR=0`` turns the native kernel off.
 """
 
 from __future__ import annotations
@@ -22,8 +31,9 @@ from . import native
 
 logger = logging.getLogger(__name__)
 
-# Up to this many rows the native kernel beats MKL on the 2-core EPYC VM (benchmarks/bench_linear.py).
-SMALL_GEMM_MAX_ROWS = 32
+# Up to this many rows the native kernel beats MKL and oneDNN on the 2-core EPYC VM.
+SMALL_GEMM_MAX_ROWS = 64
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _DISABLE_VALUES = {"0", "false", "no", "off"}
 
 _lock = threading.Lock()
@@ -80,6 +90,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
                 residual.data_ptr() if residual is not None else None, out.data_ptr(),
                 rows, weight.shape[0], weight.shape[1], torch.get_num_threads())
         return out
+    if _ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu":
+        out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+        return out if residual is None else out.add_(residual)
     if residual is None:
         return F.linear(x, weight, bias)
     out = torch.addmm(residual, x, weight.t())
