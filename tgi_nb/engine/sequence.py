@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from .detokenizer import IncrementalDetokenizer
-from .outputs import RequestOutput, TokenLogprob
+from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 
@@ -32,7 +32,7 @@ class Sequence:
 
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
                  "block_table", "block_hashes", "status", "generator", "detokenizer", "finish_reason",
-                 "stop_reason", "pending_logprobs", "output_counts", "arrival", "logits_processor")
+                 "stop_reason", "output_counts", "logits_processor")
 
     def __init__(self, request: "Request", index: int, token_ids: list[int],
                  detokenizer: IncrementalDetokenizer, generator: Optional[torch.Generator]):
@@ -49,9 +49,7 @@ class Sequence:
         self.detokenizer = detokenizer
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[str | int] = None
-        self.pending_logprobs: list[TokenLogprob] = []
         self.output_counts: dict[int, int] = {}   # generated token -> count, for OpenAI penalties
-        self.arrival = request.arrival
         params = request.params
         # This sample's own processor when the request has a factory (its state follows these tokens only).
         self.logits_processor = (params.logits_processor_factory() if params.logits_processor_factory
