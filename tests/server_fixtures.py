@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 import httpx
+import pytest
 
 from tgi_nb.engine import EngineConfig, LLMEngine
 from tgi_nb.engine.outputs import CompletionDelta, RequestOutput
@@ -131,3 +132,20 @@ class FailingEngine:
 def client(server: ServerThread, api_key: Optional[str] = None, timeout: float = 60.0) -> httpx.Client:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.Client(base_url=server.url, headers=headers, timeout=timeout)
+
+
+# Module-scoped fixtures shared by the server test modules (import them by name): one tiny random llama
+# and one server per test module, so modules stay independent while their tests share the set-up cost.
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    """A tiny random llama engine for one test module."""
+    engine = make_engine(tiny_model_dir("llama"))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    """A server on a free port in front of the module's ``engine``."""
+    with running_server(engine) as (server, _):
+        yield server

@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from engine_helpers import PROMPTS
 from tgi_nb.engine import EngineConfig, LLMEngine, SamplingParams, ValidationError

@@ -14,6 +14,7 @@ from openai import OpenAI
 from pydantic import BaseModel, Field
 
 from server_fixtures import client, kv_free, make_engine, running_server, sse_events, wait_until
+from server_fixtures import engine, server  # noqa: F401  (module-scoped fixtures)
 from tgi_nb.engine import SamplingParams, ValidationError
 from tgi_nb.engine.guided_decoding import (GrammarCompiler, GrammarError, choice_grammar, json_schema_grammar,
                                            lark_grammar, regex_grammar)
@@ -39,21 +40,8 @@ PHONE = r"\(\d{3}\) \d{3}-\d{4}"
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = make_engine(tiny_model_dir("llama"))
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
 def compiler(engine):
     return GrammarCompiler.for_tokenizer(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with running_server(engine) as (server, _):
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,10 @@ import asyncio
 
 import pytest
 
-from server_fixtures import kv_free, make_engine, running_server, wait_until
+from server_fixtures import kv_free, running_server, wait_until
+from server_fixtures import engine  # noqa: F401  (module-scoped fixtures)
 
 API_KEY = "hf_test_token"
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = make_engine(tiny_model_dir("llama"))
-    yield engine
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")

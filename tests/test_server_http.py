@@ -8,18 +8,11 @@ import threading
 import httpx
 import pytest
 
-from server_fixtures import (BorrowedEngine, FailingEngine, SlowEngine, client, kv_free, make_engine,
-                             running_server, sse_events, wait_until)
+from server_fixtures import (BorrowedEngine, FailingEngine, SlowEngine, client, kv_free, running_server, sse_events, wait_until)
+from server_fixtures import engine  # noqa: F401  (module-scoped fixtures)
 from tgi_nb.server import ServerThread, build_app, ServerSettings
 
 CHAT = {"model": "tgi", "messages": [{"role": "user", "content": "Hi"}]}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = make_engine(tiny_model_dir("llama"))
-    yield engine
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from server_fixtures import make_engine, running_server
+from server_fixtures import running_server
+from server_fixtures import engine  # noqa: F401  (module-scoped fixtures)
 
 NODE_DIR = Path(__file__).parent / "node"
 API_KEY = "node-key"
@@ -36,13 +37,6 @@ def node_modules():
         subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, capture_output=True,
                        timeout=300)
     assert _node_ready()
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = make_engine(tiny_model_dir("llama"))
-    yield engine
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")

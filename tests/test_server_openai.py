@@ -10,23 +10,11 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from server_fixtures import kv_free, make_engine, running_server, wait_until
+from server_fixtures import kv_free, wait_until
+from server_fixtures import engine, server  # noqa: F401  (module-scoped fixtures)
 
 MESSAGES = [{"role": "system", "content": "You are a concise API assistant."},
             {"role": "user", "content": "What is TGI?"}]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = make_engine(tiny_model_dir("llama"))
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with running_server(engine) as (server, _):
-        yield server
 
 
 @pytest.fixture(scope="module")

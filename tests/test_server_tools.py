@@ -11,7 +11,8 @@ import pytest
 from openai import OpenAI
 from pydantic import BaseModel, Field
 
-from server_fixtures import client, kv_free, make_engine, running_server, wait_until
+from server_fixtures import client, kv_free, make_engine, wait_until
+from server_fixtures import server  # noqa: F401  (module-scoped fixtures)
 from tgi_nb.server.chat import render_chat
 from tgi_nb.server.protocol import ChatMessage
 from tgi_nb.server.tools import ToolCallParser, parse_tool_calls, plan_tools
@@ -42,12 +43,6 @@ def engine(tiny_model_dir):
     engine = make_engine(tiny_model_dir("llama"), max_input_tokens=768, max_total_tokens=1024)
     yield engine
     engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with running_server(engine) as (server, _):
-        yield server
 
 
 @pytest.fixture(scope="module")
