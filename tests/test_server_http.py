@@ -8,7 +8,8 @@ import threading
 import httpx
 import pytest
 
-from server_fixtures import (BorrowedEngine, FailingEngine, SlowEngine, client, kv_free, running_server, sse_events, wait_until)
+from server_fixtures import (BorrowedEngine, FailingEngine, SlowEngine, client, kv_free, running_server, sse_events,
+                             wait_until)
 from server_fixtures import engine  # noqa: F401  (module-scoped fixtures)
 from tgi_nb.server import ServerThread, build_app, ServerSettings
 
