@@ -18,7 +18,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -107,29 +106,11 @@ def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> Optional[int
 
 
 def kv_memory_budget(device: str) -> int:
-    """Bytes the engine gives its KV cache when it sizes it itself: 80% of free GPU memory, or on the CPU 15% of
-    the available memory between 1 and 8 GiB. A larger explicit MAX_BATCH_TOTAL_TOKENS is not honoured (as TGI
-    ignores it when it infers the value from memory)."""
-    if device == "cuda":
-        import torch
+    """Bytes the engine will give its KV cache when it sizes it itself (the engine's own default). A larger
+    explicit MAX_BATCH_TOTAL_TOKENS is not honoured (as TGI ignores it when it infers the value from memory)."""
+    from tgi_nb.engine.config import default_kv_cache_memory
 
-        free, _ = torch.cuda.mem_get_info()
-        return int(free * 0.8)
-    available = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if available is None:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            available = 8 << 30
-    return int(min(max(available * 0.15, 1 << 30), 8 << 30))
+    return default_kv_cache_memory(device)
 
 
 def fit_options(opts: dict[str, Any], notes: Notes, *, env: dict[str, str], args: tuple[str, ...]) -> dict[str, Any]:
@@ -332,10 +313,9 @@ class ControlledApp:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
+        from tgi_nb.server.auth import app_path  # lazily, like the other server imports here
+
+        path = app_path(scope)
         if self.control_token and path.startswith(CONTROL_PREFIX):
             await self._control(scope, receive, send, path[len(CONTROL_PREFIX):])
             return

@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 from tgi_nb.models.loader import DEFAULT_MODEL_ID
 
 from .sampling_params import ValidationError
+
+
+def default_kv_cache_memory(device: str = "cpu") -> int:
+    """Bytes the engine gives its KV cache when neither ``kv_cache_memory`` nor ``max_batch_total_tokens`` is
+    set: 80% of free GPU memory on CUDA; on the CPU 15% of the available memory, kept between 1 and 8 GiB.
+
+    Example:
+        >>> 1 << 30 <= default_kv_cache_memory("cpu") <= 8 << 30
+        True
+    """
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * 0.8)
+    available = None
+    try:
+        with open("/proc/meminfo") as f:  # MemAvailable counts reclaimable page cache; free pages alone do not
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 8 << 30
+    return int(min(max(available * 0.15, 1 << 30), 8 << 30))
 
 
 @dataclass(slots=True)

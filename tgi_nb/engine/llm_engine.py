@@ -26,7 +26,7 @@ from typing import AsyncIterator, Callable, Iterator, Optional, Sequence as Seq
 import torch
 
 from .block_manager import BlockManager
-from .config import EngineConfig
+from .config import EngineConfig, default_kv_cache_memory
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .outputs import (CompletionDelta, GenerationResult, RequestOutput, ResultAccumulator, TokenLogprob,
@@ -67,17 +67,6 @@ def default_num_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-def _default_kv_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.8)
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        available = 8 << 30
-    return int(min(max(available * 0.15, 1 << 30), 8 << 30))
 
 
 def _eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
@@ -139,7 +128,7 @@ class LLMEngine:
         if config.max_batch_total_tokens:
             capacity = config.max_batch_total_tokens
         else:
-            budget_tokens = (config.kv_cache_memory or _default_kv_memory(device)) // kv_per_token
+            budget_tokens = (config.kv_cache_memory or default_kv_cache_memory(device.type)) // kv_per_token
             wanted = config.max_num_seqs * (config.max_total_tokens or max_model_len)
             capacity = min(budget_tokens, wanted)
         num_blocks = max(1, capacity // config.block_size)

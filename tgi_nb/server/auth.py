@@ -12,6 +12,19 @@ from .errors import Unauthorized
 PUBLIC_PATHS = frozenset({"/health"})
 
 
+def app_path(scope: Scope) -> str:
+    """The request's path inside the app: without the ``root_path`` a proxy mounted it under.
+
+    Example:
+        >>> app_path({"path": "/user/a/proxy/8080/health", "root_path": "/user/a/proxy/8080"})
+        '/health'
+    """
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
 def check_bearer(authorization: str | None, api_key: str) -> None:
     """Raise :class:`Unauthorized` unless ``authorization`` is ``Bearer <api_key>``.
 
@@ -45,10 +58,7 @@ class APIKeyMiddleware:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":  # CORS preflights carry no credentials
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
+        path = app_path(scope)
         if path in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
