@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from tgi_nb.models import attention
+from tgi_nb.models import attention, native
 from tgi_nb.models.attention import (
     native_kernel_available,
     paged_decode_attention,
@@ -206,10 +206,15 @@ def test_forced_fallback_env_var(monkeypatch):
     torch.testing.assert_close(out.double(), reference64(q, k, v, tables, lens, 0.125), rtol=1e-5, atol=1e-5)
 
 
+def fresh_kernel(monkeypatch):
+    """Give the test a kernel loader that has not built anything yet (the module's own is left as it was)."""
+    kernel = native.NativeFunction(attention._KERNEL.library, attention._KERNEL.symbol, attention._KERNEL.argtypes)
+    monkeypatch.setattr(attention, "_KERNEL", kernel)
+
+
 def test_no_compiler_warns_once_and_falls_back(monkeypatch, caplog):
-    monkeypatch.setattr(attention, "_kernel", None)
-    monkeypatch.setattr(attention, "_build_failed", False)
-    monkeypatch.setattr(attention, "_find_compiler", lambda: None)
+    fresh_kernel(monkeypatch)
+    monkeypatch.setattr(native, "find_compiler", lambda: None)
     q, k, v, tables, lens = make_case([5, 40])
     with caplog.at_level(logging.WARNING, logger=attention.__name__):
         first = paged_decode_attention(q, k, v, tables, lens, 0.125)
@@ -221,9 +226,8 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch, caplog):
 
 def test_broken_build_warns_and_falls_back(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("TGI_NB_CACHE", str(tmp_path))
-    monkeypatch.setattr(attention, "_kernel", None)
-    monkeypatch.setattr(attention, "_build_failed", False)
-    monkeypatch.setattr(attention, "_find_compiler", lambda: "/bin/false")
+    fresh_kernel(monkeypatch)
+    monkeypatch.setattr(native, "find_compiler", lambda: "/bin/false")
     with caplog.at_level(logging.WARNING, logger=attention.__name__):
         assert not native_kernel_available()
     assert any("could not build" in r.getMessage() for r in caplog.records)
@@ -233,8 +237,7 @@ def test_broken_build_warns_and_falls_back(monkeypatch, tmp_path, caplog):
 @needs_native
 def test_build_into_fresh_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TGI_NB_CACHE", str(tmp_path))
-    monkeypatch.setattr(attention, "_kernel", None)
-    monkeypatch.setattr(attention, "_build_failed", False)
+    fresh_kernel(monkeypatch)
     assert native_kernel_available()
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].name.startswith("paged_attention_") and built[0].suffix == ".so"

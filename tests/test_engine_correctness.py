@@ -98,12 +98,14 @@ def test_tiny_preemption_with_tiny_kv_budget(tiny64):
         assert stats.kv_blocks_used == 0
 
 
-def test_tiny_float32_native_attention_matches(tiny_model_dir):
-    """float32 goes through the native decode kernel; compare where the margin is clear."""
-    path = tiny_model_dir("llama")
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_tiny_float32_native_kernels_match(tiny_model_dir, arch):
+    """float32 goes through the native kernels (linear with fused norm and silu, RoPE + KV write with
+    qwen2's q|k|v bias and qwen3's q/k norm, decode attention); compare where the margin is clear."""
+    path = tiny_model_dir(arch)
     ref = TransformersReference(path, torch.float32)
     with _engine(path) as engine:
-        _check_batch(engine, ref, PROMPTS, [16] * 16, "llama fp32", clear_margin=1e-3)
+        _check_batch(engine, ref, PROMPTS, [16] * 16, f"{arch} fp32", clear_margin=1e-3)
 
 
 def test_logprobs_match_transformers(tiny_model_dir):

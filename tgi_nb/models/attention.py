@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from typing import Optional
 
 import torch
@@ -44,48 +43,14 @@ _TORCH_CHUNK_BYTES = 4 << 20
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5; before it K/V are expanded per head.
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
-_lock = threading.Lock()
-_kernel = None  # the loaded C function, once built
-_build_failed = False
+_KERNEL = native.NativeFunction(
+    "paged_attention", _SYMBOL,
+    [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] + [ctypes.c_int64] * 3)
 
 
 def _native_enabled() -> bool:
     # Read on every call so a test or a notebook can flip it without re-importing.
     return os.environ.get("TGI_NB_NATIVE_ATTENTION", "1").strip().lower() not in _DISABLE_VALUES
-
-
-_find_compiler = native.find_compiler
-
-
-def _load():
-    """The native kernel as a ctypes function, building it on first use; None when it cannot be had."""
-    global _kernel, _build_failed
-    if _kernel is not None or _build_failed:
-        return _kernel
-    with _lock:
-        if _kernel is not None or _build_failed:
-            return _kernel
-        compiler = _find_compiler()
-        if compiler is None:
-            logger.warning("no C compiler (cc, gcc, clang or $CC) found; paged attention uses the torch path")
-            _build_failed = True
-            return None
-        try:
-            path = native.compile_library(compiler, "paged_attention")
-            if path is None:
-                _build_failed = True
-                return None
-            # CDLL (not PyDLL) releases the GIL during the call, so other Python threads (the server) run meanwhile.
-            lib = ctypes.CDLL(str(path))
-            fn = getattr(lib, _SYMBOL)
-        except (OSError, AttributeError) as exc:
-            logger.warning("could not build or load the native attention kernel (%s); using the torch path", exc)
-            _build_failed = True
-            return None
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] + [ctypes.c_int64] * 3
-        _kernel = fn
-        return _kernel
 
 
 def native_kernel_available() -> bool:
@@ -99,7 +64,7 @@ def native_kernel_available() -> bool:
         >>> isinstance(native_kernel_available(), bool)
         True
     """
-    return _native_enabled() and _load() is not None
+    return _native_enabled() and _KERNEL.get() is not None
 
 
 def _check_args(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
@@ -173,7 +138,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         and (out is None or out.is_contiguous())
         and _native_enabled()
     ):
-        kernel = _load()
+        kernel = _KERNEL.get()
         if kernel is not None:
             return _native(kernel, q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, out)
     result = _torch_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)

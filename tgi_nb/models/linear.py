@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from typing import Optional
 
 import torch
@@ -31,69 +30,74 @@ from . import native
 
 logger = logging.getLogger(__name__)
 
-# Up to this many rows the native kernel beats MKL and oneDNN on the 2-core EPYC VM.
+# Up to this many rows the native kernel beats MKL and oneDNN on the 2-core EPYC VM (also the most rows the
+# kernel's fused silu_mul takes).
 SMALL_GEMM_MAX_ROWS = 64
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _DISABLE_VALUES = {"0", "false", "no", "off"}
 
-_lock = threading.Lock()
-_kernel = None
-_build_failed = False
-
-
-def _load():
-    global _kernel, _build_failed
-    if _kernel is not None or _build_failed:
-        return _kernel
-    with _lock:
-        if _kernel is not None or _build_failed:
-            return _kernel
-        compiler = native.find_compiler()
-        path = native.compile_library(compiler, "small_gemm", ["-fopenmp"]) if compiler else None
-        if path is None:
-            _build_failed = True
-            return None
-        try:
-            fn = ctypes.CDLL(str(path)).tgi_nb_small_gemm
-        except (OSError, AttributeError) as exc:
-            logger.warning("could not load the native linear kernel (%s); using torch's BLAS", exc)
-            _build_failed = True
-            return None
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
-        _kernel = fn
-        return _kernel
+_GEMM = native.NativeFunction(
+    "small_gemm", "tgi_nb_small_gemm",
+    [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
+    extra_flags=["-fopenmp"])
 
 
 def native_linear_available() -> bool:
     """Whether float32 CPU products with few rows run on the native kernel (building it on first call)."""
-    return os.environ.get("TGI_NB_NATIVE_LINEAR", "1").strip().lower() not in _DISABLE_VALUES and _load() is not None
+    return os.environ.get("TGI_NB_NATIVE_LINEAR", "1").strip().lower() not in _DISABLE_VALUES and _GEMM.get() is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+           residual: Optional[torch.Tensor] = None, *, norm: Optional[tuple[torch.Tensor, float]] = None,
+           silu_mul: bool = False) -> torch.Tensor:
     """``x @ weight.T + bias + residual`` for a 2-D ``x``; ``bias`` and ``residual`` are optional.
+
+    Two fusions a transformer layer wants, done inside the native kernel (and by torch ops otherwise):
+    - ``norm=(norm_weight, eps)``: RMS-normalize ``x`` first, as ``F.rms_norm(x, ..., norm_weight, eps)``;
+    - ``silu_mul=True``: ``weight`` is a fused ``[gate; up]`` projection of ``2 * I`` rows and the result is
+      ``silu(x @ gate.T) * (x @ up.T)``, ``[rows, I]`` (no ``residual``).
 
     Example:
         >>> x, w, r = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 4)
         >>> torch.allclose(linear(x, w, residual=r), x @ w.T + r, atol=1e-5)
         True
+        >>> g = torch.ones(8)
+        >>> ref = F.rms_norm(x, (8,), g, 1e-6) @ w.T
+        >>> gate, up = ref.chunk(2, dim=-1)
+        >>> torch.allclose(linear(x, w, norm=(g, 1e-6), silu_mul=True), F.silu(gate) * up, atol=1e-5)
+        True
     """
+    if silu_mul and residual is not None:
+        raise ValueError("linear(silu_mul=True) takes no residual")
     rows = x.shape[0]
     if (0 < rows <= SMALL_GEMM_MAX_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.device.type == "cpu" and native_linear_available()):
         x = x.contiguous()
-        out = torch.empty(rows, weight.shape[0], dtype=x.dtype)
+        out_features = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+        out = torch.empty(rows, out_features, dtype=x.dtype)
         if residual is not None:
             residual = residual.contiguous()
-        _kernel(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
-                residual.data_ptr() if residual is not None else None, out.data_ptr(),
-                rows, weight.shape[0], weight.shape[1], torch.get_num_threads())
+        norm_weight, eps = norm if norm is not None else (None, 0.0)
+        rc = _GEMM.get()(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+                         residual.data_ptr() if residual is not None else None, out.data_ptr(),
+                         rows, weight.shape[0], weight.shape[1], torch.get_num_threads(),
+                         norm_weight.data_ptr() if norm_weight is not None else None, eps, int(silu_mul))
+        if rc == 1:
+            raise MemoryError("the native linear kernel could not allocate its scratch buffer")
+        if rc:
+            raise ValueError(f"the native linear kernel refused rows={rows}, weight {tuple(weight.shape)}")
         return out
+    if norm is not None:
+        x = F.rms_norm(x, (x.shape[-1],), norm[0], norm[1])
     if _ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu":
         out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-        return out if residual is None else out.add_(residual)
-    if residual is None:
-        return F.linear(x, weight, bias)
-    out = torch.addmm(residual, x, weight.t())
-    return out if bias is None else out.add_(bias)
+        out = out if residual is None else out.add_(residual)
+    elif residual is None:
+        out = F.linear(x, weight, bias)
+    else:
+        out = torch.addmm(residual, x, weight.t())
+        out = out if bias is None else out.add_(bias)
+    if silu_mul:
+        gate, up = out.chunk(2, dim=-1)
+        out = F.silu(gate) * up
+    return out

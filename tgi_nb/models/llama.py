@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from .attention import paged_decode_attention
 from .linear import linear
+from .rope import rope_and_write_kv
 
 logger = logging.getLogger("tgi_nb")
 
@@ -211,46 +212,33 @@ class LlamaModel:
         samples this step)."""
         s = self.spec
         num_tokens = input_ids.shape[0]
-        h_dim, nh, nkv, d = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim
-        q_size, kv_size = nh * d, nkv * d
-        scale = d ** -0.5
+        eps = s.rms_norm_eps
         self._ensure_rope(int(positions.max()) + 1)
-        cos = self._cos[positions].unsqueeze(1)
-        sin = self._sin[positions].unsqueeze(1)
-        half = d // 2
 
+        # Per layer: RMSNorm fused into the q|k|v product, RoPE + KV-cache write in one call, attention, the
+        # o product adding the residual, RMSNorm fused into gate|up with silu(gate) * up as its epilogue, the
+        # down product adding the residual. On CPU float32 each of these is one native call.
         x = self.embed[input_ids]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            h = F.rms_norm(x, (h_dim,), layer["input_norm"], s.rms_norm_eps)
-            qkv = linear(h, layer["qkv"], layer["qkv_bias"])
-            # q and k get RoPE together: one [T, nh + nkv, d] view of the fused projection.
-            qk = qkv[:, : q_size + kv_size].view(num_tokens, nh + nkv, d)
-            v = qkv[:, q_size + kv_size:].view(num_tokens, nkv, d)
-            if s.qk_norm:
-                qk = torch.cat([F.rms_norm(qk[:, :nh], (d,), layer["q_norm"], s.rms_norm_eps),
-                                F.rms_norm(qk[:, nh:], (d,), layer["k_norm"], s.rms_norm_eps)], dim=1)
-            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-            qk = qk * cos + rotated * sin
-            q, k = qk[:, :nh], qk[:, nh:]
-            attn = attend(q, k, v, k_cache, v_cache, batch, scale, s.sliding_window)
-            x = linear(attn.view(num_tokens, q_size), layer["o"], residual=x)
-            h = F.rms_norm(x, (h_dim,), layer["post_norm"], s.rms_norm_eps)
-            gate_up = linear(h, layer["gate_up"])
-            gate, up = gate_up.chunk(2, dim=-1)
-            x = linear(F.silu(gate) * up, layer["down"], residual=x)
-
-        x = F.rms_norm(x[logits_indices], (h_dim,), self.norm, s.rms_norm_eps)
-        return linear(x, self.lm_head).float()
+            qkv = linear(x, layer["qkv"], layer["qkv_bias"], norm=(layer["input_norm"], eps))
+            q, k, v = rope_and_write_kv(qkv, positions, self._cos, self._sin, k_cache, v_cache, batch.slot_mapping,
+                                        s.num_heads, layer["q_norm"], layer["k_norm"], eps)
+            attn = attend(q, k, v, k_cache, v_cache, batch, s.head_dim ** -0.5, s.sliding_window, write_kv=False)
+            x = linear(attn.view(num_tokens, -1), layer["o"], residual=x)
+            mlp = linear(x, layer["gate_up"], norm=(layer["post_norm"], eps), silu_mul=True)
+            x = linear(mlp, layer["down"], residual=x)
+        return linear(x[logits_indices], self.lm_head, norm=(self.norm, eps)).float()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           batch: AttentionBatch, scale: float, sliding_window: int = 0) -> torch.Tensor:
-    """Write the step's keys and values ([T, kv_heads, d]) into the paged cache, then attend: decode
-    tokens through the paged decode kernel, prefill chunks causally over their cached prefix.
-    Returns [T, heads, d]."""
+           batch: AttentionBatch, scale: float, sliding_window: int = 0, write_kv: bool = True) -> torch.Tensor:
+    """Write the step's keys and values ([T, kv_heads, d]) into the paged cache (unless ``write_kv`` is
+    False: already written), then attend: decode tokens through the paged decode kernel, prefill chunks
+    causally over their cached prefix. Returns [T, heads, d]."""
     num_tokens, nkv, d = k.shape
-    k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k)
-    v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v)
+    if write_kv:
+        k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k)
+        v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v)
     out = torch.empty(num_tokens, q.shape[1], d, dtype=q.dtype, device=q.device)
     nd = batch.num_decodes
     if nd:

@@ -8,6 +8,7 @@ back to torch when no compiler is found or the build fails.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -15,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -104,3 +106,56 @@ def compile_library(compiler: str, name: str, extra_flags: Sequence[str] = ()) -
                     os.unlink(path)
     logger.warning("could not build the native %s kernel; using the torch path:\n%s", name, "\n".join(errors))
     return None
+
+
+class NativeFunction:
+    """One C function of ``csrc/<library>.c``, compiled (or found in the cache) and loaded on first use.
+
+    ``get()`` returns the ctypes function, or None, with one warning, when there is no compiler or the build
+    or load fails; callers then take their torch path. Loaded with ``ctypes.CDLL`` (not PyDLL), so the GIL is
+    released for the duration of each call and the server's threads run meanwhile.
+
+    Example:
+        >>> import ctypes
+        >>> gemm = NativeFunction("small_gemm", "tgi_nb_small_gemm", [ctypes.c_void_p] * 5, ["-fopenmp"])
+        >>> fn = gemm.get()             # builds once per machine; None without a C compiler
+        >>> fn is None or callable(fn)
+        True
+    """
+
+    def __init__(self, library: str, symbol: str, argtypes: Sequence, extra_flags: Sequence[str] = (),
+                 restype=ctypes.c_int):
+        self.library, self.symbol = library, symbol
+        self.argtypes, self.restype, self.extra_flags = list(argtypes), restype, list(extra_flags)
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the loaded function (or the failure), so that the next ``get()`` builds again."""
+        self._function = None
+        self._failed = False
+
+    def get(self):
+        if self._function is not None or self._failed:
+            return self._function
+        with self._lock:
+            if self._function is None and not self._failed:
+                self._function = self._build()
+                self._failed = self._function is None
+        return self._function
+
+    def _build(self):
+        compiler = find_compiler()
+        if compiler is None:
+            logger.warning("no C compiler (cc, gcc, clang or $CC) found; %s uses the torch path", self.symbol)
+            return None
+        path = compile_library(compiler, self.library, self.extra_flags)
+        if path is None:
+            return None
+        try:
+            function = getattr(ctypes.CDLL(str(path)), self.symbol)
+        except (OSError, AttributeError) as exc:
+            logger.warning("could not load %s from %s (%s); using the torch path", self.symbol, path, exc)
+            return None
+        function.restype, function.argtypes = self.restype, self.argtypes
+        return function

@@ -8,7 +8,9 @@
    Threads come from OpenMP: the library links libgomp.so.1, which resolves to the copy torch has already
    loaded, so the kernel shares torch's thread pool instead of competing with it. Each output element is
    computed by one thread in a fixed order, so results do not depend on the thread count. */
+#include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 static inline void store(float *y, const float *res, const float *bias, int ldy, int m, int n, float v) {
     if (bias) v += bias[n];
@@ -52,15 +54,67 @@ static void block1(const float *restrict w, const float *restrict x, int M, int 
         store(y, res, bias, ldy, m, n, a);
     }
 }
-/* x: [M, K], w: [N, K], bias: [N] or NULL, res: [M, N] or NULL (may alias y), y: [M, N]; all contiguous. */
-int tgi_nb_small_gemm(const float *x, const float *w, const float *bias, const float *res, float *y,
-                      int M, int N, int K, int nthreads) {
-    int chunks = (N + 63) / 64;
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int c = 0; c < chunks; c++) {
-        int n = c * 64, n1 = n + 64 < N ? n + 64 : N;
-        for (; n + 4 <= n1; n += 4) block4(w + (size_t)n * K, x, M, K, N, n, y, bias, res);
-        for (; n < n1; n++) block1(w + (size_t)n * K, x, M, K, N, n, y, bias, res);
+static void columns(const float *w, const float *x, int M, int K, int ldy, int n, int n1, float *y,
+                    const float *bias, const float *res) {
+    for (; n + 4 <= n1; n += 4) block4(w + (size_t)n * K, x, M, K, ldy, n, y, bias, res);
+    for (; n < n1; n++) block1(w + (size_t)n * K, x, M, K, ldy, n, y, bias, res);
+}
+
+/* RMSNorm of each row of x into xn, as transformers' LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) * weight. */
+static void rms_norm_rows(const float *x, const float *weight, float eps, int M, int K, float *xn) {
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (size_t)m * K;
+        float *out = xn + (size_t)m * K;
+        float sum = 0;
+        for (int k = 0; k < K; k++) sum += xr[k] * xr[k];
+        const float r = 1.0f / sqrtf(sum / K + eps);
+        for (int k = 0; k < K; k++) out[k] = weight[k] * (xr[k] * r);
     }
+}
+
+#define SILU_CHUNK 64
+#define SILU_MAX_ROWS 64
+
+/* y = x @ w^T (+ bias) (+ residual), with two optional fusions that save a pass of torch ops per layer:
+   - norm_weight != NULL: x is first RMS-normalized row by row (weight norm_weight, epsilon eps);
+   - silu_mul != 0: w is a fused [gate; up] weight of N = 2 * I rows and y is [M, I] =
+     silu(x @ gate^T) * (x @ up^T) (bias, if any, is [N]; residual must be NULL; M <= 64).
+   x: [M, K], w: [N, K], bias: [N] or NULL, res: [M, N] or NULL (may alias y), y: [M, N]; all contiguous.
+   Returns 0, 1 when out of memory, 2 for arguments outside what is supported. */
+int tgi_nb_small_gemm(const float *x, const float *w, const float *bias, const float *res, float *y,
+                      int M, int N, int K, int nthreads, const float *norm_weight, float eps, int silu_mul) {
+    if (silu_mul && (res || M > SILU_MAX_ROWS || N % 2)) return 2;
+    float *xn = NULL;
+    if (norm_weight) {
+        xn = malloc(sizeof(float) * (size_t)M * K);
+        if (!xn) return 1;
+        rms_norm_rows(x, norm_weight, eps, M, K, xn);
+        x = xn;
+    }
+    if (!silu_mul) {
+        int chunks = (N + 63) / 64;
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int c = 0; c < chunks; c++) {
+            int n = c * 64, n1 = n + 64 < N ? n + 64 : N;
+            columns(w, x, M, K, N, n, n1, y, bias, res);
+        }
+    } else {
+        /* Output column j needs gate row j and up row I + j: a chunk computes both for SILU_CHUNK columns into
+           its own scratch, then combines them. */
+        const int I = N / 2, chunks = (I + SILU_CHUNK - 1) / SILU_CHUNK;
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int c = 0; c < chunks; c++) {
+            float gate[SILU_MAX_ROWS * SILU_CHUNK], up[SILU_MAX_ROWS * SILU_CHUNK];
+            const int n0 = c * SILU_CHUNK, width = I - n0 < SILU_CHUNK ? I - n0 : SILU_CHUNK;
+            columns(w + (size_t)n0 * K, x, M, K, SILU_CHUNK, 0, width, gate, bias ? bias + n0 : NULL, NULL);
+            columns(w + (size_t)(I + n0) * K, x, M, K, SILU_CHUNK, 0, width, up, bias ? bias + I + n0 : NULL, NULL);
+            for (int m = 0; m < M; m++)
+                for (int j = 0; j < width; j++) {
+                    const float g = gate[m * SILU_CHUNK + j];
+                    y[(size_t)m * I + n0 + j] = g / (1.0f + expf(-g)) * up[m * SILU_CHUNK + j];
+                }
+        }
+    }
+    free(xn);
     return 0;
 }
