@@ -610,7 +610,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--padded-batch-size", type=int, default=16)
     parser.add_argument("--cb-attn", default="sdpa",
                         help="attn_implementation for transformers' continuous batching (sdpa, paged|eager, ...)")
-    parser.add_argument("--decode-repeats", type=int, default=2)
+    parser.add_argument("--decode-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads for every system "
                                                                   "(default: one per core)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)

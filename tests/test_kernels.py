@@ -143,3 +143,18 @@ def test_rope_env_switch_takes_the_torch_path(monkeypatch):
     q, _, _ = rope_and_write_kv(qkv, positions, cos, sin, k_cache, v_cache, slots, 6)
     assert torch.equal(qkv, original)  # the torch path leaves its input alone
     assert q.shape == (5, 6, 16)
+
+
+def test_weight_arena_packs_aligned_tensors_and_falls_back_when_full():
+    from tgi_nb.models.llama import WeightArena
+
+    sizes = [(3, 5), (7,), (2, 2)]
+    arena = WeightArena(sum(WeightArena.nbytes(s, torch.float32) for s in sizes[:2]))
+    first, second, overflow = (arena.empty(s, torch.float32) for s in sizes)
+    assert first.data_ptr() % WeightArena.ALIGN == 0 and second.data_ptr() % WeightArena.ALIGN == 0
+    assert second.data_ptr() - first.data_ptr() == WeightArena.nbytes((3, 5), torch.float32)
+    first.fill_(1.0)
+    second.fill_(2.0)
+    assert first.sum().item() == 15 and second.sum().item() == 14  # no overlap
+    overflow.fill_(3.0)  # a torch allocation outside the arena, still usable
+    assert overflow.shape == (2, 2) and overflow.sum().item() == 12

@@ -125,11 +125,12 @@ class AttentionBatch:
 
 class WeightArena:
     """One anonymous memory mapping that holds all of a model's CPU weights, with transparent huge pages
-    requested for it (``madvise(MADV_HUGEPAGE)``; Linux's default THP mode only grants them on request).
+    requested for it (``madvise(MADV_HUGEPAGE)``: with THP in ``madvise`` mode, as on this project's VM, they are
+    only granted on request).
 
     A decode step streams every weight once; over 2 MiB pages instead of 4 KiB ones the TLB stops missing
     every few rows. Measured on the 2-core EPYC VM: a streaming read at 2 threads went from 20.1 to 22.3 GB/s,
-    and the SmolLM2 forward at one token from 38.1 to 35.5 ms (best of 15, A/B in one process). Where huge
+    the SmolLM2 forward at one token 3-7% faster at the median (benchmarks/bench_decode_step.py). Where huge
     pages are not available the mapping works as ordinary memory; past its size ``empty`` falls back to
     ``torch.empty``.
 
