@@ -127,6 +127,31 @@ def test_logprobs_match_transformers(tiny_model_dir):
                 assert t.token == engine.tokenizer.decode([t.token_id])
 
 
+def test_prompt_logprobs_match_transformers(tiny_model_dir):
+    """Every prompt token after the first is scored as transformers scores it, also when the prompt is
+    prefilled in chunks and when the same prompt already sits in the prefix cache."""
+    path = tiny_model_dir("llama", dtype=torch.float64)
+    ref = TransformersReference(path, torch.float64)
+    with _engine(path, dtype="float64", max_batch_prefill_tokens=16, block_size=8) as engine:
+        ids = engine.tokenize(PROMPTS[5] + " " + PROMPTS[6])
+        assert len(ids) > 16  # more than one prefill chunk
+        with torch.inference_mode():
+            expected = torch.log_softmax(ref.model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        engine.generate_sync(ids, SamplingParams(max_new_tokens=2, **GREEDY))  # now in the prefix cache
+        result = engine.generate_sync(ids, SamplingParams(max_new_tokens=2, prompt_logprobs=3, **GREEDY))
+        scored = result.prompt_logprobs
+        assert len(scored) == len(ids) and scored[0] is None
+        for position in range(1, len(ids)):
+            entry, row = scored[position], expected[position - 1]
+            assert entry.token_id == ids[position]
+            assert entry.logprob == pytest.approx(float(row[ids[position]]), abs=1e-4)
+            assert [t.token_id for t in entry.top] == torch.topk(row, 3).indices.tolist()
+        assert result.num_cached_tokens == 0  # computed, not taken from the cache
+        assert engine.stats().kv_blocks_used == 0
+        plain = engine.generate_sync(ids, SamplingParams(max_new_tokens=2, **GREEDY))
+        assert plain.prompt_logprobs is None and plain.outputs[0].token_ids == result.outputs[0].token_ids
+
+
 @pytest.mark.parametrize("setup", ["single", "batch16"])
 def test_smollm2_greedy_matches_transformers(smollm2_dir, setup):
     """The real model in float32: identical tokens wherever transformers' top-2 margin is clear."""

@@ -215,7 +215,8 @@ def test_validation_errors_name_the_field(engine):
         SamplingParams(top_p=1.5)
     assert e.value.field == "top_p" and "(0, 1]" in str(e.value)
     for kwargs, field in [(dict(temperature=-0.1), "temperature"), (dict(max_new_tokens=0), "max_new_tokens"),
-                          (dict(logprobs=21), "logprobs"), (dict(n=0), "n"), (dict(top_k=-1), "top_k"),
+                          (dict(logprobs=21), "logprobs"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
+                          (dict(n=0), "n"), (dict(top_k=-1), "top_k"),
                           (dict(frequency_penalty=3), "frequency_penalty"), (dict(logit_bias={1: 500}), "logit_bias")]:
         with pytest.raises(ValidationError) as e:
             SamplingParams(**kwargs)

@@ -54,4 +54,11 @@ def test_greedy_matches_transformers_batched_and_chunked(tiny_other):
         for ids, result in zip(prompts, results):
             tokens, margins, _ = ref.greedy(ids, 12)
             assert_same_greedy(result.outputs[0].token_ids, tokens, margins, label=arch)
+        # prompt log-probabilities through transformers' model (logits of every prompt row, over 2 chunks)
+        ids = prompts[0] + prompts[1]
+        scored = engine.generate_sync(ids, SamplingParams(max_new_tokens=1, prompt_logprobs=0)).prompt_logprobs
+        with torch.inference_mode():
+            expected = torch.log_softmax(ref.model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        assert [lp.logprob for lp in scored[1:]] == pytest.approx(
+            [float(expected[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-4)
         assert engine.stats().kv_blocks_used == 0

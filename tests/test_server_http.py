@@ -328,6 +328,9 @@ def test_generate_details(http, engine):
     details = body["details"]
     assert details["finish_reason"] == "length" and details["generated_tokens"] == 3 and details["seed"] is None
     assert [t["id"] for t in details["prefill"]] == engine.tokenizer.encode("Hello world")
+    # as TGI: the first prompt token has no log-probability, the others are scored
+    assert details["prefill"][0]["logprob"] is None
+    assert all(isinstance(t["logprob"], float) and t["logprob"] <= 0 for t in details["prefill"][1:])
     assert "".join(t["text"] for t in details["tokens"]) == body["generated_text"]
     assert all(len(top) == 2 for top in details["top_tokens"])
     assert details["tokens"][0]["id"] == details["top_tokens"][0][0]["id"]  # greedy: the top token is chosen

@@ -11,6 +11,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from server_fixtures import kv_free, wait_until
+from tgi_nb.engine import SamplingParams
 from server_fixtures import engine, server  # noqa: F401  (module-scoped fixtures)
 
 MESSAGES = [{"role": "system", "content": "You are a concise API assistant."},
@@ -164,6 +165,31 @@ def test_completions_stream_echo_and_usage(client):
     assert text == full.choices[0].text and text.startswith("Hello")
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
     assert len({c.id for c in chunks}) == 1
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt(client, engine):
+    """What lm-evaluation-harness's loglikelihood sends: echo + logprobs; the prompt's tokens come back scored
+    (the first with nulls), then the generated ones, in one logprobs object; streamed the same."""
+    prompt = "The capital of France is Paris"
+    ids = engine.tokenizer.encode(prompt)
+    kwargs = dict(model="tgi", prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=1)
+    choice = client.completions.create(**kwargs).choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 2 and choice.text.startswith(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(v, float) and v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    expected = engine.generate_sync(ids, SamplingParams(max_new_tokens=1, temperature=0, prompt_logprobs=1))
+    for position in range(1, len(ids)):
+        assert lp.token_logprobs[position] == pytest.approx(expected.prompt_logprobs[position].logprob, abs=1e-4)
+        assert len(lp.top_logprobs[position]) == 1
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for part in streamed for t in part.tokens] == lp.tokens
+    streamed_values = [v for part in streamed for v in part.token_logprobs]
+    assert streamed_values[0] is None
+    assert streamed_values[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
 
 
 def test_best_of_returns_the_most_likely(client):

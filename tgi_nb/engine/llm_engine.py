@@ -28,7 +28,7 @@ import torch
 from .block_manager import BlockManager
 from .config import EngineConfig, default_kv_cache_memory
 from .detokenizer import IncrementalDetokenizer
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, PromptRows
 from .outputs import (CompletionDelta, GenerationResult, RequestOutput, ResultAccumulator, TokenLogprob,
                       TopLogprob)
 from .sampler import SampledToken, sample
@@ -370,7 +370,9 @@ class LLMEngine:
                 seq.request.first_scheduled = now
                 self._prefix_hit_tokens += seq.num_computed_tokens
         self.runner.copy_blocks(step.block_copies)
-        logits, sampling = self.runner.run(step)
+        logits, sampling, prompt_rows = self.runner.run(step)
+        for rows in prompt_rows:
+            self._score_prompt(rows)
         self._num_steps += 1
         self._last_batch_size = len(step.decodes) + len(step.prefills)
         self._generated_tokens_total += len(step.decodes)
@@ -410,7 +412,23 @@ class LLMEngine:
             if finished:
                 del self._requests[request_id]
             self._emit(request, RequestOutput(request_id, request.prompt_token_ids, request_deltas, finished,
-                                              request.num_cached_tokens, queue_time=queue_time))
+                                              request.num_cached_tokens, queue_time=queue_time,
+                                              prompt_logprobs=request.prompt_logprobs if queue_time is not None
+                                              else None))
+
+    def _score_prompt(self, rows: PromptRows) -> None:
+        """Log-probability (and top alternatives) of each prompt token the chunk's rows predict."""
+        request = rows.seq.request
+        k = request.params.prompt_logprobs
+        logprobs = torch.log_softmax(rows.logits.float(), dim=-1)
+        targets = torch.tensor([request.prompt_token_ids[p + 1] for p in rows.positions], dtype=torch.long)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        top_values, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+        for i, position in enumerate(rows.positions):
+            token_id = int(targets[i])
+            top = [TopLogprob(int(t), self._token_text(int(t)), float(v))
+                   for v, t in zip(top_values[i].tolist(), top_ids[i].tolist())] if k else []
+            request.prompt_logprobs[position + 1] = TokenLogprob(token_id, self._token_text(token_id), chosen[i], top)
 
     def _append(self, seq: Sequence, token: SampledToken) -> CompletionDelta:
         """Add a sampled token to a sequence, detokenize, check every stop condition."""

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from tgi_nb.models.llama import AttentionBatch
 
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
+
+
+@dataclass
+class PromptRows:
+    """Logits of one prefill chunk's rows that score prompt tokens: ``logits[i]`` (after ``run``) is the
+    distribution of prompt token ``positions[i] + 1``."""
+
+    seq: Sequence
+    positions: list[int]
+    first: int                              # index of the first row among the forward's logits rows
+    logits: Optional[torch.Tensor] = None
 
 
 class ModelRunner:
@@ -43,9 +57,11 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def run(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
+    def run(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence], list[PromptRows]]:
         """Compute the step's tokens; return logits (float32, one row per sequence that samples now:
-        decodes and prefills whose chunk reaches the end of their tokens) and those sequences."""
+        decodes and prefills whose chunk reaches the end of their tokens), those sequences, and for
+        prefill chunks of requests that asked for prompt log-probabilities, the logits that score the
+        chunk's next prompt tokens."""
         device = self.model.device
         input_ids: list[int] = []
         positions: list[int] = []
@@ -69,6 +85,8 @@ class ModelRunner:
                                        dtype=torch.int32, device=device)
 
         prefills = []
+        # (seq, positions whose row scores the next prompt token, those rows in the packed batch)
+        prompt_positions: list[tuple[Sequence, list[int], list[int]]] = []
         for seq, n in step.prefills:
             start, cached = len(input_ids), seq.num_computed_tokens
             input_ids.extend(seq.token_ids[cached:cached + n])
@@ -76,6 +94,10 @@ class ModelRunner:
             slots.extend(self._slots(seq, cached, cached + n))
             table = torch.tensor(seq.block_table, dtype=torch.long, device=device) if cached else None
             prefills.append((start, n, cached, table))
+            if seq.request.prompt_logprobs is not None and seq.num_output_tokens == 0:
+                # row of position p scores prompt token p + 1
+                last = min(cached + n, len(seq.request.prompt_token_ids) - 1)
+                prompt_positions.append((seq, list(range(cached, last)), list(range(start, start + last - cached))))
             if cached + n == len(seq.token_ids):
                 logits_indices.append(start + n - 1)
                 sampling.append(seq)
@@ -87,10 +109,17 @@ class ModelRunner:
             decode_context_lens=decode_lens,
             prefills=prefills,
         )
+        num_sampling = len(logits_indices)
+        prompt_rows = []
+        for seq, positions_scored, rows in prompt_positions:
+            prompt_rows.append(PromptRows(seq, positions_scored, len(logits_indices)))
+            logits_indices.extend(rows)
         logits = self.model.forward(
             torch.tensor(input_ids, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device),
             batch, self.kv_caches,
             torch.tensor(logits_indices, dtype=torch.long, device=device),
-        )
-        return logits.cpu(), sampling
+        ).cpu()
+        for rows in prompt_rows:
+            rows.logits = logits[rows.first:rows.first + len(rows.positions)]
+        return logits[:num_sampling], sampling, prompt_rows

@@ -53,7 +53,8 @@ class RequestOutput:
     ``finished`` is True on the request's last output (every sample finished). ``error`` carries
     the message when the engine failed the request (then each unfinished sample ends with
     finish_reason "error"). ``queue_time`` (seconds from arrival to first being scheduled) is set on
-    a request's first output.
+    a request's first output, and so is ``prompt_logprobs`` when the request asked for them (position i
+    scores prompt token i; position 0 is None).
     """
 
     request_id: str
@@ -63,6 +64,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: Optional[str] = None
     queue_time: Optional[float] = None
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
 
 
 @dataclass(slots=True)
@@ -86,6 +88,7 @@ class GenerationResult:
     outputs: list[CompletionResult]
     num_cached_tokens: int = 0
     error: Optional[str] = None
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -111,6 +114,7 @@ class ResultAccumulator:
         self.prompt_token_ids: list[int] = []
         self.num_cached_tokens = 0
         self.error: Optional[str] = None
+        self.prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
         self._texts = [[] for _ in range(n)]
         self._tokens: list[list[int]] = [[] for _ in range(n)]
         self._logprobs: list[Optional[list[TokenLogprob]]] = [None] * n
@@ -121,6 +125,7 @@ class ResultAccumulator:
         self.prompt_token_ids = out.prompt_token_ids
         self.num_cached_tokens = out.num_cached_tokens
         self.error = out.error or self.error
+        self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
         for d in out.outputs:
             self._texts[d.index].append(d.text)
             self._tokens[d.index].extend(d.token_ids)
@@ -137,4 +142,4 @@ class ResultAccumulator:
             for i in range(len(self._texts))
         ]
         return GenerationResult(self.request_id, self.prompt_token_ids, outputs,
-                                self.num_cached_tokens, self.error)
+                                self.num_cached_tokens, self.error, self.prompt_logprobs)

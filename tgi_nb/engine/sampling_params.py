@@ -47,7 +47,9 @@ class SamplingParams:
     ``presence_penalty`` have OpenAI's meaning (subtracted from the logits, proportional to the count /
     once per token already generated); ``repetition_penalty`` is the multiplicative CTRL penalty of
     transformers and TGI over prompt and generated tokens. ``logprobs=None`` returns none, ``0`` the
-    chosen token's log-probability only, ``k`` also the top ``k`` alternatives. ``n`` samples share the
+    chosen token's log-probability only, ``k`` also the top ``k`` alternatives; ``prompt_logprobs`` the
+    same for every prompt token after the first (the prompt is then computed whole, never taken from the
+    prefix cache). ``n`` samples share the
     prompt's KV blocks; with a ``seed`` sample ``i`` uses ``seed + i``. ``logits_processor`` is shared by
     every sample; ``logits_processor_factory`` is called once per sample for processors with state.
 
@@ -71,6 +73,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
     n: int = 1
     do_sample: bool = True
     logits_processor: Optional[LogitsProcessor] = None
@@ -108,6 +111,10 @@ class SamplingParams:
         _check(self.logprobs is None or (isinstance(self.logprobs, int)
                                          and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
                "logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+        _check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                                and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS),
+               "prompt_logprobs",
+               f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs!r}")
         _check(isinstance(self.n, int) and 1 <= self.n <= 128, "n",
                f"must be an integer in [1, 128], got {self.n!r}")
         _check(self.logits_processor is None or self.logits_processor_factory is None,

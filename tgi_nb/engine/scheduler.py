@@ -94,7 +94,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
+            # a request that wants its prompt's log-probabilities computes every prompt token itself
+            if not seq.block_table and seq.request.prompt_logprobs is None:
                 cached = bm.match_prefix(seq)
                 if seq.num_output_tokens == 0:
                     seq.request.num_cached_tokens = max(seq.request.num_cached_tokens, cached)

@@ -80,7 +80,7 @@ class Request:
     """A prompt and its ``n`` samples; outputs go to ``on_output`` from the engine thread."""
 
     __slots__ = ("request_id", "prompt_token_ids", "params", "seqs", "on_output", "arrival",
-                 "num_cached_tokens", "first_scheduled", "started")
+                 "num_cached_tokens", "first_scheduled", "started", "prompt_logprobs")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  on_output: Callable[[RequestOutput], None], arrival: float):
@@ -93,6 +93,10 @@ class Request:
         self.num_cached_tokens = 0
         self.first_scheduled: Optional[float] = None
         self.started = False   # has produced its first output
+        # position i: log-probability of prompt token i given the ones before it (None for token 0);
+        # filled during prefill when params.prompt_logprobs is set, sent with the first output
+        self.prompt_logprobs: Optional[list] = (
+            [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None)
 
     @property
     def finished(self) -> bool:

@@ -10,6 +10,7 @@ streamed as tool-call deltas with ``index`` on each and ``id``/``type``/``name``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -264,9 +265,20 @@ class _CompletionLogprobBuilder:
         self.table = table
         self.offset = offset
 
-    def build(self, logprobs: list[TokenLogprob]) -> CompletionLogprobs:
+    def build(self, logprobs: list[Optional[TokenLogprob]], token_ids: Optional[list[int]] = None
+              ) -> CompletionLogprobs:
+        """The entries for ``logprobs``; a None entry (the first prompt token under ``echo``, which nothing
+        scores) gets token ``token_ids[i]`` with null log-probabilities, as OpenAI's and vLLM's echo do."""
         out = CompletionLogprobs()
-        for lp in logprobs:
+        for i, lp in enumerate(logprobs):
+            if lp is None:
+                text = self.table.text(token_ids[i])
+                out.tokens.append(text)
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                out.text_offset.append(self.offset)
+                self.offset += len(text)
+                continue
             text = self.table.text(lp.token_id)
             out.tokens.append(text)
             out.token_logprobs.append(lp.logprob)
@@ -289,9 +301,6 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
     if req.suffix is not None:
         raise BadRequest("suffix: not supported; this server has no fill-in-the-middle mode (send the whole "
                          "prompt instead)", param="suffix")
-    if req.echo and req.logprobs is not None:
-        raise BadRequest("echo: echo=true with logprobs is not supported (prompt tokens have no "
-                         "log-probabilities here); drop one of them", param="echo")
     best_of = req.best_of or req.n
     if best_of < req.n:
         raise BadRequest(f"best_of: must be >= n ({req.n}), got {best_of}", param="best_of")
@@ -308,6 +317,8 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
                                                             prompt_field="prompt"),
                         engine_logprobs, best_of, _COMPLETION_NAMES, guide.processor if guide is not None else None)
               for ids, _ in prompts]
+    if req.echo and req.logprobs is not None:   # score the prompt too (lm-eval's loglikelihood does this)
+        params = [dataclasses.replace(p, prompt_logprobs=req.logprobs) for p in params]
     request_id = new_id("cmpl")
     stream = GenerationStream(ctx, engine, "completions")
     try:
@@ -338,7 +349,15 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
             for j, o in enumerate(samples):
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = _CompletionLogprobBuilder(table, 0).build(o.logprobs or [])
+                    builder = _CompletionLogprobBuilder(table, 0)
+                    echoed = builder.build(result.prompt_logprobs or [], prompts[p][0]) if req.echo else None
+                    logprobs = builder.build(o.logprobs or [])
+                    if echoed is not None:
+                        logprobs = CompletionLogprobs(
+                            text_offset=echoed.text_offset + logprobs.text_offset,
+                            token_logprobs=echoed.token_logprobs + logprobs.token_logprobs,
+                            tokens=echoed.tokens + logprobs.tokens,
+                            top_logprobs=echoed.top_logprobs + logprobs.top_logprobs)
                 choices.append(CompletionChoice(index=p * req.n + j,
                                                 text=(prompt_text + o.text) if req.echo else o.text,
                                                 logprobs=logprobs, finish_reason=finish_reason(o.finish_reason)))
@@ -371,7 +390,10 @@ async def _completion_events(ctx: ServerContext, stream: GenerationStream, reque
 
     stream.watch_disconnect(request)
     try:
-        if req.echo:
+        # With logprobs the echoed prompt carries its own, which exist once the prompt is computed: it goes
+        # out just before the prompt's first generated text then.
+        echo_later = set(range(len(prompts))) if req.echo and req.logprobs is not None else set()
+        if req.echo and not echo_later:
             for p, (_, text) in enumerate(prompts):
                 for j in range(n):
                     yield chunk([CompletionChoice(index=p * n + j, text=text)])
@@ -382,6 +404,12 @@ async def _completion_events(ctx: ServerContext, stream: GenerationStream, reque
                 continue
             p, out = event
             check_finished(out)
+            if p in echo_later:
+                echo_later.discard(p)
+                ids, text = prompts[p]
+                for j in range(n):
+                    logprobs = builders[p * n + j].build(out.prompt_logprobs or [None] * len(ids), ids)
+                    yield chunk([CompletionChoice(index=p * n + j, text=text, logprobs=logprobs)])
             cached += out.num_cached_tokens if out.finished else 0
             for d in out.outputs:
                 index = p * n + d.index

@@ -96,6 +96,7 @@ async def _prepare(ctx: ServerContext, req: GenerateRequest, *, stream: bool):
         temperature=(p.temperature or 1.0) if sampling else 0.0, top_k=p.top_k or 0, top_p=p.top_p or 1.0,
         repetition_penalty=p.repetition_penalty or 1.0, frequency_penalty=p.frequency_penalty or 0.0,
         seed=seed, stop=list(p.stop), logprobs=top_n, n=best_of,
+        prompt_logprobs=0 if p.decoder_input_details else None,
         logits_processor_factory=guide.processor if guide is not None else None)
     return engine, ids, params, seed
 
@@ -135,14 +136,16 @@ async def generate(ctx: ServerContext, req: GenerateRequest, request: Request, *
         for out in outputs:
             check_finished(out)
             acc.add(out)
-        samples = acc.result().outputs
+        result = acc.result()
+        samples = result.outputs
         best = max(samples, key=lambda o: sum(lp.logprob for lp in o.logprobs or []))
         table = token_table(engine)
         prefix = req.inputs if p.return_full_text else ""
         details = None
         if p.details or p.decoder_input_details:
-            prefill = ([PrefillToken(id=t, text=table.text(t), logprob=None) for t in ids]
-                       if p.decoder_input_details else [])
+            scored = result.prompt_logprobs or [None] * len(ids)
+            prefill = ([PrefillToken(id=t, text=table.text(t), logprob=lp.logprob if lp is not None else None)
+                        for t, lp in zip(ids, scored)] if p.decoder_input_details else [])
             top_n = bool(p.top_n_tokens)
 
             def seed_of(o: CompletionResult) -> Optional[int]:
