@@ -58,16 +58,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workload import BenchRequest, describe, make_workload  # noqa: E402
+from workload import BenchRequest, add_workload_arguments, describe, log, make_workload, percentile  # noqa: E402
 
 SYSTEMS = ("tgi_nb", "hf_generate", "hf_padded", "hf_generate_batch", "decode")
 TARGETS = {"hf_generate_batch": 3.0, "hf_padded": 2.0}
 DECODE_TARGET_TOK_S = 25.0
 DECODE_PROMPT, DECODE_TOKENS = 32, 256
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -109,13 +105,6 @@ class RunResult:
                 d[name] = {"mean": statistics.fmean(values), "p50": percentile(values, 50),
                            "p99": percentile(values, 99)}
         return d
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def latencies(result: RunResult, first: list[float], last: list[float], counts: list[int]) -> None:
@@ -598,13 +587,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model id or folder (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--min-prompt", type=int, default=16)
-    parser.add_argument("--max-prompt", type=int, default=512)
-    parser.add_argument("--min-output", type=int, default=16)
-    parser.add_argument("--max-output", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    add_workload_arguments(parser)
     parser.add_argument("--sequential-requests", type=int, default=16,
                         help="how many of the workload's first requests hf_generate runs (default 16)")
     parser.add_argument("--padded-batch-size", type=int, default=16)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -107,6 +108,43 @@ def make_workload(num_requests: int = 64, min_prompt: int = 16, max_prompt: int 
                                  "(not a byte-level BPE tokenizer?); pass tokenizer=None")
         requests.append(BenchRequest(ids, output_len, text))
     return requests
+
+
+def log(message: str) -> None:
+    """Progress to stderr, so that stdout holds only the results."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation, as numpy's default.
+
+    Example:
+        >>> percentile([1.0, 2.0, 3.0, 4.0], 50)
+        2.5
+    """
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def add_workload_arguments(parser) -> None:
+    """The workload's command-line options (model, request count, length ranges, seed), the same in every
+    benchmark that runs it.
+
+    Example:
+        >>> import argparse
+        >>> parser = argparse.ArgumentParser(); add_workload_arguments(parser)
+        >>> parser.parse_args(["--num-requests", "8"]).num_requests
+        8
+    """
+    parser.add_argument("--model", default=None, help="model id or folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--min-prompt", type=int, default=16)
+    parser.add_argument("--max-prompt", type=int, default=512)
+    parser.add_argument("--min-output", type=int, default=16)
+    parser.add_argument("--max-output", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def describe(workload: list[BenchRequest]) -> str:

@@ -208,7 +208,8 @@ def test_forced_fallback_env_var(monkeypatch):
 
 def fresh_kernel(monkeypatch):
     """Give the test a kernel loader that has not built anything yet (the module's own is left as it was)."""
-    kernel = native.NativeFunction(attention._KERNEL.library, attention._KERNEL.symbol, attention._KERNEL.argtypes)
+    old = attention._KERNEL
+    kernel = native.NativeFunction(old.library, old.symbol, old.argtypes, switch=old.switch)
     monkeypatch.setattr(attention, "_KERNEL", kernel)
 
 

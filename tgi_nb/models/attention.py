@@ -15,8 +15,6 @@ token ``t`` of a sequence lives at ``cache[block_table[t // block_size], t % blo
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
 from typing import Optional
 
 import torch
@@ -24,8 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "paged_decode_attention",
@@ -37,7 +33,6 @@ _SYMBOL = "paged_decode_attention_f32"
 # Below this many K/V rows (tokens x kv heads) per thread, starting a thread costs more than it saves:
 # a pthread start + join measured ~40 us on a 2-core VM, a 64-dim K+V row from cache ~20 ns.
 _MIN_ROWS_PER_THREAD = 4096
-_DISABLE_VALUES = {"0", "false", "no", "off"}
 # Gathered K+V per chunk of the torch path: a few MB stays in L2/L3 between the gather and the attention.
 _TORCH_CHUNK_BYTES = 4 << 20
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5; before it K/V are expanded per head.
@@ -45,12 +40,8 @@ _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 _KERNEL = native.NativeFunction(
     "paged_attention", _SYMBOL,
-    [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] + [ctypes.c_int64] * 3)
-
-
-def _native_enabled() -> bool:
-    # Read on every call so a test or a notebook can flip it without re-importing.
-    return os.environ.get("TGI_NB_NATIVE_ATTENTION", "1").strip().lower() not in _DISABLE_VALUES
+    [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] + [ctypes.c_int64] * 3,
+    switch="TGI_NB_NATIVE_ATTENTION")
 
 
 def native_kernel_available() -> bool:
@@ -64,7 +55,7 @@ def native_kernel_available() -> bool:
         >>> isinstance(native_kernel_available(), bool)
         True
     """
-    return _native_enabled() and _KERNEL.get() is not None
+    return _KERNEL.available()
 
 
 def _check_args(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
@@ -136,7 +127,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         and k_cache.is_contiguous()
         and v_cache.is_contiguous()
         and (out is None or out.is_contiguous())
-        and _native_enabled()
+        and _KERNEL.enabled()
     ):
         kernel = _KERNEL.get()
         if kernel is not None:

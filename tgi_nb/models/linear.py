@@ -19,8 +19,6 @@ for M rows (benchmarks/bench_linear.py):
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
 from typing import Optional
 
 import torch
@@ -28,23 +26,20 @@ import torch.nn.functional as F
 
 from . import native
 
-logger = logging.getLogger(__name__)
-
 # Up to this many rows the native kernel beats MKL and oneDNN on the 2-core EPYC VM (also the most rows the
 # kernel's fused silu_mul takes).
 SMALL_GEMM_MAX_ROWS = 64
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_DISABLE_VALUES = {"0", "false", "no", "off"}
 
 _GEMM = native.NativeFunction(
     "small_gemm", "tgi_nb_small_gemm",
     [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int],
-    extra_flags=["-fopenmp"])
+    extra_flags=["-fopenmp"], switch="TGI_NB_NATIVE_LINEAR")
 
 
 def native_linear_available() -> bool:
     """Whether float32 CPU products with few rows run on the native kernel (building it on first call)."""
-    return os.environ.get("TGI_NB_NATIVE_LINEAR", "1").strip().lower() not in _DISABLE_VALUES and _GEMM.get() is not None
+    return _GEMM.available()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

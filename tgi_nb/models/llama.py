@@ -146,8 +146,7 @@ class WeightArena:
 
     @classmethod
     def nbytes(cls, shape, dtype: torch.dtype) -> int:
-        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        return -(-size // cls.ALIGN) * cls.ALIGN
+        return -(-math.prod(shape) * dtype.itemsize // cls.ALIGN) * cls.ALIGN
 
     def __init__(self, num_bytes: int):
         self._used = 0
@@ -170,8 +169,7 @@ class WeightArena:
         size = self.nbytes(shape, dtype)
         if self._buffer is None or self._used + size > self._buffer.numel():
             return torch.empty(shape, dtype=dtype)
-        count = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        out = self._buffer[self._used:self._used + count].view(dtype).view(shape)
+        out = self._buffer[self._used:self._used + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
         self._used += size
         return out
 
@@ -226,7 +224,6 @@ class LlamaModel:
         self.norm = take("model.norm.weight")
         untied = "lm_head.weight" in weights and not spec.tie_word_embeddings
         self.lm_head = take("lm_head.weight") if untied else self.embed
-        self._weight_arena = arena
         inv_freq, scaling = rope_inv_freq(config)
         self._inv_freq, self._rope_scaling = inv_freq, scaling
         self._cos = self._sin = torch.empty(0)

@@ -9,6 +9,7 @@ back to torch when no compiler is found or the build fails.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -19,6 +20,8 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .loader import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +36,12 @@ FLAG_SETS = (
 LINK_FLAGS = ["-shared", "-pthread"]
 
 
+_DISABLE_VALUES = {"0", "false", "no", "off"}
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("TGI_NB_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "tgi_nb"
-    return base / "kernels"
+    """Where built kernels are kept: ``kernels/`` under tgi_nb's cache root (``loader.cache_root``)."""
+    return cache_root() / "kernels"
 
 
 def find_compiler() -> Optional[str]:
@@ -48,6 +53,7 @@ def find_compiler() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _machine_id() -> str:
     # -march=native code may not run on another CPU sharing the same home directory: key on the CPU's features.
     parts = [platform.system(), platform.machine()]
@@ -112,7 +118,9 @@ class NativeFunction:
     """One C function of ``csrc/<library>.c``, compiled (or found in the cache) and loaded on first use.
 
     ``get()`` returns the ctypes function, or None, with one warning, when there is no compiler or the build
-    or load fails; callers then take their torch path. Loaded with ``ctypes.CDLL`` (not PyDLL), so the GIL is
+    or load fails; callers then take their torch path. ``switch`` names an environment variable that turns the
+    kernel off when set to 0/false/no/off; ``available()`` checks it on every call, so that a test or a notebook
+    can flip it without re-importing. Loaded with ``ctypes.CDLL`` (not PyDLL), so the GIL is
     released for the duration of each call and the server's threads run meanwhile.
 
     Example:
@@ -124,16 +132,20 @@ class NativeFunction:
     """
 
     def __init__(self, library: str, symbol: str, argtypes: Sequence, extra_flags: Sequence[str] = (),
-                 restype=ctypes.c_int):
-        self.library, self.symbol = library, symbol
+                 restype=ctypes.c_int, switch: Optional[str] = None):
+        self.library, self.symbol, self.switch = library, symbol, switch
         self.argtypes, self.restype, self.extra_flags = list(argtypes), restype, list(extra_flags)
         self._lock = threading.Lock()
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the loaded function (or the failure), so that the next ``get()`` builds again."""
         self._function = None
         self._failed = False
+
+    def enabled(self) -> bool:
+        """False when the ``switch`` environment variable turns the kernel off."""
+        return self.switch is None or os.environ.get(self.switch, "1").strip().lower() not in _DISABLE_VALUES
+
+    def available(self) -> bool:
+        """Enabled, and built and loaded (building on first call)."""
+        return self.enabled() and self.get() is not None
 
     def get(self):
         if self._function is not None or self._failed:

@@ -10,7 +10,6 @@ paged KV cache.
 from __future__ import annotations
 
 import ctypes
-import os
 from typing import Optional
 
 import torch
@@ -19,19 +18,16 @@ from torch import Tensor
 
 from . import native
 
-_DISABLE_VALUES = {"0", "false", "no", "off"}
-
 _KERNEL = native.NativeFunction(
     "rope_cache", "tgi_nb_rope_write_kv_f32",
     [ctypes.c_void_p] * 9 + [ctypes.c_float] + [ctypes.c_int64] * 6,
     # products rounded before they are added, as torch's separate multiply and add ops do
-    extra_flags=["-ffp-contract=off"])
+    extra_flags=["-ffp-contract=off"], switch="TGI_NB_NATIVE_ROPE")
 
 
 def native_rope_available() -> bool:
     """Whether float32 CPU steps run the native kernel (building it on first call)."""
-    return (os.environ.get("TGI_NB_NATIVE_ROPE", "1").strip().lower() not in _DISABLE_VALUES
-            and _KERNEL.get() is not None)
+    return _KERNEL.available()
 
 
 def rope_and_write_kv(qkv: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,

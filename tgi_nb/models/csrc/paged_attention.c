@@ -2,7 +2,7 @@
  * Paged decode attention for CPU, float32.
  *
  * One query token per sequence attends to that sequence's context in a paged KV cache laid out as
- * [num_blocks, block_size, num_kv_heads, head_dim]. Built at first use by tgi_nb/engine/attention.py with
+ * [num_blocks, block_size, num_kv_heads, head_dim]. Built at first use by tgi_nb/models/attention.py with
  * the system C compiler (-O3 -march=native -ffast-math) and called through ctypes, which releases the GIL
  * for the duration of the call.
  *
