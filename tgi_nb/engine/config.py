@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from tgi_nb.models.loader import DEFAULT_MODEL_ID
 
 from .sampling_params import ValidationError
 
+if TYPE_CHECKING:
+    import torch
 
-def default_kv_cache_memory(device: str = "cpu") -> int:
+
+def default_kv_cache_memory(device: "str | torch.device" = "cpu") -> int:
     """Bytes the engine gives its KV cache when neither ``kv_cache_memory`` nor ``max_batch_total_tokens`` is
     set: 80% of free GPU memory on CUDA; on the CPU 15% of the available memory, kept between 1 and 8 GiB.
 
@@ -19,10 +22,10 @@ def default_kv_cache_memory(device: str = "cpu") -> int:
         >>> 1 << 30 <= default_kv_cache_memory("cpu") <= 8 << 30
         True
     """
-    if device == "cuda":
+    if str(device).startswith("cuda"):
         import torch
 
-        free, _ = torch.cuda.mem_get_info()
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free * 0.8)
     available = None
     try:

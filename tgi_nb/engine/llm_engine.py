@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -128,7 +127,7 @@ class LLMEngine:
         if config.max_batch_total_tokens:
             capacity = config.max_batch_total_tokens
         else:
-            budget_tokens = (config.kv_cache_memory or default_kv_cache_memory(device.type)) // kv_per_token
+            budget_tokens = (config.kv_cache_memory or default_kv_cache_memory(device)) // kv_per_token
             wanted = config.max_num_seqs * (config.max_total_tokens or max_model_len)
             capacity = min(budget_tokens, wanted)
         num_blocks = max(1, capacity // config.block_size)
@@ -365,10 +364,9 @@ class LLMEngine:
             time.sleep(0.001)
             return
         now = time.monotonic()
-        for seq in itertools.chain(step.decodes, (s for s, _ in step.prefills)):
-            if seq.request.first_scheduled is None:   # a 1-token prompt starts as a "decode"
-                seq.request.first_scheduled = now
-                self._prefix_hit_tokens += seq.num_computed_tokens
+        for seq in step.admitted:
+            seq.request.first_scheduled = now
+            self._prefix_hit_tokens += seq.num_computed_tokens
         self.runner.copy_blocks(step.block_copies)
         logits, sampling, prompt_rows = self.runner.run(step)
         for rows in prompt_rows:
@@ -420,15 +418,16 @@ class LLMEngine:
         """Log-probability (and top alternatives) of each prompt token the chunk's rows predict."""
         request = rows.seq.request
         k = request.params.prompt_logprobs
-        logprobs = torch.log_softmax(rows.logits.float(), dim=-1)
-        targets = torch.tensor([request.prompt_token_ids[p + 1] for p in rows.positions], dtype=torch.long)
-        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-        top_values, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+        logprobs = torch.log_softmax(rows.logits, dim=-1)
+        targets = [request.prompt_token_ids[p + 1] for p in rows.positions]
+        chosen = logprobs.gather(1, torch.tensor(targets)[:, None])[:, 0].tolist()
+        if k:
+            top_values, top_ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
+        else:
+            top_values = top_ids = [[]] * len(targets)
         for i, position in enumerate(rows.positions):
-            token_id = int(targets[i])
-            top = [TopLogprob(int(t), self._token_text(int(t)), float(v))
-                   for v, t in zip(top_values[i].tolist(), top_ids[i].tolist())] if k else []
-            request.prompt_logprobs[position + 1] = TokenLogprob(token_id, self._token_text(token_id), chosen[i], top)
+            request.prompt_logprobs[position + 1] = self._token_logprob(targets[i], chosen[i],
+                                                                        zip(top_ids[i], top_values[i]))
 
     def _append(self, seq: Sequence, token: SampledToken) -> CompletionDelta:
         """Add a sampled token to a sequence, detokenize, check every stop condition."""
@@ -457,14 +456,18 @@ class LLMEngine:
                 finish = "stop"
         logprobs = None
         if token.logprob is not None:
-            logprobs = [TokenLogprob(token_id, self._token_text(token_id), token.logprob,
-                                     [TopLogprob(t, self._token_text(t), lp) for t, lp in token.top or []])]
+            logprobs = [self._token_logprob(token_id, token.logprob, token.top or [])]
         delta = CompletionDelta(seq.index, detok.take_output(final=finish is not None), [token_id], logprobs,
                                 finish, stop_reason)
         if finish is not None:
             seq.finish_reason, seq.stop_reason = finish, stop_reason
             self.scheduler.finish(seq)
         return delta
+
+    def _token_logprob(self, token_id: int, logprob: float, top) -> TokenLogprob:
+        """A token's log-probability entry; ``top`` gives (token id, log-probability) alternatives."""
+        return TokenLogprob(token_id, self._token_text(token_id), logprob,
+                            [TopLogprob(t, self._token_text(t), lp) for t, lp in top])
 
     def _token_text(self, token_id: int) -> str:
         text = self._token_text_cache.get(token_id)

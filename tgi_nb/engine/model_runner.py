@@ -16,11 +16,11 @@ from .sequence import Sequence
 @dataclass
 class PromptRows:
     """Logits of one prefill chunk's rows that score prompt tokens: ``logits[i]`` (after ``run``) is the
-    distribution of prompt token ``positions[i] + 1``."""
+    distribution of prompt token ``positions[i] + 1``; ``start`` is the first of those rows in the packed batch."""
 
     seq: Sequence
-    positions: list[int]
-    first: int                              # index of the first row among the forward's logits rows
+    positions: range
+    start: int
     logits: Optional[torch.Tensor] = None
 
 
@@ -85,8 +85,7 @@ class ModelRunner:
                                        dtype=torch.int32, device=device)
 
         prefills = []
-        # (seq, positions whose row scores the next prompt token, those rows in the packed batch)
-        prompt_positions: list[tuple[Sequence, list[int], list[int]]] = []
+        prompt_rows: list[PromptRows] = []
         for seq, n in step.prefills:
             start, cached = len(input_ids), seq.num_computed_tokens
             input_ids.extend(seq.token_ids[cached:cached + n])
@@ -97,7 +96,7 @@ class ModelRunner:
             if seq.request.prompt_logprobs is not None and seq.num_output_tokens == 0:
                 # row of position p scores prompt token p + 1
                 last = min(cached + n, len(seq.request.prompt_token_ids) - 1)
-                prompt_positions.append((seq, list(range(cached, last)), list(range(start, start + last - cached))))
+                prompt_rows.append(PromptRows(seq, range(cached, last), start))
             if cached + n == len(seq.token_ids):
                 logits_indices.append(start + n - 1)
                 sampling.append(seq)
@@ -110,16 +109,16 @@ class ModelRunner:
             prefills=prefills,
         )
         num_sampling = len(logits_indices)
-        prompt_rows = []
-        for seq, positions_scored, rows in prompt_positions:
-            prompt_rows.append(PromptRows(seq, positions_scored, len(logits_indices)))
-            logits_indices.extend(rows)
+        for rows in prompt_rows:   # after the sampling rows
+            logits_indices.extend(range(rows.start, rows.start + len(rows.positions)))
         logits = self.model.forward(
             torch.tensor(input_ids, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device),
             batch, self.kv_caches,
             torch.tensor(logits_indices, dtype=torch.long, device=device),
         ).cpu()
+        first = num_sampling
         for rows in prompt_rows:
-            rows.logits = logits[rows.first:rows.first + len(rows.positions)]
+            rows.logits = logits[first:first + len(rows.positions)]
+            first += len(rows.positions)
         return logits[:num_sampling], sampling, prompt_rows

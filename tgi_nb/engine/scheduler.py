@@ -23,6 +23,9 @@ class SchedulerOutput:
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # sequences of requests scheduled for the first time this step (a 1-token or fully cached prompt
+    # starts as a decode, so neither list alone tells)
+    admitted: list[Sequence] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -107,6 +110,8 @@ class Scheduler:
                 bm.free(seq)   # give back the prefix it matched; it stays cached for next time
                 break
             self.waiting.popleft()
+            if seq.request.first_scheduled is None:
+                out.admitted.append(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.block_copies.extend(copies)
