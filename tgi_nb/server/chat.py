@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .errors import BadRequest
-from .protocol import ChatMessage
-from .tools import tool_messages_as_text
+from .protocol import ChatCompletionRequest, ChatMessage
+from .tools import ToolPlan, tool_messages_as_text
 
 
 def load_chat_template(value: Optional[str]) -> Optional[str]:
@@ -144,3 +144,14 @@ def render_chat(tokenizer, messages: Sequence[ChatMessage], *, chat_template: Op
         raise
     except Exception as exc:  # a template's own raise_exception(), a missing variable...
         raise BadRequest(f"messages: the chat template could not render them: {exc}", param="messages") from exc
+
+
+def render_chat_request(tokenizer, req: ChatCompletionRequest, tools: ToolPlan,
+                        chat_template: Optional[str] = None) -> str:
+    """:func:`render_chat` for a chat completion request and its planned ``tools``: the prompt
+    /v1/chat/completions generates from, and /chat_tokenize shows."""
+    return render_chat(tokenizer, req.messages, chat_template=chat_template,
+                       add_generation_prompt=req.add_generation_prompt,
+                       continue_final_message=req.continue_final_message,
+                       tools=tools.template_tools, tool_instructions=tools.instructions(),
+                       chat_template_kwargs=req.chat_template_kwargs)

@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from tgi_nb.engine.outputs import ResultAccumulator, TokenLogprob
 
-from .chat import render_chat
+from .chat import render_chat_request
 from .errors import APIError, BadRequest, NotFound
 from .guided import compile_guide, request_guide
 from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -29,8 +29,8 @@ from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatComp
                        CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ModelCard,
                        ModelList, PromptTokensDetails, UsageInfo, ignored_fields)
 from .serving import (KEEP_ALIVE, SSE_DONE, SSE_KEEP_ALIVE, ClientDisconnected, GenerationStream, ServerContext,
-                      SSEResponse, TokenTable, check_finished, log_ignored, make_sampling_params, new_id,
-                      parse_logit_bias, resolve_max_new_tokens, sse, stop_list, token_table, tokenize)
+                      SSEResponse, TokenTable, check_finished, cumulative_logprob, log_ignored, make_sampling_params,
+                      new_id, parse_logit_bias, resolve_max_new_tokens, sse, stop_list, token_table, tokenize)
 from .tools import ToolCallParser, parse_tool_calls, plan_tools
 
 logger = logging.getLogger("tgi_nb.server")
@@ -108,8 +108,8 @@ def chat_logprobs(table: TokenTable, logprobs: Optional[list[TokenLogprob]]) -> 
     if logprobs is None:
         return None
     return ChatChoiceLogprobs(content=[
-        ChatTokenLogprob(token=table.text(lp.token_id), logprob=lp.logprob, bytes=table.bytes(lp.token_id),
-                         top_logprobs=[ChatTopLogprob(token=table.text(t.token_id), logprob=t.logprob,
+        ChatTokenLogprob(token=lp.token, logprob=lp.logprob, bytes=table.bytes(lp.token_id),
+                         top_logprobs=[ChatTopLogprob(token=t.token, logprob=t.logprob,
                                                       bytes=table.bytes(t.token_id)) for t in lp.top])
         for lp in logprobs])
 
@@ -125,11 +125,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     spec = tools.guide() or constraint
     tool_names = tools.names if tools.forced or (tools.mode == "auto" and spec is None) else None
     engine = ctx.engine()
-    prompt = render_chat(engine.tokenizer, req.messages, chat_template=ctx.chat_template,
-                         add_generation_prompt=req.add_generation_prompt,
-                         continue_final_message=req.continue_final_message,
-                         tools=tools.template_tools, tool_instructions=tools.instructions(),
-                         chat_template_kwargs=req.chat_template_kwargs)
+    prompt = render_chat_request(engine.tokenizer, req, tools, ctx.chat_template)
     ids = tokenize(engine, prompt, "messages")
     max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_new = resolve_max_new_tokens(req.max_completion_tokens or req.max_tokens, len(ids), ctx.limits(engine),
@@ -140,11 +136,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
                        guide.processor if guide is not None else None)
     request_id = new_id("chatcmpl")
     stream = GenerationStream(ctx, engine, "chat_completions")
-    try:
-        stream.submit([ids], params, request_id, names)
-    except BaseException:
-        stream.close()
-        raise
+    stream.submit([ids], params, request_id, names)
     table = token_table(engine)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -240,8 +232,9 @@ async def _chat_events(ctx: ServerContext, stream: GenerationStream, request: Re
 # Completions
 # ----------------------------------------------------------------------------------------------
 
-def _completion_prompts(engine: Any, prompt: Any) -> list[tuple[list[int], str]]:
-    """(token ids, text) of each prompt: a string, strings, token ids or lists of token ids."""
+def _completion_prompts(engine: Any, prompt: Any, with_text: bool) -> list[tuple[list[int], Optional[str]]]:
+    """(token ids, text) of each prompt: a string, strings, token ids or lists of token ids. Token-id
+    prompts are decoded only ``with_text`` (the text is needed for ``echo`` alone); else their text is None."""
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
     elif not prompt:
@@ -253,7 +246,7 @@ def _completion_prompts(engine: Any, prompt: Any) -> list[tuple[list[int], str]]
     out = []
     for item in items:
         ids = tokenize(engine, item, "prompt", add_special_tokens=isinstance(item, str))
-        text = item if isinstance(item, str) else engine.tokenizer.decode(ids)
+        text = item if isinstance(item, str) else engine.tokenizer.decode(ids) if with_text else None
         out.append((ids, text))
     return out
 
@@ -279,20 +272,16 @@ class _CompletionLogprobBuilder:
                 out.text_offset.append(self.offset)
                 self.offset += len(text)
                 continue
-            text = self.table.text(lp.token_id)
+            text = lp.token
             out.tokens.append(text)
             out.token_logprobs.append(lp.logprob)
             top: dict[str, float] = {}
             for t in lp.top:
-                top.setdefault(self.table.text(t.token_id), t.logprob)
+                top.setdefault(t.token, t.logprob)
             out.top_logprobs.append(top)
             out.text_offset.append(self.offset)
             self.offset += len(text)
         return out
-
-
-def _cumulative_logprob(logprobs: Optional[list[TokenLogprob]]) -> float:
-    return sum(lp.logprob for lp in logprobs or [])
 
 
 async def create_completion(ctx: ServerContext, req: CompletionRequest, request: Request) -> Response:
@@ -308,7 +297,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
         raise BadRequest("best_of: cannot be larger than n when streaming", param="best_of")
     spec = request_guide(req)
     engine = ctx.engine()
-    prompts = _completion_prompts(engine, req.prompt)
+    prompts = _completion_prompts(engine, req.prompt, with_text=req.echo)
     limits = ctx.limits(engine)
     guide = await compile_guide(engine, spec) if spec is not None else None
     # Scoring best_of candidates needs each token's log-probability even if the client asked for none.
@@ -321,11 +310,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
         params = [dataclasses.replace(p, prompt_logprobs=req.logprobs) for p in params]
     request_id = new_id("cmpl")
     stream = GenerationStream(ctx, engine, "completions")
-    try:
-        stream.submit([ids for ids, _ in prompts], params, request_id, _COMPLETION_NAMES)
-    except BaseException:
-        stream.close()
-        raise
+    stream.submit([ids for ids, _ in prompts], params, request_id, _COMPLETION_NAMES)
     table = token_table(engine)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -344,7 +329,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
             cached += result.num_cached_tokens
             samples = result.outputs
             if best_of > req.n:
-                samples = sorted(samples, key=lambda o: _cumulative_logprob(o.logprobs), reverse=True)[:req.n]
+                samples = sorted(samples, key=lambda o: cumulative_logprob(o.logprobs), reverse=True)[:req.n]
             prompt_text = prompts[p][1]
             for j, o in enumerate(samples):
                 logprobs = None
@@ -377,8 +362,8 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
 
 
 async def _completion_events(ctx: ServerContext, stream: GenerationStream, request: Request, request_id: str,
-                             req: CompletionRequest, prompts: list[tuple[list[int], str]], include_usage: bool,
-                             table: TokenTable) -> AsyncIterator[bytes]:
+                             req: CompletionRequest, prompts: list[tuple[list[int], Optional[str]]],
+                             include_usage: bool, table: TokenTable) -> AsyncIterator[bytes]:
     created = int(time.time())
     model = ctx.served_model_name
     n = req.n

@@ -19,6 +19,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tgi_nb.engine import RequestOutput, SamplingParams, ValidationError
+from tgi_nb.engine.outputs import TokenLogprob
 
 from .chat import load_chat_template
 from .errors import BadRequest, ContextLengthExceeded, GenerationFailed, ModelNotReady, Overloaded
@@ -54,7 +55,6 @@ class EngineHolder:
         self._lock = threading.Lock()
         self.error: Optional[str] = None
         self.ready = threading.Event()
-        self._loader: Optional[threading.Thread] = None
         self._closed = False
         if _is_engine(engine_or_factory):
             self._factory: Optional[Callable[[], Any]] = None
@@ -70,7 +70,6 @@ class EngineHolder:
         else:
             raise TypeError(f"engine_or_factory: expected an LLMEngine or a callable returning one, "
                             f"got {type(engine_or_factory).__name__}")
-        self.load_seconds: Optional[float] = None
 
     @property
     def engine(self) -> Any:
@@ -91,11 +90,9 @@ class EngineHolder:
                 return
             self.status, self.error = "loading", None
             self.ready.clear()
-            self._loader = threading.Thread(target=self._load, name="tgi_nb-model-loader", daemon=True)
-            self._loader.start()
+            threading.Thread(target=self._load, name="tgi_nb-model-loader", daemon=True).start()
 
     def _load(self) -> None:
-        started = time.perf_counter()
         try:
             engine = self._factory()
         except BaseException as exc:  # noqa: BLE001 - any failure must reach /health, not vanish in a thread
@@ -109,7 +106,6 @@ class EngineHolder:
                 engine.shutdown()
                 return
             self._engine, self.status = engine, "ready"
-            self.load_seconds = time.perf_counter() - started
         self.ready.set()
 
     def wait(self, timeout: Optional[float] = None) -> bool:
@@ -233,6 +229,16 @@ def log_ignored(route: str, fields: list[str]) -> None:
 # Parameters and limits
 # ----------------------------------------------------------------------------------------------
 
+def _bad_request(exc: ValidationError, names: dict[str, str]) -> BadRequest:
+    """``exc`` as a :class:`BadRequest` naming the field as the client called it (``names``: engine field
+    -> API field), the message's leading ``field:`` renamed too."""
+    field = names.get(exc.field, exc.field)
+    message = str(exc)
+    if message.startswith(f"{exc.field}:"):
+        message = f"{field}:{message[len(exc.field) + 1:]}"
+    return BadRequest(message, param=field)
+
+
 def tokenize(engine: Any, prompt: Union[str, list[int]], param: str,
              add_special_tokens: bool = False) -> list[int]:
     """Token ids the engine will see for ``prompt``. Chat prompts come from a template that already has
@@ -241,7 +247,7 @@ def tokenize(engine: Any, prompt: Union[str, list[int]], param: str,
     try:
         ids = engine.tokenize(prompt, add_special_tokens=add_special_tokens)
     except ValidationError as exc:
-        raise BadRequest(str(exc).replace("prompt:", f"{param}:", 1), param=param) from exc
+        raise _bad_request(exc, {"prompt": param}) from exc
     if not ids:
         raise BadRequest(f"{param}: must contain at least one token", param=param)
     return ids
@@ -286,11 +292,7 @@ def make_sampling_params(names: dict[str, str], **kwargs: Any) -> SamplingParams
     try:
         return SamplingParams(**kwargs)
     except ValidationError as exc:
-        field = names.get(exc.field, exc.field)
-        message = str(exc)
-        if message.startswith(f"{exc.field}:"):
-            message = f"{field}:{message[len(exc.field) + 1:]}"
-        raise BadRequest(message, param=field) from exc
+        raise _bad_request(exc, names) from exc
 
 
 def parse_logit_bias(logit_bias: Optional[dict[str, float]], vocab_size: int) -> Optional[dict[int, float]]:
@@ -383,14 +385,19 @@ class TokenTable:
         return token_id in self.special_ids
 
 
-_TOKEN_TABLES: "dict[int, TokenTable]" = {}
+@lru_cache(maxsize=2)
+def _token_table_for(tokenizer: Any) -> TokenTable:
+    return TokenTable(tokenizer)
 
 
 def token_table(engine: Any) -> TokenTable:
-    table = _TOKEN_TABLES.get(id(engine.tokenizer))
-    if table is None or table.tokenizer is not engine.tokenizer:
-        table = _TOKEN_TABLES[id(engine.tokenizer)] = TokenTable(engine.tokenizer)
-    return table
+    """The (cached) :class:`TokenTable` of ``engine.tokenizer``; only the last two tokenizers are kept."""
+    return _token_table_for(engine.tokenizer)
+
+
+def cumulative_logprob(logprobs: Optional[list[TokenLogprob]]) -> float:
+    """The sum of a sample's token log-probabilities (0 when it has none), to rank best_of candidates."""
+    return sum(lp.logprob for lp in logprobs or [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,8 +422,8 @@ class GenerationStream:
 
     Example (inside a route):
         stream = GenerationStream(ctx, engine, "completions")
+        stream.submit([ids], params, "cmpl-1")      # closes the stream itself if it raises
         try:
-            stream.submit([ids], params, "cmpl-1")
             results = await stream.collect(request)
         finally:
             stream.close()
@@ -443,8 +450,16 @@ class GenerationStream:
     def submit(self, prompts: list[list[int]], params: Union[SamplingParams, list[SamplingParams]],
                request_id: str, field_names: Optional[dict[str, str]] = None) -> None:
         """Queue one engine request per prompt (``params`` shared or one per prompt); raises
-        :class:`BadRequest` before anything runs."""
-        names = field_names or {}
+        :class:`BadRequest` before anything runs. On any failure the stream is closed (what was queued is
+        aborted, the slot released) before the exception propagates."""
+        try:
+            self._submit(prompts, params, request_id, field_names or {})
+        except BaseException:
+            self.close()
+            raise
+
+    def _submit(self, prompts: list[list[int]], params: Union[SamplingParams, list[SamplingParams]],
+                request_id: str, names: dict[str, str]) -> None:
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         for i, (ids, params) in enumerate(zip(prompts, per_prompt)):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
@@ -460,11 +475,7 @@ class GenerationStream:
                 self.engine.add_request(ids, params, rid, on_output)
             except ValidationError as exc:
                 self.fail("validation")
-                field = names.get(exc.field, exc.field)
-                message = str(exc)
-                if message.startswith(f"{exc.field}:"):
-                    message = f"{field}:{message[len(exc.field) + 1:]}"
-                raise BadRequest(message, param=field) from exc
+                raise _bad_request(exc, names) from exc
             except RuntimeError as exc:  # the engine was shut down between get() and now
                 self.fail("unavailable")
                 raise ModelNotReady(str(exc), retry_after=None, code="shutting_down") from exc

@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from tgi_nb.engine.outputs import CompletionResult, ResultAccumulator
 
-from .chat import render_chat
+from .chat import render_chat, render_chat_request
 from .errors import APIError, BadRequest
 from .guided import compile_guide, grammar_from_format
 from .protocol import (BestOfSequence, ChatCompletionRequest, ChatTokenizeResponse, DetokenizeRequest,
@@ -26,8 +26,8 @@ from .protocol import (BestOfSequence, ChatCompletionRequest, ChatTokenizeRespon
                        PrefillToken, SimpleToken, StreamDetails, StreamResponse, TGIToken, TokenizeRequest,
                        VLLMTokenizeResponse, ignored_fields)
 from .serving import (KEEP_ALIVE, SSE_KEEP_ALIVE, ClientDisconnected, GenerationStream, ServerContext, SSEResponse,
-                      TokenTable, check_finished, log_ignored, make_sampling_params, resolve_max_new_tokens, sse,
-                      token_table, tokenize)
+                      TokenTable, check_finished, cumulative_logprob, log_ignored, make_sampling_params,
+                      resolve_max_new_tokens, sse, token_table, tokenize)
 from .tools import plan_tools
 
 logger = logging.getLogger("tgi_nb.server")
@@ -108,17 +108,21 @@ def _token(table: TokenTable, token_id: int, logprob: Optional[float], text: Opt
 
 def _tokens(table: TokenTable, result: CompletionResult) -> list[TGIToken]:
     logprobs = result.logprobs or []
-    return [_token(table, t, logprobs[k].logprob if k < len(logprobs) else None)
+    return [_token(table, t, logprobs[k].logprob, logprobs[k].token) if k < len(logprobs) else _token(table, t, None)
             for k, t in enumerate(result.token_ids)]
 
 
 def _top_tokens(table: TokenTable, result: CompletionResult) -> list[list[TGIToken]]:
-    return [[_token(table, t.token_id, t.logprob) for t in lp.top] for lp in result.logprobs or []]
+    return [[_token(table, t.token_id, t.logprob, t.token) for t in lp.top] for lp in result.logprobs or []]
+
+
+def _compute_type(engine: Any) -> str:
+    return engine.config.device if hasattr(engine, "config") else "cpu"
 
 
 def _headers(stream: GenerationStream, generated: int) -> dict[str, str]:
     total = time.perf_counter() - stream.arrival
-    return {"x-compute-type": stream.engine.config.device if hasattr(stream.engine, "config") else "cpu",
+    return {"x-compute-type": _compute_type(stream.engine),
             "x-compute-time": f"{total:.6f}", "x-total-time": str(int(total * 1000)),
             "x-prompt-tokens": str(stream.prompt_lens[0]), "x-generated-tokens": str(generated)}
 
@@ -138,13 +142,14 @@ async def generate(ctx: ServerContext, req: GenerateRequest, request: Request, *
             acc.add(out)
         result = acc.result()
         samples = result.outputs
-        best = max(samples, key=lambda o: sum(lp.logprob for lp in o.logprobs or []))
+        best = max(samples, key=lambda o: cumulative_logprob(o.logprobs))
         table = token_table(engine)
         prefix = req.inputs if p.return_full_text else ""
         details = None
         if p.details or p.decoder_input_details:
             scored = result.prompt_logprobs or [None] * len(ids)
-            prefill = ([PrefillToken(id=t, text=table.text(t), logprob=lp.logprob if lp is not None else None)
+            prefill = ([PrefillToken(id=t, text=table.text(t) if lp is None else lp.token,
+                                     logprob=lp.logprob if lp is not None else None)
                         for t, lp in zip(ids, scored)] if p.decoder_input_details else [])
             top_n = bool(p.top_n_tokens)
 
@@ -178,13 +183,9 @@ async def generate_stream(ctx: ServerContext, req: GenerateRequest, request: Req
     """POST /generate_stream (and POST / with ``stream: true``): one SSE event per token."""
     engine, ids, params, seed = await _prepare(ctx, req, stream=True)
     stream = GenerationStream(ctx, engine, "generate_stream")
-    try:
-        stream.submit([ids], params, f"generate-{id(stream):x}-{time.monotonic_ns()}", _NAMES)
-    except BaseException:
-        stream.close()
-        raise
+    stream.submit([ids], params, f"generate-{id(stream):x}-{time.monotonic_ns()}", _NAMES)
     events = _generate_events(ctx, stream, request, req, seed, token_table(engine))
-    return SSEResponse(events, on_close=stream.close, headers={"x-compute-type": "cpu"})
+    return SSEResponse(events, on_close=stream.close, headers={"x-compute-type": _compute_type(engine)})
 
 
 async def _generate_events(ctx: ServerContext, stream: GenerationStream, request: Request, req: GenerateRequest,
@@ -210,7 +211,8 @@ async def _generate_events(ctx: ServerContext, stream: GenerationStream, request
                     lp = d.logprobs[k] if d.logprobs and k < len(d.logprobs) else None
                     token = _token(table, token_id, lp.logprob if lp else None,
                                    text=d.text if k == len(d.token_ids) - 1 else "")
-                    top = [_token(table, t.token_id, t.logprob) for t in lp.top] if p.top_n_tokens and lp else None
+                    top = ([_token(table, t.token_id, t.logprob, t.token) for t in lp.top]
+                           if p.top_n_tokens and lp else None)
                     generated_text = details = None
                     if last:
                         generated_text = (req.inputs if p.return_full_text else "") + "".join(texts)
@@ -276,9 +278,5 @@ def chat_tokenize_route(ctx: ServerContext, req: ChatCompletionRequest) -> ChatT
     as /v1/chat/completions would show them."""
     engine = ctx.engine()
     tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
-    text = render_chat(engine.tokenizer, req.messages, chat_template=ctx.chat_template,
-                       add_generation_prompt=req.add_generation_prompt,
-                       continue_final_message=req.continue_final_message,
-                       tools=tools.template_tools, tool_instructions=tools.instructions(),
-                       chat_template_kwargs=req.chat_template_kwargs)
+    text = render_chat_request(engine.tokenizer, req, tools, ctx.chat_template)
     return ChatTokenizeResponse(tokenize_response=_simple_tokens(engine.tokenizer, text, False), templated_text=text)
