@@ -16,10 +16,10 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from server_fixtures import listening, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_NAME = "tgi-nb-test"
@@ -134,15 +134,6 @@ def process_gone(pid: int) -> bool:
             return True
         return False
     return "\nState:\tZ" in status  # exited, waiting for a reaper
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_life_cycle_in_a_kernel(kernel):
@@ -320,14 +311,9 @@ def test_kernel_shutdown_stops_servers_and_child_processes(tmp_path, models):
     finally:
         k.shutdown()
     state = json.loads(out.strip().splitlines()[-1])
-    assert wait_for(lambda: process_gone(state["pid"]), timeout=30)
+    assert wait_until(lambda: process_gone(state["pid"]), timeout=30)
     # Stopped by the kernel's exit handlers (which also remove the child's log folder), not only by the child's
     # watchdog noticing its parent is gone.
     assert not Path(state["log"]).exists()
     for port in state["ports"]:
-        assert wait_for(lambda port=port: not listening(port), timeout=30)
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        assert wait_until(lambda port=port: not listening(port), timeout=30)

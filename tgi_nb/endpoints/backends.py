@@ -69,7 +69,6 @@ class ThreadBackend:
         self._stopped = False
         self._built = threading.Event()
         self._starter: Optional[threading.Thread] = None
-        self._notes: list[str] = []
 
     @property
     def url(self) -> Optional[str]:
@@ -172,7 +171,6 @@ class ProcessBackend:
         self._dir = Path(tempfile.mkdtemp(prefix=f"tgi_nb-{name}-"))
         self.log_path = self._dir / "server.log"
         self._port_file = self._dir / "port"
-        self._stopped = False
         self._log: Any = None
 
     @property
@@ -259,7 +257,6 @@ class ProcessBackend:
         self._control("scale_to_zero")
 
     def stop(self) -> None:
-        self._stopped = True
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # the child stops its server, which frees the engine
             try:
@@ -340,8 +337,9 @@ class RemoteBackend:
 
         try:
             response = self._get("/info")
-            if response.status_code == 200 and isinstance(response.json(), dict) and response.json().get("model_id"):
-                return response.json()
+            body = response.json() if response.status_code == 200 else None
+            if isinstance(body, dict) and body.get("model_id"):
+                return body
             response = self._get("/v1/models")
             if response.status_code == 200:
                 models = response.json().get("data") or []
