@@ -424,20 +424,44 @@ def test_restart_on_the_same_port(engine):
 
 
 def test_shutdown_ends_open_streams_and_frees_kv(engine):
-    with running_server(engine) as (server, app), client(server) as c:
+    # Outputs 50 ms apart: the 400-token streams could not end on their own for 20 s, so an end seen here
+    # is the shutdown's. Two stoppers race the context manager's exit: stop() must be safe from many threads.
+    with running_server(SlowEngine(engine)) as (server, app), client(server) as c:
         with c.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 400, "ignore_eos": True,
-                                                       "stream": True}) as r:
-            lines = r.iter_lines()
-            next(lines)
-            stopper = threading.Thread(target=server.stop)
-            stopper.start()
-            with pytest.raises(httpx.HTTPError):  # the server closes the connection mid-stream
-                for _ in lines:
-                    pass
-            stopper.join(10)
+                                                       "stream": True}) as r, \
+                c.stream("POST", "/generate_stream", json={"inputs": "x", "parameters": {"max_new_tokens": 400}}) as g:
+            openai_lines, tgi_lines = r.iter_lines(), g.iter_lines()
+            assert next(openai_lines).startswith("data: ") and next(tgi_lines).startswith("data: ")
+            stoppers = [threading.Thread(target=server.stop) for _ in range(2)]
+            for stopper in stoppers:
+                stopper.start()
+            openai_events = sse_events(list(openai_lines))
+            tgi_events = sse_events(list(tgi_lines))
+            for stopper in stoppers:
+                stopper.join(30)
+                assert not stopper.is_alive()
             assert not server.is_alive
-    assert wait_until(lambda: kv_free(engine), timeout=5)
-    assert engine.stats() is not None and app.state.holder.status == "stopped"
+    # Each stream ends with an error event in its route's shape, not with a clean finish or a cut connection.
+    assert openai_events[-1]["error"]["code"] == "shutting_down", openai_events[-1]
+    assert all("choices" in e for e in openai_events[:-1]) and "[DONE]" not in openai_events
+    assert tgi_events[-1] == {"error": "the server is shutting down", "error_type": "unhealthy"}
+    assert all(e["generated_text"] is None for e in tgi_events[:-1])
+    assert wait_until(lambda: kv_free(engine), timeout=30)
+    assert app.state.holder.status == "stopped"
+    server.stop()  # once more, after the fact: a no-op
+
+
+def test_shutdown_answers_waiting_requests_503(engine):
+    with running_server(SlowEngine(engine)) as (server, app), client(server) as c:
+        results = []
+        request = threading.Thread(target=lambda: results.append(
+            c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 400, "ignore_eos": True})))
+        request.start()
+        assert wait_until(lambda: app.state.ctx.in_flight == 1, timeout=30)
+        server.stop()
+        request.join(30)
+    assert_openai_error(results[0], 503, None, "shutting_down")
+    assert wait_until(lambda: kv_free(engine), timeout=30)
 
 
 def test_root_and_version(http):

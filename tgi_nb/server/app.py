@@ -42,6 +42,7 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        ctx.draining = False  # an app stopped and served again (a restart on the same port) serves again
         holder.start()  # returns at once; the model loads in its own thread
         try:
             yield
@@ -59,6 +60,7 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
         return get_swagger_ui_html(openapi_url="openapi.json", title="tgi_nb - Swagger UI")
     app.state.ctx = ctx
     app.state.holder = holder
+    app.state.drain = ctx.drain  # called by DrainingServer when shutdown begins
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(openai_router)

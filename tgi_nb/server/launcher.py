@@ -199,7 +199,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import build_app
-    from .runner import bind_socket, run_in_new_loop
+    from .runner import DrainingServer, bind_socket, run_in_new_loop
 
     try:
         plan = plan_from_options(resolve_options(args))
@@ -218,7 +218,7 @@ def run_serve(args: argparse.Namespace) -> int:
     holder = app.state.holder
     config = uvicorn.Config(app, log_level=settings.log_level, lifespan="on", ws="none",
                             timeout_graceful_shutdown=settings.graceful_shutdown_timeout)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     port = sock.getsockname()[1]
     url = f"http://{settings.host}:{port}"
     failed = threading.Event()

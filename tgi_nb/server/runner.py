@@ -63,13 +63,38 @@ def run_in_new_loop(coro) -> None:
             loop.close()
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that, when shutdown begins, first calls the app's ``state.drain()`` if it has one.
+
+    uvicorn's graceful shutdown waits for open responses to finish; a generation stream can run for
+    minutes, so without this a stop would wait out ``timeout_graceful_shutdown`` and then cancel the
+    response mid-chunk. ``drain()`` (:meth:`tgi_nb.server.serving.ServerContext.drain`) ends every open
+    generation with a 503 ``shutting_down`` error and aborts its engine requests, so connections close
+    at once and their KV blocks are freed.
+
+    Example:
+        >>> from tgi_nb.server import build_app
+        >>> server = DrainingServer(uvicorn.Config(build_app(lambda: None)))
+    """
+
+    async def shutdown(self, sockets: Optional[list[socket.socket]] = None) -> None:
+        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        if drain is not None:
+            try:
+                drain()
+            except Exception:  # noqa: BLE001 - a failed drain must not stop the shutdown itself
+                logger.exception("draining open requests failed")
+        await super().shutdown(sockets)
+
+
 class ServerThread:
     """A uvicorn server in a daemon thread with its own event loop.
 
     Works inside a Jupyter kernel (with or without ``nest_asyncio``): the thread creates a fresh loop and
-    never touches the kernel's. ``stop()`` asks uvicorn to exit (open streams get
-    ``graceful_shutdown_timeout`` seconds, then are cancelled, which aborts their engine requests) and
-    runs the app's shutdown (which frees an engine the app built).
+    never touches the kernel's. ``stop()`` asks uvicorn to exit: open generation requests end at once
+    with a 503 ``shutting_down`` error and their engine requests are aborted (:class:`DrainingServer`),
+    other responses get ``graceful_shutdown_timeout`` seconds; then the app's shutdown runs (which frees
+    an engine the app built). ``stop()`` may be called from any number of threads, any number of times.
 
     Example:
         >>> from tgi_nb.server import ServerSettings, ServerThread, build_app
@@ -87,8 +112,11 @@ class ServerThread:
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(app, log_level=log_level, log_config=None, access_log=access_log, lifespan="on",
                                 loop="asyncio", ws="none", timeout_graceful_shutdown=graceful_shutdown_timeout)
-        self.server = uvicorn.Server(config)
+        self.server = DrainingServer(config)
         self._thread: Optional[threading.Thread] = None
+        # Serialises start() and stop(): the thread handle is set once and never cleared, so a stop()
+        # racing another (a test's stopper thread and a context manager's exit) always sees it.
+        self._lock = threading.Lock()
         self.error: Optional[BaseException] = None
 
     @property
@@ -107,12 +135,17 @@ class ServerThread:
             self.sock.close()
 
     def start(self, timeout: float = 30.0) -> "ServerThread":
-        """Start serving and return once uvicorn accepts connections (the model may still be loading)."""
-        self._thread = threading.Thread(target=self._run, name=f"tgi_nb-server-{self.port}", daemon=True)
-        self._thread.start()
+        """Start serving and return once uvicorn accepts connections (the model may still be loading).
+        A server runs once: its socket is closed when it stops, so a stopped one cannot start again."""
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError(f"the server on {self.url} was already started; build a new ServerThread")
+            thread = self._thread = threading.Thread(target=self._run, name=f"tgi_nb-server-{self.port}",
+                                                     daemon=True)
+            thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
-            if not self._thread.is_alive():
+            if not thread.is_alive():
                 raise RuntimeError(f"the server on {self.url} stopped during start-up: {self.error!r}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the server on {self.url} did not start within {timeout}s")
@@ -124,16 +157,22 @@ class ServerThread:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Stop serving and free the port; idempotent."""
-        if self._thread is None:
-            self.sock.close()
-            return
-        self.server.should_exit = True
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            self.server.force_exit = True
-            self._thread.join(5)
-        self._thread = None
+        """Stop serving and free the port; returns once the server thread ended. Idempotent, and safe
+        from several threads at once (each returns once the server stopped)."""
+        with self._lock:
+            thread = self._thread
+            if thread is None:
+                self.sock.close()
+                return
+            if thread is threading.current_thread():
+                raise RuntimeError("stop() called from the server's own thread would wait for itself")
+            self.server.should_exit = True
+            thread.join(timeout)
+            if thread.is_alive():
+                logger.warning("the server on %s did not stop within %ss: closing its connections", self.url,
+                               timeout)
+                self.server.force_exit = True
+                thread.join(5)
 
     def __enter__(self) -> "ServerThread":
         return self.start() if self._thread is None else self

@@ -124,7 +124,7 @@ class EngineHolder:
             raise ModelNotReady(f"the model failed to load: {self.error}", retry_after=None,
                                 code="model_load_failed")
         if self.status == "stopped":
-            raise ModelNotReady("the server is shutting down", retry_after=None, code="shutting_down")
+            raise shutting_down()
         raise ModelNotReady("the model is loading, retry shortly", code="model_loading")
 
     def unload(self) -> None:
@@ -172,13 +172,32 @@ class ServerContext:
         self.metrics = ServerMetrics(self._engine_stats)
         self.started = int(time.time())
         self.chat_template = load_chat_template(settings.chat_template)
+        # Open GenerationStreams, so that a shutdown can end them all at once (see drain()).
+        self.streams: set["GenerationStream"] = set()
+        self.draining = False
 
     def _engine_stats(self) -> Any:
         engine = self.holder.engine
         return engine.stats() if engine is not None else None
 
     def engine(self) -> Any:
+        if self.draining:
+            raise shutting_down()
         return self.holder.get()
+
+    def drain(self) -> None:
+        """Begin shutting down: refuse new generation requests (503) and end every open one now, with a
+        503 ``shutting_down`` error (an SSE error event once a stream has started), aborting its engine
+        requests so their KV blocks are freed. Called on the event loop's thread when the server starts
+        to stop, before uvicorn waits for connections to close; so no stream keeps a stop waiting.
+
+        Example (what ``ServerThread.stop()`` and ``tgi-nb serve``'s Ctrl-C do through
+        :class:`~tgi_nb.server.runner.DrainingServer`):
+            app.state.ctx.drain()
+        """
+        self.draining = True
+        for stream in list(self.streams):
+            stream.interrupt(shutting_down())
 
     @property
     def served_model_name(self) -> str:
@@ -208,6 +227,11 @@ class ServerContext:
     def release_slot(self) -> None:
         self.in_flight -= 1
         self.metrics.in_flight.set(self.in_flight)
+
+
+def shutting_down() -> ModelNotReady:
+    """The 503 every generation request gets once the server has begun to stop."""
+    return ModelNotReady("the server is shutting down", retry_after=None, code="shutting_down")
 
 
 def new_id(prefix: str) -> str:
@@ -409,7 +433,7 @@ class ClientDisconnected(Exception):
 
 
 KEEP_ALIVE = object()
-_DISCONNECTED = object()
+_WAKE = object()  # queued to wake events() after interrupt()
 
 
 class GenerationStream:
@@ -445,6 +469,8 @@ class GenerationStream:
         self._watcher: Optional[asyncio.Task] = None
         self._closed = False
         self._outcome: Optional[str] = None
+        self._interruption: Optional[BaseException] = None
+        ctx.streams.add(self)
 
     # -- submission ----------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], params: Union[SamplingParams, list[SamplingParams]],
@@ -500,16 +526,20 @@ class GenerationStream:
                     break
             if not self._closed and self._unfinished:
                 logger.info("client disconnected: aborting %s", ", ".join(self.request_ids))
-                self._queue.put_nowait((None, _DISCONNECTED))
-                self.close(outcome="disconnect")
+                self.interrupt(ClientDisconnected(), outcome="disconnect")
 
         self._watcher = asyncio.ensure_future(watch())
 
     async def events(self, keep_alive: Optional[float] = None) -> AsyncIterator[Any]:
         """Yield ``(prompt_index, RequestOutput)`` until every engine request finished, and
-        :data:`KEEP_ALIVE` after each ``keep_alive`` seconds without output. Raises
-        :class:`ClientDisconnected` when the client left."""
-        while self._unfinished:
+        :data:`KEEP_ALIVE` after each ``keep_alive`` seconds without output. Raises what
+        :meth:`interrupt` was given (:class:`ClientDisconnected` when the client left, a 503 when the
+        server stops), whether it happened while waiting or while the caller was sending."""
+        while True:
+            if self._interruption is not None:
+                raise self._interruption
+            if not self._unfinished:
+                return
             try:
                 if keep_alive is None:
                     item = await self._queue.get()
@@ -518,9 +548,9 @@ class GenerationStream:
             except asyncio.TimeoutError:
                 yield KEEP_ALIVE
                 continue
+            if item is _WAKE:
+                continue
             i, out = item
-            if out is _DISCONNECTED:
-                raise ClientDisconnected()
             self._observe(i, out)
             yield i, out
 
@@ -552,6 +582,15 @@ class GenerationStream:
         return outputs
 
     # -- the end -------------------------------------------------------------------------------
+    def interrupt(self, exc: BaseException, outcome: str = "shutdown") -> None:
+        """End the stream early: abort its engine requests now, and make :meth:`events` raise ``exc``
+        (on the event loop's thread only)."""
+        if self._closed:
+            return
+        self._interruption = exc
+        self._queue.put_nowait(_WAKE)
+        self.close(outcome=outcome)
+
     def succeed(self) -> None:
         self._outcome = self._outcome or "success"
 
@@ -565,6 +604,7 @@ class GenerationStream:
         if self._closed:
             return
         self._closed = True
+        self.ctx.streams.discard(self)
         for i in list(self._unfinished):
             try:
                 self.engine.abort(self.request_ids[i])
