@@ -3,6 +3,7 @@ failure, auth, 429, 503 while loading, client disconnects freeing KV blocks, met
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -134,6 +135,55 @@ def test_validation_errors_openai_shape(http):
     assert_openai_error(http.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
         400, "messages.0.content.0.type")
+
+
+LONE = "\ud800"  # a lone surrogate: valid JSON ("\\ud800"), not Unicode text
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONE}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a" + LONE}]}],
+                              "stream": True}, "messages.0.content.0.text"),
+    ("/v1/chat/completions", {**CHAT, "stop": ["ok", LONE]}, "stop.1"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{**WEATHER_TOOL, "function": {
+        **WEATHER_TOOL["function"], "description": LONE}}]}, "tools.0.function.description"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {LONE: {"type": "string"}}}}}},
+     "response_format.json_schema.schema.properties.\\ud800"),
+    ("/v1/completions", {"prompt": ["fine", "x" + LONE]}, "prompt.1"),
+    ("/v1/completions", {"prompt": LONE, "stream": True}, "prompt"),
+])
+def test_lone_surrogates_are_a_400_naming_the_field_openai(http, engine, path, body, param):
+    # httpx would fail to encode the surrogate as UTF-8: json.dumps escapes it, as a JS client's JSON does.
+    r = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    error = assert_openai_error(r, 400, param)
+    assert "surrogate" in error["message"] and error["message"].startswith(param)
+    assert kv_free(engine)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/generate", {"inputs": LONE}, "inputs"),
+    ("/generate_stream", {"inputs": "x", "parameters": {"stop": [LONE]}}, "parameters.stop.0"),
+    ("/", {"inputs": "x" + LONE, "stream": True}, "inputs"),
+    ("/tokenize", {"inputs": LONE}, "inputs"),
+    ("/tokenize", {"messages": [{"role": "user", "content": LONE}]}, "messages.0.content"),
+    ("/chat_tokenize", {"messages": [{"role": "user", "content": "x"}], "tools": [{**WEATHER_TOOL, "function": {
+        **WEATHER_TOOL["function"], "name": LONE}}]}, "tools.0.function.name"),
+])
+def test_lone_surrogates_are_a_422_naming_the_field_tgi(http, path, body, param):
+    r = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    error = assert_tgi_error(r, 422, "validation")
+    assert error["error"].startswith(param) and "surrogate" in error["error"]
+
+
+def test_surrogate_pairs_are_text(http):
+    # "\ud83d\ude00" in JSON is one character (an emoji), not two lone surrogates.
+    body = json.dumps({**CHAT, "messages": [{"role": "user", "content": "\U0001F600"}], "max_tokens": 2})
+    assert "\\ud83d\\ude00" in body
+    assert http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+                     ).status_code == 200
 
 
 def test_text_parts_and_developer_role(http):

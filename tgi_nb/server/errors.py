@@ -64,8 +64,22 @@ class APIError(Exception):
 
     def response(self, path: str) -> JSONResponse:
         if is_openai_path(path):
-            return JSONResponse(self.openai_body(), status_code=self.status_code, headers=self.headers)
-        return JSONResponse(self.tgi_body(), status_code=self.tgi_status_code, headers=self.headers)
+            return ErrorResponse(self.openai_body(), status_code=self.status_code, headers=self.headers)
+        return ErrorResponse(self.tgi_body(), status_code=self.tgi_status_code, headers=self.headers)
+
+
+class ErrorResponse(JSONResponse):
+    """A JSON error body written in ASCII (``\\u`` escapes): a message that quotes the client's input
+    may hold text that is not valid Unicode (a lone surrogate), which UTF-8 cannot encode; escaped, it
+    still reaches the client, instead of turning a 400 into a 500.
+
+    Example:
+        >>> ErrorResponse({"error": "bad \\ud800"}).body
+        b'{"error":"bad \\\\ud800"}'
+    """
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class BadRequest(APIError):

@@ -8,7 +8,7 @@ from starlette.responses import Response
 from . import openai_serving
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        ModelCard, ModelList, OpenAIError)
-from .serving import ServerContext
+from .serving import ServerContext, reject_invalid_text
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -24,12 +24,14 @@ async def get_ctx(request: Request) -> ServerContext:
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            ctx: ServerContext = Depends(get_ctx)) -> Response:
     """Chat completion, streamed as ``chat.completion.chunk`` events when ``stream`` is true."""
+    reject_invalid_text(body)
     return await openai_serving.create_chat_completion(ctx, body, request)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
 async def completions(body: CompletionRequest, request: Request, ctx: ServerContext = Depends(get_ctx)) -> Response:
     """Text completion of a prompt (string, strings or token ids)."""
+    reject_invalid_text(body)
     return await openai_serving.create_completion(ctx, body, request)
 
 

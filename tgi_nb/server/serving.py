@@ -344,6 +344,51 @@ def parse_logit_bias(logit_bias: Optional[dict[str, float]], vocab_size: int) ->
     return out
 
 
+def _first_lone_surrogate(value: Any, path: str) -> Optional[tuple[str, int, int]]:
+    """(field path, character offset, code point) of the first lone surrogate in a string under ``value``
+    (dictionary keys included), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")  # C speed; fails exactly on surrogates
+        except UnicodeEncodeError as exc:
+            return path, exc.start, ord(value[exc.start])
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            # The path goes into the error message: a key that is itself the bad text is shown escaped.
+            name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+            sub = f"{path}.{name}" if path else name
+            found = _first_lone_surrogate(key, sub) or _first_lone_surrogate(item, sub)
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _first_lone_surrogate(item, f"{path}.{index}" if path else str(index))
+            if found:
+                return found
+    return None
+
+
+def reject_invalid_text(body: Any) -> None:
+    """Raise :class:`BadRequest` naming the field when any text in a request body holds a lone UTF-16
+    surrogate (``"\\ud800"`` is valid JSON but not Unicode text: no tokenizer, template or grammar can
+    take it). OpenAI's, Anthropic's and DeepSeek's APIs reject such a body with a 400 too, rather than
+    repairing it into text the client never sent.
+
+    Example:
+        >>> reject_invalid_text({"messages": [{"role": "user", "content": "ok \\ud800"}]})
+        Traceback (most recent call last):
+        ...
+        tgi_nb.server.errors.BadRequest: messages.0.content: contains a lone UTF-16 surrogate (U+D800) at character 3; text must be valid Unicode
+    """
+    data = body.model_dump() if hasattr(body, "model_dump") else body
+    found = _first_lone_surrogate(data, "")
+    if found is not None:
+        path, offset, code = found
+        raise BadRequest(f"{path}: contains a lone UTF-16 surrogate (U+{code:04X}) at character {offset}; "
+                         "text must be valid Unicode", param=path or None)
+
+
 def stop_list(stop: Union[None, str, list[str]]) -> list[str]:
     if stop is None:
         return []

@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse, Response
 from . import tgi_serving
 from .protocol import (ChatCompletionRequest, ChatTokenizeResponse, DetokenizeRequest, DetokenizeResponse,
                        GenerateRequest, GenerateResponse, Info, StreamResponse, TGIError, TokenizeRequest)
-from .serving import ServerContext
+from .serving import ServerContext, reject_invalid_text
 from .version import server_version
 
 router = APIRouter(tags=["Text Generation Inference"])
@@ -24,6 +24,7 @@ async def get_ctx(request: Request) -> ServerContext:
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
 async def generate(body: GenerateRequest, request: Request, ctx: ServerContext = Depends(get_ctx)) -> Response:
     """Generate text for ``inputs``; ``details`` adds tokens, log-probabilities and the finish reason."""
+    reject_invalid_text(body)
     return await tgi_serving.generate(ctx, body, request)
 
 
@@ -31,6 +32,7 @@ async def generate(body: GenerateRequest, request: Request, ctx: ServerContext =
                                             **_ERRORS})
 async def generate_stream(body: GenerateRequest, request: Request, ctx: ServerContext = Depends(get_ctx)) -> Response:
     """Server-sent events, one per generated token; the last carries ``generated_text``."""
+    reject_invalid_text(body)
     return await tgi_serving.generate_stream(ctx, body, request)
 
 
@@ -38,6 +40,7 @@ async def generate_stream(body: GenerateRequest, request: Request, ctx: ServerCo
 async def compat_generate(body: GenerateRequest, request: Request, ctx: ServerContext = Depends(get_ctx)) -> Response:
     """TGI's root route (what ``InferenceClient.text_generation`` calls): /generate_stream when ``stream``
     is true, else /generate with the answer wrapped in a list."""
+    reject_invalid_text(body)
     if body.stream:
         return await tgi_serving.generate_stream(ctx, body, request)
     return await tgi_serving.generate(ctx, body, request, wrap_in_list=True)
@@ -87,6 +90,7 @@ async def metrics(ctx: ServerContext = Depends(get_ctx)) -> Response:
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, ctx: ServerContext = Depends(get_ctx)):
     """Tokens of ``inputs`` (TGI's shape) or of ``prompt`` / ``messages`` (vLLM's shape)."""
+    reject_invalid_text(body)
     return tgi_serving.tokenize_route(ctx, body)
 
 
@@ -99,4 +103,5 @@ async def detokenize(body: DetokenizeRequest, ctx: ServerContext = Depends(get_c
 @router.post("/chat_tokenize", response_model=ChatTokenizeResponse)
 async def chat_tokenize(body: ChatCompletionRequest, ctx: ServerContext = Depends(get_ctx)) -> ChatTokenizeResponse:
     """The chat template applied to ``messages``, and its tokens."""
+    reject_invalid_text(body)
     return tgi_serving.chat_tokenize_route(ctx, body)
