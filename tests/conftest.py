@@ -97,26 +97,40 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Callable[..., Path]:
     import torch
 
     built: dict[str, Path] = {}
-    vocab_size = json.loads((smollm2_dir / "config.json").read_text())["vocab_size"]
 
     def make(arch: str, dtype: torch.dtype = torch.float32, **config_overrides) -> Path:
-        from transformers import AutoModelForCausalLM
-
         key = json.dumps([arch, str(dtype), config_overrides], sort_keys=True, default=str)
-        if key in built:
-            return built[key]
-        config = _tiny_config(arch, vocab_size, config_overrides)
-        # Built and randomized in float32, then cast: every dtype gets the same (rounded) weights.
-        model = AutoModelForCausalLM.from_config(config)
-        _randomize(model, std=config.initializer_range)
-        model = model.to(dtype)
-        model.config.dtype = dtype
-        out = tmp_path_factory.mktemp(f"tiny-{arch}")
-        model.save_pretrained(out)  # transformers 5 always writes safetensors
-        for name in _TOKENIZER_FILES:
-            if (smollm2_dir / name).is_file():
-                shutil.copy2(smollm2_dir / name, out / name)
-        built[key] = out
-        return out
+        if key not in built:
+            built[key] = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, dtype, smollm2_dir,
+                                          **config_overrides)
+        return built[key]
 
     return make
+
+
+def build_tiny_model(out: Path, arch: str = "llama", dtype=None, tokenizer_dir=None, **config_overrides) -> Path:
+    """Write a tiny random-weight model (see ``tiny_model_dir``) with SmolLM2's tokenizer into ``out``; also
+    for scripts outside pytest (tests/api_fuzz.py, tests/soak.py).
+
+    Example:
+        path = build_tiny_model(Path(tempfile.mkdtemp()))     # a float32 llama
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tgi_nb.models import resolve_model
+
+    dtype = dtype or torch.float32
+    tokenizer_dir = Path(tokenizer_dir or resolve_model().path)
+    vocab_size = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    config = _tiny_config(arch, vocab_size, config_overrides)
+    # Built and randomized in float32, then cast: every dtype gets the same (rounded) weights.
+    model = AutoModelForCausalLM.from_config(config)
+    _randomize(model, std=config.initializer_range)
+    model = model.to(dtype)
+    model.config.dtype = dtype
+    model.save_pretrained(out)  # transformers 5 always writes safetensors
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, out / name)
+    return out
