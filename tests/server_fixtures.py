@@ -40,8 +40,9 @@ def running_server(engine_or_factory: Any, **settings: Any) -> Iterator[tuple[Se
         server.stop()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` seconds passed; returns its last value."""
+def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds passed; returns its last value. The default
+    is generous: it returns as soon as the condition holds, and a loaded 2-core machine can be slow."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
