@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -186,22 +185,38 @@ def _fake_gguf(tmp_path: Path) -> Path:
 
 def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
     monkeypatch.setenv("TGI_NB_CACHE", str(tmp_path / "cache"))
+    import filelock
+
     calls = []
+    lock_attempts = threading.Semaphore(0)
+    acquire = filelock.FileLock.acquire
+
+    def counted_acquire(self, *args, **kwargs):
+        lock_attempts.release()
+        return acquire(self, *args, **kwargs)
+
+    def convert() -> None:
+        results.append(loader.convert_gguf(gguf))
+
+    second = threading.Thread(target=convert)
 
     def slow_write(gguf_file, out):
         calls.append(gguf_file)
         (out / "config.json").write_text("{}")
-        time.sleep(0.3)  # the other thread arrives while this one is still writing
+        # The other conversion starts now and reaches the lock while this one is still writing.
+        second.start()
+        assert lock_attempts.acquire(timeout=60)
         (out / "model.safetensors").write_bytes(b"weights")
 
+    monkeypatch.setattr(filelock.FileLock, "acquire", counted_acquire)
     monkeypatch.setattr(loader, "_write_converted", slow_write)
     gguf = _fake_gguf(tmp_path)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(loader.convert_gguf(gguf))) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    first = threading.Thread(target=convert)
+    first.start()
+    assert lock_attempts.acquire(timeout=60)  # the first conversion's own attempt
+    first.join(120)
+    second.join(120)
 
     assert len(calls) == 1
     assert results[0] == results[1] == loader.converted_dir(gguf)
