@@ -323,7 +323,8 @@ def test_huggingface_hub_clients_work_offline(make):
 
 def test_scale_to_zero_after_idle_minutes(make):
     # HF's autoscaling: min_replica=0 and scale_to_zero_timeout (minutes) free an idle model.
-    endpoint = make("idle", min_replica=0, scale_to_zero_timeout=0.01)
+    # 3 s idle: long enough for wait() to see it running on a loaded machine (the clock starts once it is ready).
+    endpoint = make("idle", min_replica=0, scale_to_zero_timeout=0.05)
     endpoint.wait(timeout=120)
     assert chat(endpoint.url)
     assert wait_until(lambda: endpoint.fetch().status == "scaledToZero", timeout=30)

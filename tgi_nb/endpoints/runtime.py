@@ -271,9 +271,14 @@ class EndpointController:
     def _idle_watch(self) -> None:
         after = float(self.scale_to_zero_after or 0)
         interval = max(0.1, min(30.0, after / 4))
+        ready_since = None
         while not self._closed.wait(interval):
-            idle = time.monotonic() - self.last_activity
-            if self.holder.status == "ready" and not self.paused and self.in_flight == 0 and idle >= after:
+            ready = self.holder.status == "ready"
+            # Idle time counts from the later of the last request and the model becoming ready: a load that
+            # took longer than the timeout must not be freed the moment it finishes, before anyone used it.
+            ready_since = (ready_since or time.monotonic()) if ready else None
+            idle = time.monotonic() - max(self.last_activity, ready_since or 0.0)
+            if ready and not self.paused and self.in_flight == 0 and idle >= after:
                 logger.info("no request for %.0f s: scaling to zero", idle)
                 self._freed_once = True
                 self.holder.unload()
