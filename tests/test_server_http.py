@@ -216,6 +216,9 @@ def test_validation_errors_tgi_shape(http):
                                                                                        "do_sample": True}}),
                      422, "validation")
     assert_tgi_error(http.post("/generate", json={"inputs": "x", "parameters": {"best_of": 2}}), 422, "validation")
+    # Found by the fuzz (tests/api_fuzz.py): an empty conversation was a 500 from the chat template.
+    error = assert_tgi_error(http.post("/tokenize", json={"messages": []}), 422, "validation")
+    assert error["error"].startswith("messages:")
 
 
 def test_429_with_retry_after(engine):

@@ -390,7 +390,7 @@ class TokenizeRequest(_Request):
 
     inputs: Optional[str] = None
     prompt: Optional[Union[str, list[int]]] = None
-    messages: Optional[list[ChatMessage]] = None
+    messages: Optional[list[ChatMessage]] = Field(default=None, min_length=1)
     add_special_tokens: bool = True  # for ``prompt``, as vLLM: what /v1/completions sees
     add_generation_prompt: bool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None
