@@ -267,6 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not 1 <= args.cases <= len(CASES):
         parser.error(f"--cases: must be between 1 and {len(CASES)}, got {args.cases}")
 
+    revision = git_revision()  # now: the code this process imported, whatever is edited while it runs
     resolved = resolve_model(args.model)
     engine = LLMEngine(EngineConfig(model_id=str(resolved.path), max_input_tokens=1536, max_total_tokens=2048))
     server = ServerThread(build_app(engine, ServerSettings(max_concurrent_requests=1024)), port=0).start()
@@ -282,7 +283,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary = summarize(rows)
     machine = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                "cpu": cpu_model(), "cpus": os.cpu_count(), "loadavg": open("/proc/loadavg").read().split()[:3],
-               "revision": git_revision(), "wall_s": round(wall, 1), "max_tokens": args.max_tokens}
+               "revision": revision, "wall_s": round(wall, 1), "max_tokens": args.max_tokens}
     log(f"{requests} requests in {wall:.0f} s")
     print(json.dumps(machine))
     header = ["mode", "sampling", "n", "valid and finished", "hit max_tokens", "identical repeated calls",
