@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from server_fixtures import kv_free, make_engine, running_server, wait_until
 from tgi_nb.engine.guided_decoding import (MAX_FRACTION_DIGITS, MAX_INTEGER_DIGITS, GrammarCompiler,
-                                           json_object_grammar, json_schema_grammar, lark_grammar, with_json_style)
+                                           GrammarError, json_object_grammar, json_schema_grammar, lark_grammar, with_json_style)
 from tgi_nb.server.tools import ToolCallGuard, ToolCallParser, parse_tool_calls, tool_call_text
 
 EOS = 2  # SmolLM2's <|im_end|>
@@ -80,6 +80,25 @@ def test_numbers_without_bounds_get_them(compiler, make):
     assert grammar.matches(doc(x="0." + "1" * MAX_FRACTION_DIGITS))
     assert not grammar.matches(doc(x="0." + "1" * (MAX_FRACTION_DIGITS + 1)))
     assert grammar.matches(doc(x="-3")) and not grammar.matches(doc(x="1e5"))
+
+
+def test_only_schemas_are_bounded(compiler):
+    # A property named "type" or "minimum" is a name, not a keyword; a "type" that is not a string is
+    # llguidance's to reject (a 400 naming the field, never a crash here).
+    schema = {"type": "object", "properties": {"type": {"type": "string"}, "minimum": {"type": "integer"}},
+              "required": ["type", "minimum"], "additionalProperties": False}
+    grammar = compiler.compile(json_schema_grammar(schema))
+    assert grammar.matches('{"type": "bike", "minimum": 3}')
+    assert not grammar.matches('{"type": "bike", "minimum": ' + "1" * (MAX_INTEGER_DIGITS + 1) + "}")
+    try:  # (it used to raise TypeError: unhashable type 'dict', a 500)
+        compiler.compile(json_schema_grammar({"type": {"type": "integer"}}))
+    except GrammarError:
+        pass
+    nested = {"anyOf": [{"type": "integer"}, {"type": "array", "items": {"$ref": "#/$defs/n"}}],
+              "$defs": {"n": {"type": "number"}}}
+    grammar = compiler.compile(json_schema_grammar(nested))
+    assert grammar.matches("[1.5, 2]") and not grammar.matches("[0." + "1" * (MAX_FRACTION_DIGITS + 1) + "]")
+    assert not grammar.matches("1" * (MAX_INTEGER_DIGITS + 1))
 
 
 def test_bounds_the_client_set_are_kept(compiler):

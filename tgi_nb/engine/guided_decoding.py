@@ -68,23 +68,35 @@ class GrammarError(ValueError):
     """
 
 
+# Where a JSON schema holds subschemas (2020-12 and draft-07 keywords): one, a list, or a map of names to them.
+_SUBSCHEMA = ("items", "additionalItems", "additionalProperties", "unevaluatedItems", "unevaluatedProperties",
+              "contains", "propertyNames", "not", "if", "then", "else")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
 def bounded_numbers(schema: Any) -> Any:
     """``schema`` with every ``integer`` and ``number`` that has no bound of its own given one: at most
     :data:`MAX_INTEGER_DIGITS` integer digits and :data:`MAX_FRACTION_DIGITS` fraction digits. Bounds the
-    client set (``minimum``, ``exclusiveMaximum``, ``multipleOf``, ...) are kept.
+    client set (``minimum``, ``exclusiveMaximum``, ``multipleOf``, ...) are kept. Anything that is not a
+    schema is returned as it is, for llguidance to judge.
 
     Example:
         >>> bounded_numbers({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}})
         {'type': 'object', 'properties': {'n': {'type': 'integer', 'minimum': 0, 'maximum': 9999999999999999}}}
     """
-    if isinstance(schema, list):
-        return [bounded_numbers(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {key: (value if key in ("const", "enum", "default", "examples") else bounded_numbers(value))
-           for key, value in schema.items()}
+    out = dict(schema)
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: bounded_numbers(sub) for name, sub in value.items()}
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            out[key] = [bounded_numbers(sub) for sub in value]
+        elif key in _SUBSCHEMA:
+            out[key] = bounded_numbers(value)
     kind = schema.get("type")
-    kinds = set(kind) if isinstance(kind, list) else {kind}
+    kinds = {k for k in (kind if isinstance(kind, list) else [kind]) if isinstance(k, str)}
     if kinds & {"integer", "number"}:
         if "minimum" not in out and "exclusiveMinimum" not in out:
             out["minimum"] = -_NUMBER_LIMIT
