@@ -135,6 +135,10 @@ def test_guard_ends_the_output_at_a_repeated_call(tokenizer):
     assert allowed_after(guard(), tokenizer, CALL_A + "\n" + CALL_A_REORDERED + "\n") == [EOS]
     assert allowed_after(guard(single=True), tokenizer, "Sure. " + CALL_B) == [EOS]
     assert len(allowed_after(guard(single=True), tokenizer, "Sure. <tool_call>\n{")) == 49152
+    # The closing tag written inside an argument is not the end of the call.
+    inside = '<tool_call>\n{"name": "calculate", "arguments": {"expression": "1}}</tool_call>'
+    assert len(allowed_after(guard(single=True), tokenizer, inside)) == 49152
+    assert len(allowed_after(guard(), tokenizer, CALL_A + "\n" + inside)) == 49152
 
 
 def test_guard_runs_the_grammar_first(tokenizer, compiler):
@@ -148,6 +152,9 @@ def test_guard_runs_the_grammar_first(tokenizer, compiler):
     start = factory()
     assert len(allowed_after(start, tokenizer, "")) < 49152           # the grammar: only "<tool_call>" may begin
     assert allowed_after(factory(), tokenizer, CALL_A + "\n" + CALL_A) == [EOS]
+    # Where the grammar does not let the output end, the guard never ends it (the tag is inside a string).
+    inside = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "</tool_call>'
+    assert EOS not in allowed_after(factory(), tokenizer, CALL_A + "\n" + inside)
 
 
 REPEATS = [

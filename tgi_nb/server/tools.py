@@ -353,12 +353,14 @@ class ToolCallGuard:
     def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
         if self._inner is not None:
             logits = self._inner(generated, logits)
-        if not self._ended and generated:
+        eos = self._eos[self._eos < logits.shape[0]]
+        # Only where the grammar (if any) lets the output end: a tag inside a JSON string is no end.
+        if not self._ended and generated and len(eos) and torch.isfinite(logits[eos]).any():
             self._ended = self._must_end(generated)
-        if self._ended and len(self._eos):
-            eos = self._eos[self._eos < logits.shape[0]]
+        if self._ended:
+            kept = logits[eos].clone()
             logits.fill_(float("-inf"))
-            logits[eos] = 0.0
+            logits[eos] = kept
         return logits
 
     def _must_end(self, generated: list[int]) -> bool:
@@ -366,9 +368,19 @@ class ToolCallGuard:
         if not tail.rstrip().endswith(TOOL_CALL_CLOSE):
             return False
         blocks = _BLOCK_TEXT.findall(self._tokenizer.decode(generated))
+        if not blocks or not _is_call(blocks[-1]):  # e.g. "</tool_call>" written inside an argument string
+            return False
         if self._single:
-            return bool(blocks)
-        return len(blocks) > 1 and call_key(blocks[-1]) in {call_key(b) for b in blocks[:-1]}
+            return True
+        return call_key(blocks[-1]) in {call_key(b) for b in blocks[:-1]}
+
+
+def _is_call(block: str) -> bool:
+    try:
+        call = json.loads(block)
+    except ValueError:
+        return False
+    return isinstance(call, dict) and isinstance(call.get("name"), str)
 
 
 # ----------------------------------------------------------------------------------------------
