@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 
 from server_fixtures import kv_free, make_engine, running_server, wait_until
 from tgi_nb.engine.guided_decoding import (MAX_FRACTION_DIGITS, MAX_INTEGER_DIGITS, GrammarCompiler,
-                                           GrammarError, json_object_grammar, json_schema_grammar, lark_grammar, with_json_style)
+                                           GrammarError, json_object_grammar, json_schema_grammar, lark_grammar,
+                                           with_json_style)
 from tgi_nb.server.tools import ToolCallGuard, ToolCallParser, parse_tool_calls, tool_call_text
 
 EOS = 2  # SmolLM2's <|im_end|>
@@ -57,13 +58,18 @@ def test_default_json_object_grammar(compiler):
     assert grammar.matches(nested(5)) and not grammar.matches(nested(6))
     assert grammar.matches(json.dumps({f"k{i}": i for i in range(16)}))
     assert not grammar.matches(json.dumps({f"k{i}": i for i in range(17)}))
-    assert grammar.matches(json.dumps({"a": list(range(32))})) and not grammar.matches(json.dumps({"a": list(range(33))}))
+    assert grammar.matches(json.dumps({"a": list(range(32))}))
+    assert not grammar.matches(json.dumps({"a": list(range(33))}))
     with pytest.raises(ValueError, match="max_depth"):
         json_object_grammar(max_depth=0)
 
 
-@pytest.mark.parametrize("make", [json_schema_grammar, lambda s: lark_grammar(f"start: %json{json.dumps(with_json_style(s))}")],
-                         ids=["json_schema", "lark_json"])
+def inline_json_grammar(schema):
+    """The schema as a tool call's arguments are compiled: a %json inside a Lark grammar."""
+    return lark_grammar(f"start: %json{json.dumps(with_json_style(schema))}")
+
+
+@pytest.mark.parametrize("make", [json_schema_grammar, inline_json_grammar], ids=["json_schema", "lark_json"])
 def test_numbers_without_bounds_get_them(compiler, make):
     schema = {"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"},
                                                "mixed": {"type": ["integer", "null"]}},
@@ -165,7 +171,7 @@ REPEATS = [
     CALL_A + "\n" + CALL_A[:-20],                                # a repeat cut short by max_tokens
     CALL_A + "\n" + CALL_B[:-20],                                # a new call cut short: kept as far as it got
     "Let me look. " + CALL_A + "\n" + CALL_A,
-    '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "arguments": {"city": "Paris"}}]',
+    json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}}] * 2),
 ]
 
 

@@ -311,7 +311,8 @@ def call_key(block: str) -> str:
     """What makes two calls the same: name and arguments, whatever the spacing and key order.
 
     Example:
-        >>> call_key('{"name": "f", "arguments": {"b": 1, "a": 2}}') == call_key('{"name":"f","arguments":{"a":2,"b":1}}')
+        >>> call_key('{"name": "f", "arguments": {"b": 1, "a": 2}}') == \\
+        ...     call_key('{"name":"f","arguments":{"a":2,"b":1}}')
         True
     """
     try:
