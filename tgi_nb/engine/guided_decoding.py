@@ -37,6 +37,25 @@ import torch
 JSON_STYLE: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
                               "lenient": True}
 
+# Bounds that make every JSON value end. A model at temperature 0 easily falls into a loop that a grammar
+# keeps valid forever ("population": 1111111..., {"looks": {"looks": ...), so a constrained output must
+# reach a point where only closing is left. Integers: at most 16 digits, as llama.cpp's JSON grammars
+# allow (and about where a double stops being exact, 2**53 ~ 9.007e15); fractions: at most 10 digits;
+# no exponent (llguidance writes bounded numbers without one). These only narrow what the model may
+# write: every output still matches the client's schema. Strings are left unbounded: a long text is
+# often what was asked for, and ``max_tokens`` bounds it.
+MAX_INTEGER_DIGITS = 16
+MAX_FRACTION_DIGITS = 10
+_NUMBER_LIMIT = 10 ** MAX_INTEGER_DIGITS - 1
+# ``json_object`` (any object, no schema): nesting and size bounds where a schema would give them.
+# OpenAI's strict mode accepts schemas 10 levels deep; answers to "give me a JSON object" rarely need 5
+# levels, 16 members or 32 items, and a loop (nesting {"looks": {"looks": ..., counting [1, 2, 3, ...)
+# must hit a bound within a few dozen tokens to leave room for the closing brackets. A client that
+# needs more describes it with a json_schema (maxItems, ...).
+JSON_OBJECT_MAX_DEPTH = 5
+JSON_OBJECT_MAX_PROPERTIES = 16
+JSON_OBJECT_MAX_ITEMS = 32
+
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
@@ -49,8 +68,48 @@ class GrammarError(ValueError):
     """
 
 
+# Where a JSON schema holds subschemas (2020-12 and draft-07 keywords): one, a list, or a map of names to them.
+_SUBSCHEMA = ("items", "additionalItems", "additionalProperties", "unevaluatedItems", "unevaluatedProperties",
+              "contains", "propertyNames", "not", "if", "then", "else")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def bounded_numbers(schema: Any) -> Any:
+    """``schema`` with every ``integer`` and ``number`` that has no bound of its own given one: at most
+    :data:`MAX_INTEGER_DIGITS` integer digits and :data:`MAX_FRACTION_DIGITS` fraction digits. Bounds the
+    client set (``minimum``, ``exclusiveMaximum``, ``multipleOf``, ...) are kept. Anything that is not a
+    schema is returned as it is, for llguidance to judge.
+
+    Example:
+        >>> bounded_numbers({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}})
+        {'type': 'object', 'properties': {'n': {'type': 'integer', 'minimum': 0, 'maximum': 9999999999999999}}}
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: bounded_numbers(sub) for name, sub in value.items()}
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            out[key] = [bounded_numbers(sub) for sub in value]
+        elif key in _SUBSCHEMA:
+            out[key] = bounded_numbers(value)
+    kind = schema.get("type")
+    kinds = {k for k in (kind if isinstance(kind, list) else [kind]) if isinstance(k, str)}
+    if kinds & {"integer", "number"}:
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -_NUMBER_LIMIT
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = _NUMBER_LIMIT
+        if "number" in kinds and "multipleOf" not in out:
+            out["multipleOf"] = float(f"1e-{MAX_FRACTION_DIGITS}")
+    return out
+
+
 def json_schema_grammar(schema: Union[dict[str, Any], bool]) -> str:
-    """The grammar of JSON documents valid against ``schema`` (laid out as :data:`JSON_STYLE`).
+    """The grammar of JSON documents valid against ``schema`` (laid out as :data:`JSON_STYLE`, numbers
+    bounded by :func:`bounded_numbers`).
 
     Example:
         >>> json.loads(json_schema_grammar({"type": "object"}))["grammars"][0]["json_schema"]["type"]
@@ -61,20 +120,54 @@ def json_schema_grammar(schema: Union[dict[str, Any], bool]) -> str:
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema must be an object (or true), got {json.dumps(schema)[:100]}")
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
+        return llguidance.LLMatcher.grammar_from_json_schema(bounded_numbers(schema), defaults=JSON_STYLE)
     except ValueError as exc:
         raise GrammarError(str(exc)) from exc
 
 
 def with_json_style(schema: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` with :data:`JSON_STYLE` as its llguidance options, for a ``%json{...}`` inside a Lark
-    grammar (which does not take compile options from outside). The schema's own options win.
+    """``schema`` with :data:`JSON_STYLE` as its llguidance options and bounded numbers (see
+    :func:`bounded_numbers`), for a ``%json{...}`` inside a Lark grammar (which does not take compile
+    options from outside). The schema's own options win.
 
     Example:
         >>> with_json_style({"type": "object"})["x-guidance"]["item_separator"]
         ', '
     """
-    return {**schema, "x-guidance": {**JSON_STYLE, **(schema.get("x-guidance") or {})}}
+    return {**bounded_numbers(schema), "x-guidance": {**JSON_STYLE, **(schema.get("x-guidance") or {})}}
+
+
+def json_object_grammar(max_depth: int = JSON_OBJECT_MAX_DEPTH, max_properties: int = JSON_OBJECT_MAX_PROPERTIES,
+                        max_items: int = JSON_OBJECT_MAX_ITEMS) -> str:
+    """The grammar of any JSON object nested at most ``max_depth`` levels, with at most ``max_properties``
+    members per object and ``max_items`` per array, numbers bounded as in :func:`bounded_numbers`,
+    laid out as :data:`JSON_STYLE` (OpenAI's ``response_format={"type": "json_object"}``).
+
+    A JSON schema cannot say this (``{"type": "object"}`` allows any depth and llguidance has no
+    ``maxProperties``), so the grammar is written in Lark, one rule per depth.
+
+    Example:
+        >>> print(json_object_grammar(max_depth=1, max_properties=2, max_items=2))  # doctest: +ELLIPSIS
+        start: object_1
+        object_1: "{" (member_1 (", " member_1){0,1})? "}"
+        member_1: STRING ": " value_0
+        value_0: STRING | NUMBER | "true" | "false" | "null"
+        STRING: ...
+    """
+    if max_depth < 1 or max_properties < 1 or max_items < 1:
+        raise GrammarError("json_object_grammar: max_depth, max_properties and max_items must be >= 1")
+    rules = [f"start: object_{max_depth}"]
+    for depth in range(max_depth, 0, -1):
+        rules += [f'object_{depth}: "{{" (member_{depth} (", " member_{depth}){{0,{max_properties - 1}}})? "}}"',
+                  f'member_{depth}: STRING ": " value_{depth - 1}']
+        if depth > 1:
+            below = depth - 1
+            rules += [f'array_{below}: "[" (value_{below - 1} (", " value_{below - 1}){{0,{max_items - 1}}})? "]"',
+                      f'value_{below}: object_{below} | array_{below} | STRING | NUMBER | "true" | "false" | "null"']
+    rules += ['value_0: STRING | NUMBER | "true" | "false" | "null"',
+              r'STRING: /"(?:[^"\\\x00-\x1f]|\\(?:["\\\/bfnrt]|u[0-9a-fA-F]{4}))*"/',
+              f"NUMBER: /-?(?:0|[1-9][0-9]{{0,{MAX_INTEGER_DIGITS - 1}}})(?:\\.[0-9]{{1,{MAX_FRACTION_DIGITS}}})?/"]
+    return lark_grammar("\n".join(rules))
 
 
 def regex_grammar(pattern: str) -> str:

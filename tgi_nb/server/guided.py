@@ -3,7 +3,8 @@
 Accepted shapes, on /v1/chat/completions as ``response_format`` and on /generate as ``parameters.grammar``:
 
 - ``{"type": "text"}``: no constraint (``response_format`` only);
-- ``{"type": "json_object"}``: any JSON object;
+- ``{"type": "json_object"}``: any JSON object (bounded in depth and size so that it ends: see
+  ``json_object_grammar``);
 - ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`` (OpenAI), or with
   ``"value": {"name": ..., "schema": {...}}`` (TGI);
 - ``{"type": "json", "value": {...schema...}}`` (TGI; the schema may also be a JSON string);
@@ -33,7 +34,8 @@ from typing import Any, Optional
 from starlette.concurrency import run_in_threadpool
 
 from tgi_nb.engine.guided_decoding import (Grammar, GrammarCompiler, GrammarError, choice_grammar,
-                                           json_schema_grammar, lark_grammar, regex_grammar)
+                                           json_object_grammar, json_schema_grammar, lark_grammar,
+                                           regex_grammar)
 
 from .errors import BadRequest
 
@@ -96,8 +98,9 @@ def grammar_from_format(spec: Optional[dict[str, Any]], param: str, *, allow_tex
         return None
     if kind in ("json_object", "json"):
         value = spec.get("value")
-        schema = {"type": "object"} if value is None else _schema_value(value, f"{param}.value")
-        return _json_guide(schema, f"{param}.value")
+        if value is None:
+            return GuideSpec(json_object_grammar(), param, "JSON object")
+        return _json_guide(_schema_value(value, f"{param}.value"), f"{param}.value")
     if kind == "regex":
         value = spec.get("value")
         if not isinstance(value, str) or not value:
@@ -126,7 +129,7 @@ def _vllm_guide(kind: str, value: Any, param: str) -> GuideSpec:
     if kind == "json_object":
         if value is not True:
             raise BadRequest(f"{param}: must be true when set", param=param)
-        return _json_guide({"type": "object"}, param)
+        return GuideSpec(json_object_grammar(), param, "JSON object")
     if kind == "choice":
         try:
             return GuideSpec(choice_grammar(value), param, "choice")

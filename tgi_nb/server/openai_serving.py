@@ -132,8 +132,11 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
                                      field=max_field, prompt_field="messages")
     names = {**_CHAT_NAMES, "max_new_tokens": max_field}
     guide = await compile_guide(engine, spec) if spec is not None else None
+    processors = guide.processor if guide is not None else None
+    if tool_names is not None:  # the output is parsed for calls: end it at a repeated (or, single, a first) call
+        processors = tools.processor_factory(processors, engine.tokenizer, engine.eos_token_ids)
     params = _sampling(req, engine, max_new, (req.top_logprobs or 0) if req.logprobs else None, req.n, names,
-                       guide.processor if guide is not None else None)
+                       processors)
     request_id = new_id("chatcmpl")
     stream = GenerationStream(ctx, engine, "chat_completions")
     stream.submit([ids], params, request_id, names)
@@ -141,7 +144,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = _chat_events(ctx, stream, request, request_id, req.n, req.logprobs, include_usage, table,
-                              tool_names, tools.forced)
+                              tool_names, tools.forced, not tools.parallel)
         return SSEResponse(events, on_close=stream.close)
     try:
         outputs = (await stream.collect(request))[0]
@@ -153,7 +156,8 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         result = acc.result()
         choices = []
         for o in result.outputs:
-            content, calls = parse_tool_calls(o.text, tool_names) if tool_names is not None else (o.text, [])
+            content, calls = (parse_tool_calls(o.text, tool_names, single=not tools.parallel)
+                              if tool_names is not None else (o.text, []))
             choices.append(ChatChoice(index=o.index, message=ChatResponseMessage(content=content,
                                                                                  tool_calls=calls or None),
                                       logprobs=chat_logprobs(table, o.logprobs or []) if req.logprobs else None,
@@ -174,10 +178,11 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
 
 async def _chat_events(ctx: ServerContext, stream: GenerationStream, request: Request, request_id: str, n: int,
                        want_logprobs: bool, include_usage: bool, table: TokenTable,
-                       tool_names: Optional[list[str]], forced_tools: bool) -> AsyncIterator[bytes]:
+                       tool_names: Optional[list[str]], forced_tools: bool, single_call: bool
+                       ) -> AsyncIterator[bytes]:
     created = int(time.time())
     model = ctx.served_model_name
-    parsers = [ToolCallParser(tool_names) for _ in range(n)] if tool_names is not None else None
+    parsers = [ToolCallParser(tool_names, single_call) for _ in range(n)] if tool_names is not None else None
 
     def chunk(choices: list[ChatChunkChoice], usage: Optional[UsageInfo] = None) -> bytes:
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices,

@@ -15,6 +15,11 @@ One text format throughout, Hermes' (Qwen 2.5/3, Hermes, SmolLM3 and many fine-t
   blocks (exactly one of the named function), each a JSON object whose name is an allowed tool and whose
   arguments match that tool's ``parameters`` schema, so even a weak model produces a valid call.
 
+Tool calls end: a call identical to an earlier one (same name, same arguments) is never useful, yet a weak
+model at ``temperature=0`` repeats its call until ``max_tokens``. :class:`ToolCallGuard` ends the output
+once a repeated call closes and the parser drops the repeat; with ``parallel_tool_calls=false`` the output
+ends after the first call and only that call is returned (OpenAI's meaning; vLLM likewise keeps the first).
+
 A chat template that knows tools (it mentions ``tools`` and ``tool_calls``) gets them as ``tools=`` and the
 messages as they are; for any other template the tools are described in the system message, assistant
 tool calls are written out as ``<tool_call>`` blocks and tool results as ``<tool_response>`` user turns.
@@ -35,7 +40,9 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
+
+import torch
 
 from tgi_nb.engine.guided_decoding import lark_grammar, with_json_style
 
@@ -128,6 +135,20 @@ class ToolPlan:
         parts = tuple((f"tools.{i}.function.parameters", lark_grammar(f"start: %json{json.dumps(schemas[i])}"))
                       for i in indices)
         return GuideSpec(lark_grammar(lark), "tools", "tool parameters schema", parts)
+
+    def processor_factory(self, grammar_factory: Optional[Callable[[], Any]], tokenizer: Any,
+                          eos_token_ids: Iterable[int]) -> Callable[[], "ToolCallGuard"]:
+        """The per-sample logits processors of a request whose output is parsed for tool calls: the
+        forced-call grammar's (``grammar_factory``, None without one) inside a :class:`ToolCallGuard`.
+
+        Example:
+            >>> plan = plan_tools([{"type": "function", "function": {"name": "f"}}], "auto", False)
+            >>> factory = plan.processor_factory(None, tokenizer, [2])              # doctest: +SKIP
+            >>> SamplingParams(logits_processor_factory=factory)                   # doctest: +SKIP
+        """
+        eos = sorted(set(eos_token_ids))
+        return lambda: ToolCallGuard(grammar_factory() if grammar_factory is not None else None, tokenizer,
+                                     eos, single=not self.parallel)
 
 
 def _rebase_refs(schema: Any, base: str) -> Any:
@@ -279,6 +300,91 @@ def tool_messages_as_text(messages: list[dict[str, Any]], instructions: Optional
 
 
 # ----------------------------------------------------------------------------------------------
+# Ending the output: no repeated call, one call without parallel tool calls
+# ----------------------------------------------------------------------------------------------
+
+_BLOCK_TEXT = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+_CLOSE_TAIL_TOKENS = 16  # enough tokens to spell "</tool_call>" one character per token, and spaces after
+
+
+def call_key(block: str) -> str:
+    """What makes two calls the same: name and arguments, whatever the spacing and key order.
+
+    Example:
+        >>> call_key('{"name": "f", "arguments": {"b": 1, "a": 2}}') == \\
+        ...     call_key('{"name":"f","arguments":{"a":2,"b":1}}')
+        True
+    """
+    try:
+        call = json.loads(block)
+    except ValueError:
+        return block.strip()
+    if not isinstance(call, dict):
+        return block.strip()
+    arguments = call.get("arguments", call.get("parameters"))
+    return json.dumps([call.get("name"), arguments], sort_keys=True, ensure_ascii=False)
+
+
+class ToolCallGuard:
+    """One sample's logits processor for a tool-calling request: once a ``</tool_call>`` closes a call
+    identical to an earlier one (or, with ``single``, closes the first call) only the EOS tokens remain
+    allowed, so the output ends there. ``inner`` (the forced-call grammar's processor, or None) runs first.
+
+    The check decodes the last few tokens at each step and the whole output only when a block has just
+    closed, so it costs little next to a forward pass.
+
+    Example:
+        >>> guard = ToolCallGuard(None, tokenizer, [2], single=False)                                  # doctest: +SKIP
+        >>> text = '<tool_call>\\n{"name": "f", "arguments": {}}\\n</tool_call>'
+        >>> ids = tokenizer.encode(text + "\\n" + text)                                               # doctest: +SKIP
+        >>> torch.isfinite(guard(ids, torch.zeros(49152))).nonzero().flatten().tolist()               # doctest: +SKIP
+        [2]
+    """
+
+    __slots__ = ("_inner", "_tokenizer", "_eos", "_single", "_ended")
+
+    def __init__(self, inner: Optional[Callable[[list[int], torch.Tensor], torch.Tensor]], tokenizer: Any,
+                 eos_token_ids: list[int], single: bool):
+        self._inner = inner
+        self._tokenizer = tokenizer
+        self._eos = torch.tensor(eos_token_ids, dtype=torch.long)
+        self._single = single
+        self._ended = False
+
+    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if self._inner is not None:
+            logits = self._inner(generated, logits)
+        eos = self._eos[self._eos < logits.shape[0]]
+        # Only where the grammar (if any) lets the output end: a tag inside a JSON string is no end.
+        if not self._ended and generated and len(eos) and torch.isfinite(logits[eos]).any():
+            self._ended = self._must_end(generated)
+        if self._ended:
+            kept = logits[eos].clone()
+            logits.fill_(float("-inf"))
+            logits[eos] = kept
+        return logits
+
+    def _must_end(self, generated: list[int]) -> bool:
+        tail = self._tokenizer.decode(generated[-_CLOSE_TAIL_TOKENS:])
+        if not tail.rstrip().endswith(TOOL_CALL_CLOSE):
+            return False
+        blocks = _BLOCK_TEXT.findall(self._tokenizer.decode(generated))
+        if not blocks or not _is_call(blocks[-1]):  # e.g. "</tool_call>" written inside an argument string
+            return False
+        if self._single:
+            return True
+        return call_key(blocks[-1]) in {call_key(b) for b in blocks[:-1]}
+
+
+def _is_call(block: str) -> bool:
+    try:
+        call = json.loads(block)
+    except ValueError:
+        return False
+    return isinstance(call, dict) and isinstance(call.get("name"), str)
+
+
+# ----------------------------------------------------------------------------------------------
 # The model's output: content and tool calls, streamed
 # ----------------------------------------------------------------------------------------------
 
@@ -332,6 +438,13 @@ def _arguments_text(arguments: Any) -> str:
     return json.dumps({} if arguments is None else arguments, ensure_ascii=False)
 
 
+def _same_arguments(a: str, b: str) -> bool:
+    try:
+        return json.loads(a) == json.loads(b)
+    except ValueError:
+        return a.strip() == b.strip()
+
+
 def _as_call(obj: Any, names: set[str]) -> Optional[tuple[str, str]]:
     if not isinstance(obj, dict) or obj.get("name") not in names:
         return None
@@ -349,6 +462,10 @@ class ToolCallParser:
     arguments as string fragments (what openai-python's stream accumulator expects). Text that may
     begin a ``<tool_call>`` tag is held back until it is known. Whitespace around calls is dropped.
 
+    A call identical to an earlier one is dropped: while a call's arguments could still turn out to
+    repeat an earlier call of that function they are held back, and sent once they differ. With
+    ``single`` (``parallel_tool_calls=false``) only the first call is kept.
+
     Example:
         >>> p = ToolCallParser(["f"])
         >>> p.feed('Sure.<tool_call>\\n{"name": "f", "arguments": {"x"')[0]
@@ -359,8 +476,9 @@ class ToolCallParser:
         {'name': 'f', 'arguments': '{"x": 1}'}
     """
 
-    def __init__(self, names: Iterable[str]):
+    def __init__(self, names: Iterable[str], single: bool = False):
         self.names = set(names)
+        self.single = single
         self.calls: list[dict[str, Any]] = []
         self.content = ""
         self._buf = ""
@@ -368,6 +486,8 @@ class ToolCallParser:
         self._started = False      # non-whitespace content seen (a bare JSON call must come first)
         self._pending_ws = ""      # trailing whitespace of the content, sent once more content follows
         self._value: Optional[_JsonValueEnd] = None
+        self._held: Optional[list[str]] = None  # [name, arguments] of a call that may repeat an earlier one
+        self._dropping = False                  # the current call is not kept (a second call under single)
 
     # -- pieces of output ----------------------------------------------------------------------
     def _content(self, text: str, out: list[str]) -> None:
@@ -384,10 +504,49 @@ class ToolCallParser:
         deltas.append({"index": len(self.calls) - 1, "id": call["id"], "type": "function",
                        "function": {"name": name, "arguments": arguments}})
 
+    def _repeats(self, name: str, arguments: str, prefix: bool) -> bool:
+        """Whether an earlier call has this name and these arguments (or, with ``prefix``, arguments
+        that begin so)."""
+        for call in self.calls:
+            earlier = call["function"]
+            if earlier["name"] == name and (earlier["arguments"].startswith(arguments) if prefix
+                                            else _same_arguments(earlier["arguments"], arguments)):
+                return True
+        return False
+
+    def _whole_call(self, name: str, arguments: str, deltas: list[dict[str, Any]]) -> None:
+        """A call known whole at once: kept unless it repeats one or a single call is already kept."""
+        if not (self.single and self.calls) and not self._repeats(name, arguments, prefix=False):
+            self._start_call(name, arguments, deltas)
+
+    def _open_call(self, name: str, deltas: list[dict[str, Any]]) -> None:
+        """A call whose name is known and whose arguments follow in pieces."""
+        if self.single and self.calls:
+            self._dropping = True
+        elif any(call["function"]["name"] == name for call in self.calls):
+            self._held = [name, ""]
+        else:
+            self._start_call(name, "", deltas)
+
     def _arguments(self, fragment: str, deltas: list[dict[str, Any]]) -> None:
-        if fragment:
-            self.calls[-1]["function"]["arguments"] += fragment
-            deltas.append({"index": len(self.calls) - 1, "function": {"arguments": fragment}})
+        if not fragment or self._dropping:
+            return
+        if self._held is not None:
+            self._held[1] += fragment
+            if not self._repeats(*self._held, prefix=True):
+                name, arguments = self._held
+                self._held = None
+                self._start_call(name, arguments, deltas)
+            return
+        self.calls[-1]["function"]["arguments"] += fragment
+        deltas.append({"index": len(self.calls) - 1, "function": {"arguments": fragment}})
+
+    def _close_call(self, deltas: list[dict[str, Any]]) -> None:
+        """The arguments of the current call are complete."""
+        if self._held is not None:
+            self._whole_call(*self._held, deltas)
+        self._held = None
+        self._dropping = False
 
     def _block(self, inner: str, closed: bool, content: list[str], deltas: list[dict[str, Any]]) -> None:
         """A whole ``<tool_call>`` block whose head could not be streamed: a call, or content if invalid."""
@@ -396,7 +555,7 @@ class ToolCallParser:
         except ValueError:
             call = None
         if call is not None:
-            self._start_call(*call, deltas)
+            self._whole_call(*call, deltas)
         else:
             self._content(TOOL_CALL_OPEN + inner + (TOOL_CALL_CLOSE if closed else ""), content)
 
@@ -441,7 +600,7 @@ class ToolCallParser:
                 except ValueError:
                     name = None
                 if name in self.names:
-                    self._start_call(name, "", deltas)
+                    self._open_call(name, deltas)
                     self._buf = buf[match.end():]
                     self._state = _ARGS
                     self._value = None
@@ -473,6 +632,7 @@ class ToolCallParser:
                 self._buf = ""
                 return False
             self._arguments(buf[:end], deltas)
+            self._close_call(deltas)
             self._buf = buf[end:]
             self._state = _TAIL
             return True
@@ -494,13 +654,16 @@ class ToolCallParser:
             calls = self._bare_calls(buf)
             if calls:
                 for call in calls:
-                    self._start_call(*call, deltas)
+                    self._whole_call(*call, deltas)
             else:
                 self._content(buf, content)
         elif self._state in (_HEAD_STATE, _BLOCK):  # a block never closed: a call if its JSON is whole
             self._block(buf, False, content, deltas)
         elif self._state == _TEXT and not (self.calls and TOOL_CALL_OPEN.startswith(buf.strip())):
             self._content(buf, content)  # (a next call cut short at "<tool_c" is not content)
+        # Cut short inside the arguments: a held call so far repeats an earlier one, so nothing is lost.
+        self._held = None
+        self._dropping = False
         if not self.calls and self._pending_ws:
             content.append(self._pending_ws)
             self.content += self._pending_ws
@@ -521,9 +684,10 @@ class ToolCallParser:
         return calls if calls and all(calls) else []
 
 
-def parse_tool_calls(text: str, names: Iterable[str]) -> tuple[Optional[str], list[dict[str, Any]]]:
+def parse_tool_calls(text: str, names: Iterable[str], single: bool = False
+                     ) -> tuple[Optional[str], list[dict[str, Any]]]:
     """A whole output as ``(content, tool_calls)``; content is None when there are calls and no text.
-    The same parser as streaming, so both agree.
+    The same parser as streaming, so both agree (``single``: keep the first call only).
 
     Example:
         >>> parse_tool_calls('{"name": "f", "arguments": {"x": 1}}', ["f"])[1][0]["function"]
@@ -531,7 +695,7 @@ def parse_tool_calls(text: str, names: Iterable[str]) -> tuple[Optional[str], li
         >>> parse_tool_calls("Hello", ["f"])
         ('Hello', [])
     """
-    parser = ToolCallParser(names)
+    parser = ToolCallParser(names, single)
     parser.feed(text)
     parser.finish()
     if parser.calls:
