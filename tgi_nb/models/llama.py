@@ -296,8 +296,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     causally over their cached prefix. Returns [T, heads, d]."""
     num_tokens, nkv, d = k.shape
     if write_kv:
-        k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k)
-        v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v)
+        k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
     out = torch.empty(num_tokens, q.shape[1], d, dtype=q.dtype, device=q.device)
     nd = batch.num_decodes
     if nd:
@@ -321,8 +321,10 @@ def _prefill_attention(q, k, v, k_cache, v_cache, block_table, cached: int, scal
         total = cached + length
         num_blocks = (total + block_size - 1) // block_size
         blocks = block_table[:num_blocks]
-        k = k_cache[blocks].view(-1, nkv, d)[:total]
-        v = v_cache[blocks].view(-1, nkv, d)[:total]
+        # a float16 cache is widened to the queries' dtype; this chunk's own rows are exact in k and v, but they
+        # are read back rounded, as later decode steps will read them
+        k = k_cache[blocks].view(-1, nkv, d)[:total].to(q.dtype)
+        v = v_cache[blocks].view(-1, nkv, d)[:total].to(q.dtype)
     qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
     if nkv != nh:
         kt = kt.repeat_interleave(nh // nkv, dim=0)
