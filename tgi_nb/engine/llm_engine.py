@@ -30,8 +30,8 @@ from .capacity import (CapacityPlan, CapacityRequest, ModelShape, choose_num_thr
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, PromptRows
-from .outputs import (CompletionDelta, GenerationResult, RequestOutput, ResultAccumulator, TokenLogprob,
-                      TopLogprob)
+from .outputs import (OUT_OF_MEMORY, CompletionDelta, GenerationResult, RequestOutput, ResultAccumulator,
+                      TokenLogprob, TopLogprob)
 from .sampler import SampledToken, sample
 from .sampling_params import SamplingParams, ValidationError
 from .scheduler import Scheduler
@@ -60,6 +60,12 @@ class EngineStats:
     num_preemptions: int
     num_steps: int
     last_batch_size: int
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # Python's MemoryError, torch's CUDA OutOfMemoryError, and the RuntimeError of torch's CPU allocator
+    return isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or \
+        "not enough memory" in str(exc)
 
 
 def tensor_bytes(obj, _seen: Optional[set] = None, _depth: int = 0) -> int:
@@ -381,9 +387,13 @@ class LLMEngine:
                     self._step()
                 except Exception as exc:  # a failed forward fails the requests in it, not the engine
                     logger.exception("engine step failed")
+                    message = f"{type(exc).__name__}: {exc}"
+                    if _is_out_of_memory(exc):
+                        message = (f"{OUT_OF_MEMORY}: the step's activations could not be allocated ({exc}); retry "
+                                   f"when fewer requests run, or lower max_batch_prefill_tokens")
                     for request in list(self._requests.values()):
                         if any(s.status is SequenceStatus.RUNNING for s in request.seqs):
-                            self._fail(request, f"{type(exc).__name__}: {exc}")
+                            self._fail(request, message)
         for request in list(self._requests.values()):
             self._finish_request(request, "abort")
 
