@@ -259,10 +259,6 @@ class LlamaModel:
         self._cos = (emb.cos() * self._rope_scaling).to(device=self.device, dtype=self.dtype)
         self._sin = (emb.sin() * self._rope_scaling).to(device=self.device, dtype=self.dtype)
 
-    def kv_bytes_per_token(self) -> int:
-        s = self.spec
-        return 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 logits_indices: torch.Tensor) -> torch.Tensor:
