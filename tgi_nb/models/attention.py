@@ -4,8 +4,8 @@ Three implementations with one signature:
 
 - :func:`paged_decode_attention` — what the engine calls. float32 queries over a float32 or float16 cache run a
   C kernel (``csrc/paged_attention.c``, built once per cache dtype) built at first use with the system compiler
-  and called through ctypes; other dtypes, a missing compiler, or ``TGI_NB_NATIVE_ATTENTION=0`` run a torch path (gather the blocks of a few sequences at a time, one masked
-  ``scaled_dot_product_attention`` per chunk).
+  and called through ctypes; other dtypes, a missing compiler, or ``TGI_NB_NATIVE_ATTENTION=0`` run a torch path
+  (gather the blocks of a few sequences at a time, one masked ``scaled_dot_product_attention`` per chunk).
 - :func:`paged_decode_attention_reference` — a slow, obviously-correct per-sequence loop, for tests.
 
 The cache of one layer is ``k_cache``/``v_cache`` of shape ``[num_blocks, block_size, num_kv_heads, head_dim]``;

@@ -18,17 +18,13 @@ from torch import Tensor
 
 from . import native
 
-_ARGTYPES = [ctypes.c_void_p] * 9 + [ctypes.c_float] + [ctypes.c_int64] * 6
-# products rounded before they are added, as torch's separate multiply and add ops do
-_FLAGS = ["-ffp-contract=off"]
-# One kernel per KV cache dtype, both from the same library.
-_KERNELS = {
-    torch.float32: native.NativeFunction("rope_cache", "tgi_nb_rope_write_kv_f32", _ARGTYPES, extra_flags=_FLAGS,
-                                         switch="TGI_NB_NATIVE_ROPE"),
-    torch.float16: native.NativeFunction("rope_cache", "tgi_nb_rope_write_kv_f16kv", _ARGTYPES, extra_flags=_FLAGS,
-                                         switch="TGI_NB_NATIVE_ROPE"),
-}
-_KERNEL = _KERNELS[torch.float32]
+_KERNEL = native.NativeFunction(
+    "rope_cache", "tgi_nb_rope_write_kv_f32",
+    [ctypes.c_void_p] * 9 + [ctypes.c_float] + [ctypes.c_int64] * 7,
+    # products rounded before they are added, as torch's separate multiply and add ops do
+    extra_flags=["-ffp-contract=off"], switch="TGI_NB_NATIVE_ROPE")
+# The KV cache dtypes the kernel writes, and its last argument for each.
+_KV_HALF = {torch.float32: 0, torch.float16: 1}
 
 
 def native_rope_available() -> bool:
@@ -70,18 +66,17 @@ def rope_and_write_kv(qkv: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, 
     if qkv.shape[1] != q_size + 2 * kv_size:
         raise ValueError(f"qkv has {qkv.shape[1]} columns, expected (num_heads + 2 * num_kv_heads) * head_dim "
                          f"= {q_size + 2 * kv_size}")
-    kernel = _KERNELS.get(k_cache.dtype) if qkv.dtype == torch.float32 else None
-    if (kernel is not None and v_cache.dtype == k_cache.dtype and cos.dtype == torch.float32
-            and qkv.device.type == "cpu" and qkv.is_contiguous() and k_cache.is_contiguous()
-            and v_cache.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
-            and cos.shape[-1] == head_dim and kernel.available()):
+    if (qkv.dtype == torch.float32 and k_cache.dtype in _KV_HALF and v_cache.dtype == k_cache.dtype
+            and cos.dtype == torch.float32 and qkv.device.type == "cpu" and qkv.is_contiguous()
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+            and cos.shape[-1] == head_dim and native_rope_available()):
         positions = positions if positions.dtype == torch.int64 else positions.long()
         slot_mapping = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
-        rc = kernel.get()(
+        rc = _KERNEL.get()(
             qkv.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
             k_cache.data_ptr(), v_cache.data_ptr(), q_norm.data_ptr() if q_norm is not None else None,
             k_norm.data_ptr() if k_norm is not None else None, eps, num_tokens, num_heads, num_kv_heads,
-            head_dim, k_cache.shape[0] * k_cache.shape[1], cos.shape[0])
+            head_dim, k_cache.shape[0] * k_cache.shape[1], cos.shape[0], _KV_HALF[k_cache.dtype])
         if rc:
             raise ValueError(f"a position is outside the rotary table ({cos.shape[0]}) or a slot outside the "
                              f"KV cache ({k_cache.shape[0] * k_cache.shape[1]})")

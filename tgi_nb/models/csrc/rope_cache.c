@@ -65,19 +65,15 @@ rope_write_kv(float *qkv, const int64_t *positions, const float *cos, const floa
     return 0;
 }
 
+/* The cache is float32, or float16 when kv_half (k and v rounded as they are stored); each variant is compiled
+   with a constant, so the per-token branch disappears. */
 int tgi_nb_rope_write_kv_f32(float *qkv, const int64_t *positions, const float *cos, const float *sin,
-                             const int64_t *slots, float *k_cache, float *v_cache, const float *q_norm,
+                             const int64_t *slots, void *k_cache, void *v_cache, const float *q_norm,
                              const float *k_norm, float eps, int64_t T, int64_t H, int64_t KVH, int64_t D,
-                             int64_t num_slots, int64_t max_pos) {
+                             int64_t num_slots, int64_t max_pos, int64_t kv_half) {
+    if (kv_half)
+        return rope_write_kv(qkv, positions, cos, sin, slots, k_cache, v_cache, q_norm, k_norm, eps, T, H, KVH, D,
+                             num_slots, max_pos, 1);
     return rope_write_kv(qkv, positions, cos, sin, slots, k_cache, v_cache, q_norm, k_norm, eps, T, H, KVH, D,
                          num_slots, max_pos, 0);
-}
-
-/* The same with a float16 KV cache: q, k, v computed in float32, k and v rounded as they are stored. */
-int tgi_nb_rope_write_kv_f16kv(float *qkv, const int64_t *positions, const float *cos, const float *sin,
-                               const int64_t *slots, _Float16 *k_cache, _Float16 *v_cache, const float *q_norm,
-                               const float *k_norm, float eps, int64_t T, int64_t H, int64_t KVH, int64_t D,
-                               int64_t num_slots, int64_t max_pos) {
-    return rope_write_kv(qkv, positions, cos, sin, slots, k_cache, v_cache, q_norm, k_norm, eps, T, H, KVH, D,
-                         num_slots, max_pos, 1);
 }
