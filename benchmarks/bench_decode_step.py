@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tgi_nb.engine.llm_engine import default_num_threads  # noqa: E402
+from tgi_nb.engine.capacity import choose_num_threads  # noqa: E402
 from tgi_nb.models import resolve_model  # noqa: E402
 from tgi_nb.models.llama import AttentionBatch, LlamaModel  # noqa: E402
 
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--context", type=int, default=128, help="tokens already in the KV cache")
     args = parser.parse_args()
-    torch.set_num_threads(default_num_threads())
+    torch.set_num_threads(choose_num_threads().count)
 
     model = LlamaModel.load(resolve_model(None).path, dtype=torch.float32)
     models = {"tgi_nb": model, "4k pages": out_of_arena(model)}

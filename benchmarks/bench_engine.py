@@ -582,7 +582,7 @@ def print_markdown(results: list[RunResult], decode: dict, targets: list[tuple[s
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tgi_nb.engine.llm_engine import default_num_threads
+    from tgi_nb.engine.capacity import choose_num_threads
     from tgi_nb.models import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -616,7 +616,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    args.threads = args.threads or default_num_threads()
+    args.threads = args.threads or choose_num_threads().count
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
 

@@ -257,7 +257,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     from tgi_nb.engine import EngineConfig, LLMEngine
-    from tgi_nb.engine.llm_engine import default_num_threads
+    from tgi_nb.engine.capacity import choose_num_threads
     from tgi_nb.models import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -277,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    args.threads = args.threads or default_num_threads()
+    args.threads = args.threads or choose_num_threads().count
     resolved = resolve_model(args.model)
     model_path = Path(resolved.path)
     from transformers import AutoTokenizer

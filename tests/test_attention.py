@@ -272,3 +272,32 @@ def test_empty_batch():
     out = paged_decode_attention(q, k, v, torch.zeros(0, 3, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
                                  0.125)
     assert out.shape == (0, 9, 64)
+
+
+@needs_native
+@pytest.mark.parametrize("head_dim", [64, 16, 24, 20])  # vector code at fixed and run-time widths, scalar code
+@pytest.mark.parametrize("window", [0, 50])
+def test_float16_cache_matches_float64_reference_of_its_values_and_the_float32_cache(head_dim, window, monkeypatch):
+    q, k, v, tables, lens = make_case(LENS, 9, 3, head_dim)
+    k16, v16 = k.half(), v.half()
+    scale = head_dim ** -0.5
+    out = paged_decode_attention(q, k16, v16, tables, lens, scale, window)
+    assert out.dtype == torch.float32
+    # exact to float32 rounding against the values the cache holds
+    torch.testing.assert_close(out.double(), reference64(q, k16, v16, tables, lens, scale, window),
+                               rtol=1e-5, atol=1e-5)
+    # and within float16's rounding of the float32 cache's answer
+    torch.testing.assert_close(out, paged_decode_attention(q, k, v, tables, lens, scale, window), rtol=0, atol=2e-2)
+    monkeypatch.setenv("TGI_NB_NATIVE_ATTENTION", "0")
+    torch.testing.assert_close(paged_decode_attention(q, k16, v16, tables, lens, scale, window), out,
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_float16_cache_is_batch_invariant():
+    q, k, v, tables, lens = make_case(LENS * 2)
+    k16, v16 = k.half(), v.half()
+    together = paged_decode_attention(q, k16, v16, tables, lens, 0.125)
+    for b in (0, 3, 9):
+        alone = paged_decode_attention(q[b:b + 1], k16, v16, tables[b:b + 1], lens[b:b + 1], 0.125)
+        assert torch.equal(alone[0], together[b])

@@ -18,6 +18,7 @@ import warnings
 import httpx
 import openai
 import pytest
+from cgroup_fixtures import GIB, write_fake_system
 from huggingface_hub.errors import InferenceEndpointError, InferenceEndpointTimeoutError
 from openai import OpenAI
 from server_fixtures import listening, wait_until
@@ -66,11 +67,12 @@ def chat(url: str, key: str = "-", **kwargs) -> str:
     return reply.choices[0].message.content
 
 
-def test_cookbook_call_is_accepted_and_limits_are_lowered_with_warnings(tiny, monkeypatch):
-    from tgi_nb.endpoints import runtime
-
-    # Pretend the KV cache may only take 16 MiB, so that MAX_BATCH_TOTAL_TOKENS is too large for memory too.
-    monkeypatch.setattr(runtime, "kv_memory_budget", lambda device: 16 << 20)
+def test_cookbook_call_is_accepted_and_limits_are_lowered_with_warnings(tiny, monkeypatch, tmp_path):
+    # A container with 24 MiB of headroom: the KV cache may take 70% of it, about 16.8 MiB, so that
+    # MAX_BATCH_TOTAL_TOKENS is too large for memory too.
+    cgroup, proc = write_fake_system(tmp_path, version="v2", memory_max=GIB, memory_current=GIB - (24 << 20))
+    monkeypatch.setenv("TGI_NB_CGROUP_ROOT", str(cgroup))
+    monkeypatch.setenv("TGI_NB_PROC_ROOT", str(proc))
     endpoint = create_inference_endpoint(
         "cookbook",
         repository=tiny,
@@ -115,6 +117,8 @@ def test_cookbook_call_is_accepted_and_limits_are_lowered_with_warnings(tiny, mo
         info = httpx.get(endpoint.url + "/info", headers={"Authorization": "Bearer hf_secret"}).json()
         assert (info["max_input_tokens"], info["max_total_tokens"]) == (2047, 2048)
         assert info["max_batch_total_tokens"] < 1024000
+        assert info["kv_cache_bytes"] <= 0.7 * (24 << 20) and info["weights_bytes"] > 0
+        assert any("memory budget" in reason for reason in info["capacity_reasons"])
         assert endpoint.limits["max_total_tokens"] == 2048
 
         # huggingface_hub's fields; cloud-only arguments recorded, not acted on.

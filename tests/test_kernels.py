@@ -158,3 +158,22 @@ def test_weight_arena_packs_aligned_tensors_and_falls_back_when_full():
     assert first.sum().item() == 15 and second.sum().item() == 14  # no overlap
     overflow.fill_(3.0)  # a torch allocation outside the arena, still usable
     assert overflow.shape == (2, 2) and overflow.sum().item() == 12
+
+
+@needs_native_rope
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 16), (3, 1, 10)])
+def test_float16_cache_stores_exactly_what_the_float32_path_rounds_to(qk_norm, heads, kv_heads, head_dim):
+    qkv, positions, cos, sin, (k32, v32), slots, (q_norm, k_norm) = rope_case(
+        heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    norm_args = (q_norm, k_norm) if qk_norm else (None, None)
+    q_full, _, _ = rope_and_write_kv(qkv.clone(), positions, cos, sin, k32, v32, slots, heads, *norm_args)
+    k16, v16 = k32.new_zeros(k32.shape, dtype=torch.float16), v32.new_zeros(v32.shape, dtype=torch.float16)
+    q_half, k, v = rope_and_write_kv(qkv.clone(), positions, cos, sin, k16, v16, slots, heads, *norm_args)
+    # native: q, k, v in float32 as with a float32 cache; the cache holds them rounded to nearest float16
+    assert torch.equal(q_half, q_full) and k.dtype == torch.float32
+    assert torch.equal(k16, k32.half()) and torch.equal(v16, v32.half())
+    # the torch path stores the same bits
+    kt, vt = torch.zeros_like(k16), torch.zeros_like(v16)
+    rope_module._torch_rope_and_write_kv(qkv.clone(), positions, cos, sin, kt, vt, slots, heads, *norm_args, 1e-6)
+    assert torch.equal(kt, k16) and torch.equal(vt, v16)

@@ -6,8 +6,8 @@ server's app wrapped by :class:`ControlledApp`, which adds what Hugging Face Inf
 - pause: the model is freed and every route but /health, /info, /metrics and the docs answers 503 until resume;
 - scale to zero: the model is freed and the next request loads it again, waiting for it rather than failing
   (/health says 503 meanwhile); with ``scale_to_zero_after`` this happens by itself after that many idle seconds;
-- limits larger than the model's context or the memory for the KV cache are lowered to what fits, with a note
-  that the notebook side shows as a warning;
+- limits larger than the model's context or the memory for the KV cache are lowered to what fits (by the engine's
+  capacity planner, the same as for ``tgi-nb serve``), with a note that the notebook side shows as a warning;
 - a control route (child processes only, behind a per-endpoint secret) through which the kernel pauses,
   resumes and scales the child's model and reads its state.
 """
@@ -36,6 +36,7 @@ _LIMIT_NAMES = {
     "max_input_tokens": ("MAX_INPUT_TOKENS", "MAX_INPUT_LENGTH", "--max-input-tokens"),
     "max_total_tokens": ("MAX_TOTAL_TOKENS", "--max-total-tokens"),
     "max_batch_total_tokens": ("MAX_BATCH_TOTAL_TOKENS", "--max-batch-total-tokens"),
+    "max_batch_prefill_tokens": ("MAX_BATCH_PREFILL_TOKENS", "--max-batch-prefill-tokens"),
 }
 
 
@@ -70,89 +71,27 @@ def _limit_name(option: str, env: dict[str, str], args: tuple[str, ...]) -> str:
     return names[0]
 
 
-def context_length(config: dict[str, Any]) -> Optional[int]:
-    """The model's context in tokens from its config.json, or None when it does not say.
+def note_capacity(engine: Any, notes: Notes, *, env: dict[str, str], args: tuple[str, ...]) -> None:
+    """Add the engine's capacity decisions to ``notes``: each limit its planner lowered, named as the user set it
+    (``MAX_INPUT_LENGTH=4096 ...``), then, when anything was lowered, how the KV cache was sized and what the
+    weights take. The same sentences ``tgi-nb serve`` logs, from the same
+    :class:`~tgi_nb.engine.capacity.CapacityPlan` (``/info`` carries them too).
 
     Example:
-        >>> context_length({"max_position_embeddings": 8192})
-        8192
-        >>> context_length({"text_config": {"max_position_embeddings": 4096}})
-        4096
+        >>> from types import SimpleNamespace
+        >>> from tgi_nb.engine.capacity import CapacityRequest, ModelShape, plan_capacity
+        >>> plan = plan_capacity(ModelShape(2, 1, 8, 2048), CapacityRequest(max_total_tokens=32000), None)
+        >>> notes = Notes()
+        >>> note_capacity(SimpleNamespace(capacity=plan, weights_bytes=0), notes, env={"MAX_TOTAL_TOKENS": "32000"},
+        ...               args=())
+        >>> notes.list()[0]
+        "MAX_TOTAL_TOKENS=32000 is more than the model's context (2048 tokens): lowered to 2048."
     """
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    text = config.get("text_config")
-    return context_length(text) if isinstance(text, dict) else None
-
-
-def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> Optional[int]:
-    """Bytes of K and V one token takes in every layer, from config.json (None when it lacks the sizes).
-
-    Example:
-        >>> kv_bytes_per_token({"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-        ...                     "hidden_size": 576}, 4)
-        46080
-    """
-    if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict):
-        config = config["text_config"]
-    try:
-        heads = config["num_attention_heads"]
-        kv_heads = config.get("num_key_value_heads") or heads
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
-    except (KeyError, TypeError, ZeroDivisionError):
-        return None
-
-
-def kv_memory_budget(device: str) -> int:
-    """Bytes the engine will give its KV cache when it sizes it itself (the engine's own default). A larger
-    explicit MAX_BATCH_TOTAL_TOKENS is not honoured (as TGI ignores it when it infers the value from memory)."""
-    from tgi_nb.engine.config import default_kv_cache_memory
-
-    return default_kv_cache_memory(device)
-
-
-def fit_options(opts: dict[str, Any], notes: Notes, *, env: dict[str, str], args: tuple[str, ...]) -> dict[str, Any]:
-    """Launcher options with limits lowered to what the model and memory allow, each change noted.
-
-    Resolves the model (a download or a GGUF conversion happens here, once), reads its config.json, then:
-    MAX_TOTAL_TOKENS above the model's context becomes the context; MAX_INPUT_TOKENS that no longer fits below
-    MAX_TOTAL_TOKENS becomes MAX_TOTAL_TOKENS - 1; MAX_BATCH_TOTAL_TOKENS whose KV cache exceeds the engine's
-    memory budget is dropped, so the engine sizes the cache from free memory.
-    """
-    from tgi_nb.models import resolve_model
-
-    fitted = dict(opts)
-    resolved = resolve_model(opts["model_id"], revision=opts.get("revision"))
-    try:
-        config = json.loads((resolved.path / "config.json").read_text())
-    except (OSError, ValueError):
-        return fitted  # the engine's own loading reports what is wrong with the folder
-    model = opts["model_id"]
-    ctx = context_length(config)
-    total = fitted.get("max_total_tokens")
-    if ctx and total and total > ctx:
-        notes.add(f"{_limit_name('max_total_tokens', env, args)}={total} is more than {model}'s context "
-                  f"({ctx} tokens): lowered to {ctx}.")
-        fitted["max_total_tokens"] = total = ctx
-    limit = total or ctx
-    max_input = fitted.get("max_input_tokens")
-    if limit and max_input and max_input >= limit:
-        notes.add(f"{_limit_name('max_input_tokens', env, args)}={max_input} does not fit below max_total_tokens "
-                  f"({limit}): lowered to {limit - 1}.")
-        fitted["max_input_tokens"] = limit - 1
-    batch_total = fitted.get("max_batch_total_tokens")
-    if batch_total:
-        device = fitted.get("device") or "cpu"
-        dtype = fitted.get("dtype") or ("bfloat16" if device == "cuda" else "float32")
-        per_token = kv_bytes_per_token(config, 8 if dtype == "float64" else 4 if dtype == "float32" else 2)
-        budget = kv_memory_budget(device)
-        if per_token and batch_total * per_token > budget:
-            fitted["max_batch_total_tokens"] = None
-            fitted["_dropped_batch_total"] = (_limit_name("max_batch_total_tokens", env, args), batch_total,
-                                              batch_total * per_token, budget)
-    return fitted
+    plan = engine.capacity
+    for lowering in plan.lowerings:
+        notes.add(lowering.message(_limit_name(lowering.field, env, args)))
+    if plan.lowerings:
+        notes.add(f"{plan.sizing}; the weights take {engine.weights_bytes / 2**30:.2f} GiB.")
 
 
 def choose_device(opts: dict[str, Any], accelerator: Optional[str], notes: Notes) -> None:
@@ -230,7 +169,9 @@ class EndpointController:
         if engine is not None:
             limits = {"max_input_tokens": engine.max_input_tokens, "max_total_tokens": engine.max_total_tokens,
                       "max_batch_total_tokens": engine.config.max_batch_total_tokens,
-                      "device": engine.config.device, "dtype": engine.config.dtype}
+                      "device": engine.config.device, "dtype": engine.config.dtype,
+                      "kv_cache_dtype": engine.config.kv_cache_dtype, "kv_cache_bytes": engine.capacity.kv_cache_bytes,
+                      "weights_bytes": engine.weights_bytes}
         return {"state": state, "message": message, "warnings": self.notes.list(), "limits": limits}
 
     def pause(self) -> None:
@@ -420,7 +361,7 @@ def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str,
     variable names, read from this dict only, never from the process environment) and ``args`` (its flags).
 
     Settings that contradict each other raise ``LaunchError`` here; the model loads when the app starts (in the
-    server's loader thread), after its limits are fitted to the model and memory.
+    server's loader thread), and its limits are fitted to the model and memory as it loads.
 
     Example:
         >>> app = build_endpoint_app(model_id="HuggingFaceTB/SmolLM2-135M-Instruct", revision=None,
@@ -437,22 +378,12 @@ def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str,
     opts["revision"] = opts["revision"] or revision
     opts["api_key"] = api_key
     choose_device(opts, accelerator, notes)
-    limit_keys = ("max_input_tokens", "max_total_tokens", "max_batch_total_tokens", "max_batch_prefill_tokens")
-    # Validates everything but the limits, which are checked once fitted to the model.
-    settings = plan_from_options({**opts, **{k: None for k in limit_keys}}).settings
-
-    reported = []  # the dropped-cache note once: its sizes change with free memory at each reload
+    # Validates every option now; the engine's capacity planner fits the limits to the model and memory.
+    settings = plan_from_options(opts).settings
 
     def load_engine() -> Any:
-        fitted = fit_options(opts, notes, env=env, args=args)
-        dropped = fitted.pop("_dropped_batch_total", None)
-        engine = plan_from_options(fitted).engine_factory()
-        if dropped and not reported:
-            reported.append(True)
-            name, asked, needed, budget = dropped
-            notes.add(f"{name}={asked} needs {needed / 2**30:.1f} GiB of KV cache, more than the "
-                      f"{budget / 2**30:.1f} GiB this machine gives it: lowered to "
-                      f"{engine.config.max_batch_total_tokens} (sized from free memory).")
+        engine = plan_from_options(opts).engine_factory()
+        note_capacity(engine, notes, env=env, args=args)
         return engine
 
     app = build_app(load_engine, settings)

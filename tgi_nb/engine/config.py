@@ -2,46 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from tgi_nb.models.loader import DEFAULT_MODEL_ID
 
 from .sampling_params import ValidationError
 
-if TYPE_CHECKING:
-    import torch
-
-
-def default_kv_cache_memory(device: "str | torch.device" = "cpu") -> int:
-    """Bytes the engine gives its KV cache when neither ``kv_cache_memory`` nor ``max_batch_total_tokens`` is
-    set: 80% of free GPU memory on CUDA; on the CPU 15% of the available memory, kept between 1 and 8 GiB.
-
-    Example:
-        >>> 1 << 30 <= default_kv_cache_memory("cpu") <= 8 << 30
-        True
-    """
-    if str(device).startswith("cuda"):
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free * 0.8)
-    available = None
-    try:
-        with open("/proc/meminfo") as f:  # MemAvailable counts reclaimable page cache; free pages alone do not
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if available is None:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            available = 8 << 30
-    return int(min(max(available * 0.15, 1 << 30), 8 << 30))
+KV_CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass(slots=True)
@@ -51,9 +19,15 @@ class EngineConfig:
     - ``max_input_tokens``: longest prompt accepted (TGI's MAX_INPUT_TOKENS).
     - ``max_total_tokens``: prompt + new tokens of one request (TGI's MAX_TOTAL_TOKENS).
     - ``max_batch_prefill_tokens``: prompt tokens computed in one step; longer prompts prefill in chunks.
-    - ``max_batch_total_tokens``: KV cache capacity in tokens over all sequences. When None it is
-      sized from ``kv_cache_memory`` bytes (default: a share of free memory).
-    - ``max_num_seqs``: sequences running at once.
+    - ``max_batch_total_tokens``: KV cache capacity in tokens over all sequences, exactly, unless it exceeds the
+      memory budget. When None it is ``kv_cache_memory`` bytes if given, else sized for the work
+      (:func:`tgi_nb.engine.capacity.plan_capacity` decides every limit and says why it lowered any).
+    - ``max_num_seqs``: sequences running at once; ``max_concurrent_requests`` (the server's admission limit),
+      when smaller, is what the default KV cache is sized for.
+    - ``kv_cache_dtype``: the KV cache's element type (None: the model's dtype); ``float16`` halves its bytes
+      on the CPU, where float32 and float16 caches run the native kernels.
+    - ``num_threads``: torch's and the native kernels' threads; None: the CPUs of the affinity mask, within
+      the cgroup's CPU quota.
 
     Example:
         >>> EngineConfig(max_input_tokens=1024, max_total_tokens=2048).block_size
@@ -71,6 +45,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     block_size: int = 16
     kv_cache_memory: Optional[int] = None
+    kv_cache_dtype: Optional[str] = None
+    max_concurrent_requests: Optional[int] = None
     enable_prefix_caching: bool = True
     num_threads: Optional[int] = None
     chat_template: Optional[str] = None
@@ -78,7 +54,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_input_tokens", "max_total_tokens", "max_batch_total_tokens", "kv_cache_memory",
-                     "num_threads"):
+                     "num_threads", "max_concurrent_requests"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValidationError(name, f"{name}: must be an integer >= 1, got {value!r}")
@@ -95,3 +71,6 @@ class EngineConfig:
         if self.dtype not in (None, "float32", "bfloat16", "float16", "float64"):
             raise ValidationError("dtype", f"dtype: must be one of float32, bfloat16, float16, float64, "
                                            f"got {self.dtype!r}")
+        if self.kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
+            raise ValidationError("kv_cache_dtype", f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                                                    f"got {self.kv_cache_dtype!r}")

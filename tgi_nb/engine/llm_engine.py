@@ -25,11 +25,13 @@ from typing import AsyncIterator, Callable, Iterator, Optional, Sequence as Seq
 import torch
 
 from .block_manager import BlockManager
-from .config import EngineConfig, default_kv_cache_memory
+from .capacity import (CapacityPlan, CapacityRequest, ModelShape, choose_num_threads, kv_budget_bytes,
+                       plan_capacity, read_memory_budget, release_kv_bytes, reserve_kv_bytes)
+from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, PromptRows
-from .outputs import (CompletionDelta, GenerationResult, RequestOutput, ResultAccumulator, TokenLogprob,
-                      TopLogprob)
+from .outputs import (OUT_OF_MEMORY, CompletionDelta, GenerationResult, RequestOutput, ResultAccumulator,
+                      TokenLogprob, TopLogprob)
 from .sampler import SampledToken, sample
 from .sampling_params import SamplingParams, ValidationError
 from .scheduler import Scheduler
@@ -60,12 +62,41 @@ class EngineStats:
     last_batch_size: int
 
 
-def default_num_threads() -> int:
-    """One intra-op thread per core this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # Python's MemoryError, torch's CUDA OutOfMemoryError, and the RuntimeError of torch's CPU allocator
+    return isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or \
+        "not enough memory" in str(exc)
+
+
+def tensor_bytes(obj, _seen: Optional[set] = None, _depth: int = 0) -> int:
+    """Bytes of the distinct tensors reachable from ``obj`` through attributes, lists, tuples and dicts (shared
+    storage, such as tied embeddings, counted once): what a model's weights take.
+
+    Example:
+        >>> w = torch.zeros(4, 8)
+        >>> tensor_bytes({"embed": w, "lm_head": w, "norm": torch.zeros(8)})
+        160
+    """
+    seen = set() if _seen is None else _seen
+    if isinstance(obj, torch.Tensor):
+        key = (obj.untyped_storage().data_ptr(), obj.device.type)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if _depth > 4:
+        return 0
+    if isinstance(obj, torch.nn.Module):
+        return sum(tensor_bytes(t, seen) for t in (*obj.parameters(), *obj.buffers()))
+    if isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    elif hasattr(obj, "__dict__"):
+        items = vars(obj).values()
+    else:
+        return 0
+    return sum(tensor_bytes(item, seen, _depth + 1) for item in items)
 
 
 def _eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
@@ -103,8 +134,12 @@ class LLMEngine:
         config = dataclasses.replace(config or EngineConfig(), **overrides)
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _DTYPES[config.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+        kv_dtype = _DTYPES[config.kv_cache_dtype] if config.kv_cache_dtype else dtype
+        threads = None
         if device.type == "cpu":
-            torch.set_num_threads(config.num_threads or default_num_threads())
+            # torch's intra-op pool; the native kernels take torch.get_num_threads() as their own count
+            threads = choose_num_threads(config.num_threads)
+            torch.set_num_threads(threads.count)
 
         started = time.perf_counter()
         resolved = resolve_model(config.model_id, revision=config.revision)
@@ -121,44 +156,48 @@ class LLMEngine:
                                                 trust_remote_code=config.trust_remote_code)
         self.eos_token_ids = _eos_token_ids(self.model_dir, self.tokenizer)
         self.vocab_size = self.model.spec.vocab_size
+        self.weights_bytes = tensor_bytes(self.model)
 
-        max_model_len = self.model.spec.max_position_embeddings
-        kv_per_token = self.model.kv_bytes_per_token()
-        if config.max_batch_total_tokens:
-            capacity = config.max_batch_total_tokens
-        else:
-            budget_tokens = (config.kv_cache_memory or default_kv_cache_memory(device)) // kv_per_token
-            wanted = config.max_num_seqs * (config.max_total_tokens or max_model_len)
-            capacity = min(budget_tokens, wanted)
-        num_blocks = max(1, capacity // config.block_size)
-        capacity = num_blocks * config.block_size
-        max_total = config.max_total_tokens or min(max_model_len, capacity)
-        if max_total > capacity:
-            raise ValidationError("max_total_tokens",
-                                  f"max_total_tokens ({max_total}) exceeds the KV cache capacity "
-                                  f"max_batch_total_tokens ({capacity})")
-        if max_total > max_model_len:
-            raise ValidationError("max_total_tokens",
-                                  f"max_total_tokens ({max_total}) exceeds the model's context "
-                                  f"max_position_embeddings ({max_model_len})")
-        self.max_total_tokens = max_total
-        self.max_input_tokens = config.max_input_tokens or max_total - 1
-        if self.max_input_tokens >= max_total:
-            raise ValidationError("max_input_tokens",
-                                  f"max_input_tokens ({self.max_input_tokens}) must be < max_total_tokens "
-                                  f"({max_total})")
-        self.config = dataclasses.replace(config, max_total_tokens=max_total,
-                                          max_input_tokens=self.max_input_tokens,
-                                          max_batch_total_tokens=capacity, dtype=str(dtype).split(".")[-1],
-                                          device=device.type)
+        # Planned once the weights are loaded, so that the memory they take is already out of the headroom.
+        self.memory_budget = read_memory_budget() if device.type == "cpu" else None
+        spec = self.model.spec
+        self.capacity: CapacityPlan = plan_capacity(
+            ModelShape(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_position_embeddings),
+            CapacityRequest(max_input_tokens=config.max_input_tokens, max_total_tokens=config.max_total_tokens,
+                            max_batch_prefill_tokens=config.max_batch_prefill_tokens,
+                            max_batch_total_tokens=config.max_batch_total_tokens,
+                            kv_cache_memory=config.kv_cache_memory, max_num_seqs=config.max_num_seqs,
+                            max_concurrent_requests=config.max_concurrent_requests, block_size=config.block_size,
+                            kv_dtype_bytes=kv_dtype.itemsize),
+            None if config.kv_cache_memory else kv_budget_bytes(
+                self.memory_budget.headroom if self.memory_budget else None, str(device)))
+        plan = self.capacity
+        for lowering in plan.lowerings:
+            logger.warning("%s", lowering.message())
+        if self.memory_budget is not None:
+            logger.info("%s", self.memory_budget.describe())
+        logger.info("%s", plan.sizing)
+        if threads is not None:
+            logger.info("%s", threads.reason)
+        self.max_total_tokens = plan.max_total_tokens
+        self.max_input_tokens = plan.max_input_tokens
+        self.config = dataclasses.replace(config, max_total_tokens=plan.max_total_tokens,
+                                          max_input_tokens=plan.max_input_tokens,
+                                          max_batch_prefill_tokens=plan.max_batch_prefill_tokens,
+                                          max_batch_total_tokens=plan.max_batch_total_tokens,
+                                          dtype=str(dtype).split(".")[-1], kv_cache_dtype=str(kv_dtype).split(".")[-1],
+                                          device=device.type, num_threads=torch.get_num_threads())
 
+        num_blocks = plan.num_blocks
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batch_prefill_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
-        logger.info("engine ready: %s (%s) on %s %s, %d KV blocks x %d tokens (%.0f MiB), threads=%d, %.1fs",
-                    self.model_id, resolved.source, device, dtype, num_blocks, config.block_size,
-                    num_blocks * config.block_size * kv_per_token / 2**20, torch.get_num_threads(),
-                    time.perf_counter() - started)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, plan.max_batch_prefill_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, kv_dtype)
+        reserve_kv_bytes(self, plan.kv_cache_bytes)
+        logger.info("engine ready: %s (%s) on %s %s, weights %.0f MiB, %d KV blocks x %d tokens (%.0f MiB %s, "
+                    "resident as used), threads=%d, %.1fs",
+                    self.model_id, resolved.source, device, dtype, self.weights_bytes / 2**20, num_blocks,
+                    config.block_size, plan.kv_cache_bytes / 2**20, str(kv_dtype).split(".")[-1],
+                    torch.get_num_threads(), time.perf_counter() - started)
 
         self._inbox: queue.Queue = queue.Queue()
         self._requests: dict[str, Request] = {}
@@ -202,6 +241,13 @@ class LLMEngine:
                 "max_new_tokens",
                 f"max_new_tokens: prompt ({len(token_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                 f"must be <= max_total_tokens ({self.max_total_tokens})")
+        blocks = self._blocks_needed_alone(len(token_ids), params)
+        if blocks > self.block_manager.num_blocks:
+            bs = self.block_manager.block_size
+            raise ValidationError(
+                "n", f"n: {params.n} samples of up to {len(token_ids) + params.max_new_tokens} tokens need "
+                     f"{blocks * bs} tokens of KV cache, more than its max_batch_total_tokens "
+                     f"({self.block_manager.num_blocks * bs}); ask for fewer samples or fewer max_new_tokens")
         request_id = request_id or uuid.uuid4().hex
         request = Request(request_id, token_ids, params, on_output or (lambda _: None), time.monotonic())
         for index in range(params.n):
@@ -217,6 +263,13 @@ class LLMEngine:
             request.seqs.append(seq)
         self._inbox.put(("add", request))
         return request_id
+
+    def _blocks_needed_alone(self, prompt_len: int, params: SamplingParams) -> int:
+        """KV blocks a request needs with nothing else running: the prompt's full blocks shared by its ``n``
+        samples, the rest of each sample's blocks its own. More than the cache holds could never run."""
+        bs = self.block_manager.block_size
+        shared = prompt_len // bs
+        return shared + params.n * (-(-(prompt_len + params.max_new_tokens) // bs) - shared)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its KV blocks are freed before the next step."""
@@ -314,6 +367,7 @@ class LLMEngine:
         self._stopped = True
         self._inbox.put(("stop", None))
         self._thread.join(timeout=30)
+        release_kv_bytes(self)
 
     def __enter__(self) -> "LLMEngine":
         return self
@@ -333,9 +387,13 @@ class LLMEngine:
                     self._step()
                 except Exception as exc:  # a failed forward fails the requests in it, not the engine
                     logger.exception("engine step failed")
+                    message = f"{type(exc).__name__}: {exc}"
+                    if _is_out_of_memory(exc):
+                        message = (f"{OUT_OF_MEMORY}: the step's activations could not be allocated ({exc}); retry "
+                                   f"when fewer requests run, or lower max_batch_prefill_tokens")
                     for request in list(self._requests.values()):
                         if any(s.status is SequenceStatus.RUNNING for s in request.seqs):
-                            self._fail(request, f"{type(exc).__name__}: {exc}")
+                            self._fail(request, message)
         for request in list(self._requests.values()):
             self._finish_request(request, "abort")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,25 +26,50 @@ class PromptRows:
     logits: Optional[torch.Tensor] = None
 
 
+def allocate_kv_caches(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A zeroed (K, V) cache per layer. On the CPU all of them are views of one anonymous memory mapping: the
+    kernel hands out zero pages on first touch, so blocks never used never become resident (an up-front
+    ``torch.zeros`` of the whole cache would write, and keep, every page). Freed blocks are handed out again
+    before untouched ones (see ``BlockManager``), so what is resident follows the peak of the work.
+
+    Zeroed, not uninitialised: padded block-table entries of the torch attention path read them (masked),
+    and masked garbage could be NaN.
+
+    Example:
+        >>> caches = allocate_kv_caches(2, (4, 16, 1, 8), torch.float32, torch.device("cpu"))
+        >>> len(caches), caches[1][0].shape, float(caches[1][1].abs().sum())
+        (2, torch.Size([4, 16, 1, 8]), 0.0)
+    """
+    if device.type != "cpu" or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(num_layers)]
+    # Each tensor starts on its own page, so that touching one layer's blocks never makes another's resident.
+    per_tensor = -(-math.prod(shape) * dtype.itemsize // mmap.PAGESIZE) * mmap.PAGESIZE
+    mapping = mmap.mmap(-1, per_tensor * 2 * num_layers, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)   # the tensors keep the mapping alive
+    count = math.prod(shape) * dtype.itemsize
+
+    def view(i: int) -> torch.Tensor:
+        return whole[i * per_tensor:i * per_tensor + count].view(dtype).view(shape)
+
+    return [(view(2 * layer), view(2 * layer + 1)) for layer in range(num_layers)]
+
+
 class ModelRunner:
-    """Allocates ``num_blocks`` KV blocks per layer and runs packed steps.
+    """Allocates ``num_blocks`` KV blocks per layer (of ``kv_dtype``, default the model's) and runs packed steps.
 
     Example:
         >>> runner = ModelRunner(model, num_blocks=256, block_size=16)    # doctest: +SKIP
         >>> logits, seqs = runner.run(scheduler.schedule())               # doctest: +SKIP
     """
 
-    def __init__(self, model, num_blocks: int, block_size: int):
+    def __init__(self, model, num_blocks: int, block_size: int, kv_dtype: Optional[torch.dtype] = None):
         self.model = model
         self.block_size = block_size
         spec = model.spec
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        # Zeroed, not empty: padded block-table entries of the torch attention path read them (masked).
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=model.dtype, device=model.device),
-             torch.zeros(shape, dtype=model.dtype, device=model.device))
-            for _ in range(spec.num_layers)
-        ]
+        self.kv_caches = allocate_kv_caches(spec.num_layers, shape, kv_dtype or model.dtype, model.device)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:

@@ -10,6 +10,9 @@ from typing import Optional
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
+# RequestOutput.error starts with this when a step failed for lack of memory (the server answers 503).
+OUT_OF_MEMORY = "out of memory"
+
 @dataclass(slots=True)
 class TopLogprob:
     """One alternative at a position: token id, its text and log-probability."""

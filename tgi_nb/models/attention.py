@@ -2,10 +2,10 @@
 
 Three implementations with one signature:
 
-- :func:`paged_decode_attention` — what the engine calls. float32 runs a C kernel (``csrc/paged_attention.c``)
-  built at first use with the system compiler and called through ctypes; other dtypes, a missing compiler, or
-  ``TGI_NB_NATIVE_ATTENTION=0`` run a torch path (gather the blocks of a few sequences at a time, one masked
-  ``scaled_dot_product_attention`` per chunk).
+- :func:`paged_decode_attention` — what the engine calls. float32 queries over a float32 or float16 cache run a
+  C kernel (``csrc/paged_attention.c``, built once per cache dtype) built at first use with the system compiler
+  and called through ctypes; other dtypes, a missing compiler, or ``TGI_NB_NATIVE_ATTENTION=0`` run a torch path
+  (gather the blocks of a few sequences at a time, one masked ``scaled_dot_product_attention`` per chunk).
 - :func:`paged_decode_attention_reference` — a slow, obviously-correct per-sequence loop, for tests.
 
 The cache of one layer is ``k_cache``/``v_cache`` of shape ``[num_blocks, block_size, num_kv_heads, head_dim]``;
@@ -38,10 +38,16 @@ _TORCH_CHUNK_BYTES = 4 << 20
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5; before it K/V are expanded per head.
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
-_KERNEL = native.NativeFunction(
-    "paged_attention", _SYMBOL,
-    [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] + [ctypes.c_int64] * 3,
-    switch="TGI_NB_NATIVE_ATTENTION")
+_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] + [ctypes.c_int64] * 3
+_KERNEL = native.NativeFunction("paged_attention", _SYMBOL, _ARGTYPES, switch="TGI_NB_NATIVE_ATTENTION")
+# The same source built with K/V rows of float16, widened to float32 as they are read.
+_KERNEL_F16_CACHE = native.NativeFunction("paged_attention", "paged_decode_attention_f16kv", _ARGTYPES,
+                                          extra_flags=["-DKV_HALF"], switch="TGI_NB_NATIVE_ATTENTION")
+
+
+def _kernel_for(cache_dtype: torch.dtype) -> Optional[native.NativeFunction]:
+    # looked up at each call, so that tests can swap a module-level kernel for a fresh one
+    return {torch.float32: _KERNEL, torch.float16: _KERNEL_F16_CACHE}.get(cache_dtype)
 
 
 def native_kernel_available() -> bool:
@@ -90,8 +96,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 
     Args:
         q: ``[batch, num_heads, head_dim]``.
-        k_cache, v_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` of one layer; the current
-            token's K/V must already be written.
+        k_cache, v_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]`` of one layer, of q's dtype or
+            float16; the current token's K/V must already be written.
         block_tables: int ``[batch, max_blocks_per_seq]``; padding entries may hold any valid block id.
         context_lens: int ``[batch]``, tokens each sequence attends to (0 gives zeros).
         scale: multiplies ``q·k``, usually ``head_dim ** -0.5``.
@@ -100,9 +106,9 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 
     Grouped-query attention: head ``h`` uses kv head ``h // (num_heads // num_kv_heads)``.
 
-    float32 CPU tensors with contiguous caches run the native kernel: each sequence's result is
-    bit-identical whatever else is in the batch and however many threads (``torch.get_num_threads()``)
-    run. Anything else runs the torch path.
+    float32 CPU queries with contiguous float32 or float16 caches run the native kernel: each sequence's result
+    is bit-identical whatever else is in the batch and however many threads (``torch.get_num_threads()``)
+    run. Anything else runs the torch path, which widens a float16 cache to q's dtype as it gathers it.
 
     Example:
         >>> import torch
@@ -117,19 +123,19 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         (torch.Size([2, 6, 64]), True)
     """
     _check_args(q, k_cache, v_cache, block_tables, context_lens, sliding_window, out)
+    native_kernel = _kernel_for(k_cache.dtype) if q.dtype == torch.float32 else None
     if (
-        q.dtype == torch.float32
-        and k_cache.dtype == torch.float32
-        and v_cache.dtype == torch.float32
+        native_kernel is not None
+        and v_cache.dtype == k_cache.dtype
         and q.is_cpu
         and k_cache.is_cpu
         and v_cache.is_cpu
         and k_cache.is_contiguous()
         and v_cache.is_contiguous()
         and (out is None or out.is_contiguous())
-        and _KERNEL.enabled()
+        and native_kernel.enabled()
     ):
-        kernel = _KERNEL.get()
+        kernel = native_kernel.get()
         if kernel is not None:
             return _native(kernel, q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, out)
     result = _torch_paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
@@ -208,6 +214,8 @@ def _torch_chunk(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: Tensor, le
     k = k_cache.view(num_blocks, -1).index_select(0, idx).view(batch, n_tok, kv_heads, head_dim).transpose(1, 2)
     v = v_cache.view(num_blocks, -1).index_select(0, idx).view(batch, n_tok, kv_heads, head_dim).transpose(1, 2)
     group = num_heads // kv_heads
+    if k.dtype != q.dtype:  # a float16 cache under float32 queries: widened once gathered
+        k, v = k.to(q.dtype), v.to(q.dtype)
     if group > 1 and not _SDPA_GQA:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     gqa = {"enable_gqa": True} if group > 1 and _SDPA_GQA else {}

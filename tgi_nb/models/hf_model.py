@@ -99,10 +99,6 @@ class TransformersModel:
                                                         trust_remote_code=trust_remote_code)
         return cls(hf_model.to(device).eval(), dtype, torch.device(device))
 
-    def kv_bytes_per_token(self) -> int:
-        s = self.spec
-        return 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logits_indices: torch.Tensor) -> torch.Tensor:
         """Same contract as ``LlamaModel.forward``: float32 logits of the ``logits_indices`` rows."""

@@ -259,10 +259,6 @@ class LlamaModel:
         self._cos = (emb.cos() * self._rope_scaling).to(device=self.device, dtype=self.dtype)
         self._sin = (emb.sin() * self._rope_scaling).to(device=self.device, dtype=self.dtype)
 
-    def kv_bytes_per_token(self) -> int:
-        s = self.spec
-        return 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 logits_indices: torch.Tensor) -> torch.Tensor:
@@ -296,8 +292,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     causally over their cached prefix. Returns [T, heads, d]."""
     num_tokens, nkv, d = k.shape
     if write_kv:
-        k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k)
-        v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v)
+        k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
     out = torch.empty(num_tokens, q.shape[1], d, dtype=q.dtype, device=q.device)
     nd = batch.num_decodes
     if nd:
@@ -321,8 +317,10 @@ def _prefill_attention(q, k, v, k_cache, v_cache, block_table, cached: int, scal
         total = cached + length
         num_blocks = (total + block_size - 1) // block_size
         blocks = block_table[:num_blocks]
-        k = k_cache[blocks].view(-1, nkv, d)[:total]
-        v = v_cache[blocks].view(-1, nkv, d)[:total]
+        # a float16 cache is widened to the queries' dtype; this chunk's own rows are exact in k and v, but they
+        # are read back rounded, as later decode steps will read them
+        k = k_cache[blocks].view(-1, nkv, d)[:total].to(q.dtype)
+        v = v_cache[blocks].view(-1, nkv, d)[:total].to(q.dtype)
     qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
     if nkv != nh:
         kt = kt.repeat_interleave(nh // nkv, dim=0)

@@ -140,6 +140,19 @@ class ModelNotReady(APIError):
         super().__init__(message, code=code, headers=headers)
 
 
+class OutOfMemory(APIError):
+    """The engine ran out of memory for this request: 503 with ``Retry-After``, the request may succeed once others
+    finished. (One that could never fit is refused up front with a 400 naming the field.)"""
+
+    status_code = 503
+    type = "server_error"
+    tgi_status_code = 503
+    tgi_error_type = "out_of_memory"
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message, code="out_of_memory", headers={"Retry-After": str(retry_after)})
+
+
 class GenerationFailed(APIError):
     """The engine failed the request while generating."""
 

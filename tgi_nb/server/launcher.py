@@ -32,7 +32,8 @@ _OPTIONS: tuple = (
     ("max_batch_prefill_tokens", ("--max-batch-prefill-tokens",), ("MAX_BATCH_PREFILL_TOKENS",), int, None,
      "prompt tokens computed per engine step; longer prompts prefill in chunks (default: 512)"),
     ("max_batch_total_tokens", ("--max-batch-total-tokens",), ("MAX_BATCH_TOTAL_TOKENS",), int, None,
-     "KV cache capacity in tokens over all requests (default: sized from free memory)"),
+     "KV cache capacity in tokens over all requests, lowered only if memory cannot hold it (default: enough for "
+     "max-batch-size sequences of 512 tokens and one of max-total-tokens, within the memory budget)"),
     ("max_batch_size", ("--max-batch-size",), ("MAX_BATCH_SIZE",), int, None,
      "sequences running at once (default: 64)"),
     ("max_concurrent_requests", ("--max-concurrent-requests",), ("MAX_CONCURRENT_REQUESTS",), int, 128,
@@ -46,6 +47,8 @@ _OPTIONS: tuple = (
     ("dtype", ("--dtype",), ("DTYPE",), str, None,
      "float32, bfloat16, float16 or float64 (default: float32 on CPU, bfloat16 on CUDA)"),
     ("device", ("--device",), ("DEVICE",), str, None, "cpu or cuda (default: cuda when available)"),
+    ("kv_cache_dtype", ("--kv-cache-dtype",), ("KV_CACHE_DTYPE",), str, None,
+     "float32, bfloat16, float16 or float64: the KV cache's type; float16 halves its memory (default: --dtype)"),
     ("chat_template", ("--chat-template",), ("CHAT_TEMPLATE",), str, None,
      "a Jinja chat template, inline or as a file path, replacing the model's"),
     ("served_model_name", ("--served-model-name",), ("SERVED_MODEL_NAME",), str, None,
@@ -133,6 +136,9 @@ def check_limits(opts: dict[str, Any]) -> None:
             raise LaunchError(f"{a} ({get(a)}) must be {op} {b} ({get(b)})")
     if opts.get("dtype") not in (None, "float32", "bfloat16", "float16", "float64"):
         raise LaunchError(f"dtype ({opts['dtype']!r}) must be one of float32, bfloat16, float16, float64")
+    if opts.get("kv_cache_dtype") not in (None, "float32", "bfloat16", "float16", "float64"):
+        raise LaunchError(f"kv_cache_dtype ({opts['kv_cache_dtype']!r}) must be one of float32, bfloat16, float16, "
+                          f"float64")
     if opts.get("device") not in (None, "cpu", "cuda"):
         raise LaunchError(f"device ({opts['device']!r}) must be cpu or cuda")
 
@@ -167,7 +173,9 @@ def plan_from_options(opts: dict[str, Any]) -> ServePlan:
         raise LaunchError(str(exc)) from None
     engine_kwargs = dict(model_id=model_id, revision=opts["revision"], dtype=opts["dtype"], device=opts["device"],
                          max_input_tokens=opts["max_input_tokens"], max_total_tokens=opts["max_total_tokens"],
-                         max_batch_total_tokens=opts["max_batch_total_tokens"], chat_template=chat_template)
+                         max_batch_total_tokens=opts["max_batch_total_tokens"], chat_template=chat_template,
+                         kv_cache_dtype=opts.get("kv_cache_dtype"),
+                         max_concurrent_requests=opts["max_concurrent_requests"])
     if opts["max_batch_prefill_tokens"] is not None:
         engine_kwargs["max_batch_prefill_tokens"] = opts["max_batch_prefill_tokens"]
     if opts["max_batch_size"] is not None:
@@ -227,8 +235,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if holder.wait():
             engine = holder.engine
             logging.getLogger("tgi_nb.server").info(
-                "ready: %s on %s (OpenAI base_url %s/v1), max_input_tokens=%d max_total_tokens=%d",
-                plan.model_id, url, url, engine.max_input_tokens, engine.max_total_tokens)
+                "ready: %s on %s (OpenAI base_url %s/v1), max_input_tokens=%d max_total_tokens=%d "
+                "max_batch_total_tokens=%d", plan.model_id, url, url, engine.max_input_tokens,
+                engine.max_total_tokens, engine.config.max_batch_total_tokens)
         elif holder.status == "failed":
             print(f"tgi-nb serve: error: the model failed to load: {holder.error}", file=sys.stderr)
             failed.set()

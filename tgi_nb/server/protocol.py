@@ -383,6 +383,12 @@ class Info(BaseModel):
     model_status: str
     max_top_n_tokens: int
     max_batch_total_tokens: Optional[int] = None
+    # tgi_nb's own: what the weights and the KV cache take, and why the limits are what they are
+    weights_bytes: Optional[int] = None
+    kv_cache_bytes: Optional[int] = None
+    kv_cache_dtype: Optional[str] = None
+    num_threads: Optional[int] = None
+    capacity_reasons: Optional[list[str]] = None
 
 
 class TokenizeRequest(_Request):

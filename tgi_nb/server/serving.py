@@ -19,10 +19,11 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tgi_nb.engine import RequestOutput, SamplingParams, ValidationError
+from tgi_nb.engine.outputs import OUT_OF_MEMORY
 from tgi_nb.engine.outputs import TokenLogprob
 
 from .chat import load_chat_template
-from .errors import BadRequest, ContextLengthExceeded, GenerationFailed, ModelNotReady, Overloaded
+from .errors import BadRequest, ContextLengthExceeded, GenerationFailed, ModelNotReady, OutOfMemory, Overloaded
 from .metrics import ServerMetrics
 from .settings import ServerSettings
 
@@ -668,8 +669,11 @@ class GenerationStream:
 
 
 def check_finished(out: RequestOutput) -> None:
-    """Raise :class:`GenerationFailed` for an output the engine failed or aborted on its own."""
+    """Raise :class:`GenerationFailed` for an output the engine failed or aborted on its own
+    (:class:`OutOfMemory`, a 503, when it failed for lack of memory)."""
     if out.error:
+        if out.error.startswith(OUT_OF_MEMORY):
+            raise OutOfMemory(out.error)
         raise GenerationFailed(f"generation failed: {out.error}")
     for d in out.outputs:
         if d.finish_reason == "error":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
@@ -58,8 +60,19 @@ async def info(ctx: ServerContext = Depends(get_ctx)) -> Info:
                 max_input_tokens=limits.max_input_tokens if limits else s.max_input_tokens,
                 max_total_tokens=limits.max_total_tokens if limits else s.max_total_tokens,
                 version=server_version(), served_model_name=ctx.served_model_name, model_status=ctx.holder.status,
-                max_top_n_tokens=s.max_top_n_tokens,
-                max_batch_total_tokens=getattr(getattr(engine, "config", None), "max_batch_total_tokens", None))
+                max_top_n_tokens=s.max_top_n_tokens, **_capacity_fields(engine))
+
+
+def _capacity_fields(engine: Any) -> dict[str, Any]:
+    """/info's memory fields from the engine's capacity plan (an engine without one reports what it has)."""
+    config = getattr(engine, "config", None)
+    plan = getattr(engine, "capacity", None)
+    return dict(max_batch_total_tokens=getattr(config, "max_batch_total_tokens", None),
+                weights_bytes=getattr(engine, "weights_bytes", None),
+                kv_cache_bytes=plan.kv_cache_bytes if plan is not None else None,
+                kv_cache_dtype=getattr(config, "kv_cache_dtype", None),
+                num_threads=getattr(config, "num_threads", None),
+                capacity_reasons=plan.reasons() if plan is not None else None)
 
 
 @router.get("/health", responses={503: {"model": TGIError}})

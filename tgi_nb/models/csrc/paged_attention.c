@@ -1,5 +1,7 @@
 /*
- * Paged decode attention for CPU, float32.
+ * Paged decode attention for CPU, float32 queries and outputs over a float32 KV cache, or, built with -DKV_HALF,
+ * over a float16 one (half the bytes to read; each K/V row is widened to float32 as it is loaded, so the
+ * arithmetic is the float32 kernel's).
  *
  * One query token per sequence attends to that sequence's context in a paged KV cache laid out as
  * [num_blocks, block_size, num_kv_heads, head_dim]. Built at first use by tgi_nb/models/attention.py with
@@ -44,6 +46,18 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
 static inline v8f load8(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
+
+#ifdef KV_HALF
+typedef _Float16 kv_t;
+typedef _Float16 v8h __attribute__((vector_size(16)));
+/* one vcvtph2ps with F16C; elsewhere the compiler's own conversion, exact either way */
+static inline v8f loadkv8(const kv_t *p) { v8h v; memcpy(&v, p, sizeof v); return __builtin_convertvector(v, v8f); }
+#define PAGED_DECODE_ATTENTION paged_decode_attention_f16kv
+#else
+typedef float kv_t;
+static inline v8f loadkv8(const kv_t *p) { return load8(p); }
+#define PAGED_DECODE_ATTENTION paged_decode_attention_f32
+#endif
 static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 static inline v8f splat8(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 static inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
@@ -78,8 +92,8 @@ static inline v8f vexp_neg(v8f x)
 
 typedef struct {
     const float *q;              /* [B, H, D] */
-    const float *k_cache;        /* [NB, BS, KVH, D] */
-    const float *v_cache;        /* [NB, BS, KVH, D] */
+    const kv_t *k_cache;         /* [NB, BS, KVH, D] */
+    const kv_t *v_cache;         /* [NB, BS, KVH, D] */
     const int32_t *block_tables; /* [B, MAXB] */
     const int32_t *context_lens; /* [B] */
     float *out;                  /* [B, H, D] */
@@ -145,15 +159,16 @@ static inline void tile_softmax(item_state_t *s, int64_t n)
     }
 }
 
-static inline void prefetch_row(const float *row, int64_t span)
+static inline void prefetch_row(const kv_t *row, int64_t span)
 {
-    for (int64_t x = 0; x < span; x += 16) __builtin_prefetch(row + x, 0, 3);  /* 16 floats = 64-byte line */
+    const int64_t per_line = 64 / sizeof(kv_t);
+    for (int64_t x = 0; x < span; x += per_line) __builtin_prefetch(row + x, 0, 3);
 }
 
 /* head_dim = 8 * NV. Inlined with a constant NV for common sizes so that a head's accumulator stays in
  * registers; also called with a run-time NV for other multiples of 8. */
 static inline __attribute__((always_inline)) void
-tile_vec(item_state_t *s, const float *restrict kc, const float *restrict vc, int64_t n, int64_t G, const int NV)
+tile_vec(item_state_t *s, const kv_t *restrict kc, const kv_t *restrict vc, int64_t n, int64_t G, const int NV)
 {
     const int64_t D = 8 * NV;
     const int64_t *restrict rows = s->rows;
@@ -161,16 +176,16 @@ tile_vec(item_state_t *s, const float *restrict kc, const float *restrict vc, in
         prefetch_row(vc + rows[i], s->span);
         /* query head h of the item reads the item's kv head h / G, at offset (h / G) * D in the row */
         for (int64_t h0 = 0, koff = 0; h0 < s->nh; h0 += G, koff += D) {
-            const float *restrict kg = kc + rows[i] + koff;
+            const kv_t *restrict kg = kc + rows[i] + koff;
             for (int64_t h = h0; h < h0 + G; h++) {
                 const float *restrict qh = s->qs + h * D;
                 v8f a0 = splat8(0.0f), a1 = splat8(0.0f);
                 int c = 0;
                 for (; c + 1 < NV; c += 2) {
-                    a0 += load8(qh + 8 * c) * load8(kg + 8 * c);
-                    a1 += load8(qh + 8 * c + 8) * load8(kg + 8 * c + 8);
+                    a0 += load8(qh + 8 * c) * loadkv8(kg + 8 * c);
+                    a1 += load8(qh + 8 * c + 8) * loadkv8(kg + 8 * c + 8);
                 }
-                if (c < NV) a0 += load8(qh + 8 * c) * load8(kg + 8 * c);
+                if (c < NV) a0 += load8(qh + 8 * c) * loadkv8(kg + 8 * c);
                 s->sc[h * TILE + i] = hsum8(a0 + a1);
             }
         }
@@ -178,7 +193,7 @@ tile_vec(item_state_t *s, const float *restrict kc, const float *restrict vc, in
     tile_softmax(s, n);
     for (int64_t h = 0; h < s->nh; h++) {
         const float *restrict ph = s->sc + h * TILE;
-        const float *restrict vg = vc + (h / G) * D;
+        const kv_t *restrict vg = vc + (h / G) * D;
         float *restrict ah = s->acc + h * D;
         const v8f alpha = splat8(s->alpha[h]);
         for (int c0 = 0; c0 < NV; c0 += 8) {   /* 8 vectors of accumulator at a time fit the registers */
@@ -187,8 +202,8 @@ tile_vec(item_state_t *s, const float *restrict kc, const float *restrict vc, in
             for (int c = 0; c < ch; c++) a[c] = load8(ah + 8 * (c0 + c)) * alpha;
             for (int64_t i = 0; i < n; i++) {
                 const v8f w = splat8(ph[i]);
-                const float *restrict vr = vg + rows[i] + 8 * c0;
-                for (int c = 0; c < ch; c++) a[c] += w * load8(vr + 8 * c);
+                const kv_t *restrict vr = vg + rows[i] + 8 * c0;
+                for (int c = 0; c < ch; c++) a[c] += w * loadkv8(vr + 8 * c);
             }
             for (int c = 0; c < ch; c++) store8(ah + 8 * (c0 + c), a[c]);
         }
@@ -196,18 +211,18 @@ tile_vec(item_state_t *s, const float *restrict kc, const float *restrict vc, in
 }
 
 /* Any head_dim, in plain loops the compiler vectorizes as it can. */
-static void tile_scalar(item_state_t *s, const float *restrict kc, const float *restrict vc, int64_t n, int64_t G,
+static void tile_scalar(item_state_t *s, const kv_t *restrict kc, const kv_t *restrict vc, int64_t n, int64_t G,
                         int64_t D)
 {
     const int64_t *restrict rows = s->rows;
     for (int64_t i = 0; i < n; i++) {
         prefetch_row(vc + rows[i], s->span);
         for (int64_t h0 = 0, koff = 0; h0 < s->nh; h0 += G, koff += D) {
-            const float *restrict kg = kc + rows[i] + koff;
+            const kv_t *restrict kg = kc + rows[i] + koff;
             for (int64_t h = h0; h < h0 + G; h++) {
                 const float *restrict qh = s->qs + h * D;
                 float dot = 0.0f;
-                for (int64_t d = 0; d < D; d++) dot += qh[d] * kg[d];
+                for (int64_t d = 0; d < D; d++) dot += qh[d] * (float)kg[d];
                 s->sc[h * TILE + i] = dot;
             }
         }
@@ -215,14 +230,14 @@ static void tile_scalar(item_state_t *s, const float *restrict kc, const float *
     tile_softmax(s, n);
     for (int64_t h = 0; h < s->nh; h++) {
         const float *restrict ph = s->sc + h * TILE;
-        const float *restrict vg = vc + (h / G) * D;
+        const kv_t *restrict vg = vc + (h / G) * D;
         float *restrict ah = s->acc + h * D;
         const float alpha = s->alpha[h];
         for (int64_t d = 0; d < D; d++) ah[d] *= alpha;
         for (int64_t i = 0; i < n; i++) {
             const float w = ph[i];
-            const float *restrict vr = vg + rows[i];
-            for (int64_t d = 0; d < D; d++) ah[d] += w * vr[d];
+            const kv_t *restrict vr = vg + rows[i];
+            for (int64_t d = 0; d < D; d++) ah[d] += w * (float)vr[d];
         }
     }
 }
@@ -345,7 +360,7 @@ static void *worker(void *arg)
  * out of range), 2 when memory for scratch buffers could not be had. Arguments are checked before any
  * thread starts, so bad input never reads outside the cache.
  */
-int paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
+int PAGED_DECODE_ATTENTION(const float *q, const kv_t *k_cache, const kv_t *v_cache,
                                const int32_t *block_tables, const int32_t *context_lens, float *out,
                                int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t num_blocks,
                                int64_t BS, int64_t MAXB, float scale, int64_t window, int64_t num_threads,

@@ -6,7 +6,8 @@
        x[i]        = x[i] * cos[i]        - x[i + D/2] * sin[i]
        x[i + D/2]  = x[i + D/2] * cos[i + D/2] + x[i] * sin[i + D/2]        (i < D/2)
    with cos/sin rows of the model's table at the token's position (transformers' rotate_half convention);
-   then K and V go to the token's cache slot. Q stays in place in qkv for the attention.
+   then K and V go to the token's cache slot (float32, or float16 for a half-size cache). Q stays in place in qkv
+   for the attention.
    Built with -ffp-contract=off so that products are rounded before they are added, as in torch. */
 #include <math.h>
 #include <stdint.h>
@@ -28,13 +29,17 @@ static void rotate(float *restrict x, const float *restrict c, const float *rest
     }
 }
 
-/* qkv: [T, (H + 2 KVH) D]; positions, slots: [T]; cos, sin: [max_pos, D]; k_cache, v_cache: [num_slots, KVH, D];
-   q_norm, k_norm: [D] or NULL. Returns 0, or 1 when a position or slot is out of range (nothing written for
-   that token or later ones). */
-int tgi_nb_rope_write_kv_f32(float *qkv, const int64_t *positions, const float *cos, const float *sin,
-                             const int64_t *slots, float *k_cache, float *v_cache, const float *q_norm,
-                             const float *k_norm, float eps, int64_t T, int64_t H, int64_t KVH, int64_t D,
-                             int64_t num_slots, int64_t max_pos) {
+static inline void store_half(_Float16 *restrict dst, const float *restrict src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = (_Float16)src[i];   /* round to nearest even, as torch's .half() */
+}
+
+/* qkv: [T, (H + 2 KVH) D]; positions, slots: [T]; cos, sin: [max_pos, D]; k_cache, v_cache: [num_slots, KVH, D]
+   of float, or of _Float16 when half; q_norm, k_norm: [D] or NULL. Returns 0, or 1 when a position or slot is out
+   of range (nothing written for that token or later ones). */
+static inline __attribute__((always_inline)) int
+rope_write_kv(float *qkv, const int64_t *positions, const float *cos, const float *sin, const int64_t *slots,
+              void *k_cache, void *v_cache, const float *q_norm, const float *k_norm, float eps, int64_t T,
+              int64_t H, int64_t KVH, int64_t D, int64_t num_slots, int64_t max_pos, const int half) {
     const int64_t row = (H + 2 * KVH) * D, kv_row = KVH * D;
     for (int64_t t = 0; t < T; t++) {
         const int64_t pos = positions[t], slot = slots[t];
@@ -49,8 +54,26 @@ int tgi_nb_rope_write_kv_f32(float *qkv, const int64_t *positions, const float *
             if (k_norm) rms_norm_head(k + h * D, k_norm, eps, D);
             rotate(k + h * D, c, s, D);
         }
-        memcpy(k_cache + slot * kv_row, k, sizeof(float) * kv_row);
-        memcpy(v_cache + slot * kv_row, v, sizeof(float) * kv_row);
+        if (half) {
+            store_half((_Float16 *)k_cache + slot * kv_row, k, kv_row);
+            store_half((_Float16 *)v_cache + slot * kv_row, v, kv_row);
+        } else {
+            memcpy((float *)k_cache + slot * kv_row, k, sizeof(float) * kv_row);
+            memcpy((float *)v_cache + slot * kv_row, v, sizeof(float) * kv_row);
+        }
     }
     return 0;
+}
+
+/* The cache is float32, or float16 when kv_half (k and v rounded as they are stored); each variant is compiled
+   with a constant, so the per-token branch disappears. */
+int tgi_nb_rope_write_kv_f32(float *qkv, const int64_t *positions, const float *cos, const float *sin,
+                             const int64_t *slots, void *k_cache, void *v_cache, const float *q_norm,
+                             const float *k_norm, float eps, int64_t T, int64_t H, int64_t KVH, int64_t D,
+                             int64_t num_slots, int64_t max_pos, int64_t kv_half) {
+    if (kv_half)
+        return rope_write_kv(qkv, positions, cos, sin, slots, k_cache, v_cache, q_norm, k_norm, eps, T, H, KVH, D,
+                             num_slots, max_pos, 1);
+    return rope_write_kv(qkv, positions, cos, sin, slots, k_cache, v_cache, q_norm, k_norm, eps, T, H, KVH, D,
+                         num_slots, max_pos, 0);
 }
