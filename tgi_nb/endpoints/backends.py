@@ -480,17 +480,21 @@ class ProcessBackend(LocalBackend):
         response.raise_for_status()
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        running = self.proc is not None and self.proc.poll() is None
+        if running:
             self.proc.terminate()  # the child stops its server, which frees the engine
+        # Cleaned before waiting: a kernel that shuts down may be killed while the child takes its seconds to
+        # exit (it does exit: it got SIGTERM, and it watches this process).
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        shutil.rmtree(self._dir, ignore_errors=True)
+        if running:
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 
