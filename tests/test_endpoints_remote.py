@@ -6,7 +6,8 @@
 - a ``huggingface_hub.InferenceEndpoint`` built from a raw payload whose URL is that child: pause, resume,
   scale_to_zero, update, fetch and delete reach huggingface_hub's HTTP calls, answered by a local stand-in for
   the Inference Endpoints API (``constants.INFERENCE_ENDPOINTS_ENDPOINT`` pointed at it), with its token;
-- servers that are down, silent, or answer HTML: huggingface_hub's exceptions naming the URL, never a hang.
+- servers that are down, silent, or answer HTML: huggingface_hub's exceptions naming the URL, never a hang;
+- what vLLM and TGI answer on their routes (they do not run on this machine), served by a stand-in.
 
 ``llama-server`` comes from ``LLAMA_SERVER`` or the cache that ``benchmarks/llama_server.py`` builds once
 (``make test-deps`` runs it); without it, its tests skip and say how to get it.
@@ -472,6 +473,49 @@ def test_status_changes_of_a_remote_server_are_observed(html_server):
     handler.status = 503
     assert wait_until(lambda: ("running", "initializing") in [(o, n) for _, o, n, _ in seen], timeout=60)
     assert seen[0][0] is endpoint and seen[0][3] == "tgi_nb-endpoint-status"
+
+
+# What vLLM and TGI answer on their routes (vllm 0.11 /v1/models, TGI 3.x /info), served by a stand-in: neither
+# runs on this CPU-only machine. Routes a server does not have answer 404, as theirs do.
+VLLM_ROUTES = {"/health": None, "/v1/models": {"object": "list", "data": [{
+    "id": "Qwen/Qwen3-8B", "object": "model", "created": 1764000000, "owned_by": "vllm", "root": "Qwen/Qwen3-8B",
+    "parent": None, "max_model_len": 32768, "permission": []}]}}
+TGI_ROUTES = {"/health": None, "/info": {
+    "model_id": "meta-llama/Llama-3.1-8B-Instruct", "model_sha": "0e9e39f", "model_pipeline_tag": "text-generation",
+    "max_concurrent_requests": 128, "max_best_of": 2, "max_stop_sequences": 4, "max_input_tokens": 8191,
+    "max_total_tokens": 8192, "validation_workers": 2, "max_client_batch_size": 4,
+    "router": "text-generation-router", "version": "3.3.6", "sha": "a8d3a6a", "docker_label": "sha-a8d3a6a"},
+    "/v1/models": {"object": "list", "data": [{"id": "meta-llama/Llama-3.1-8B-Instruct", "object": "model",
+                                              "created": 0, "owned_by": "meta-llama/Llama-3.1-8B-Instruct"}]}}
+
+
+@pytest.mark.parametrize("routes, kind, model, limits", [
+    (VLLM_ROUTES, "vllm", "Qwen/Qwen3-8B", {"max_total_tokens": 32768}),
+    (TGI_ROUTES, "tgi", "meta-llama/Llama-3.1-8B-Instruct", {"max_input_tokens": 8191, "max_total_tokens": 8192}),
+], ids=["vllm", "tgi"])
+def test_what_vllm_and_tgi_say_about_themselves(routes, kind, model, limits):
+    class Routes(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            known = self.path in routes
+            data = json.dumps(routes[self.path]).encode() if routes.get(self.path) else b""
+            self.send_response(200 if known else 404)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Routes)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        endpoint = tgi_nb.connect(url, token=False, name=kind).wait(timeout=30, refresh_every=0.1)
+        assert (endpoint.server_kind, endpoint.repository, endpoint.limits) == (kind, model, limits)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_connect_rejects_what_is_not_a_server():

@@ -154,15 +154,19 @@ class Backend:
             raise InferenceEndpointError(f"Inference Endpoint {self.name} is already running.")
         return True
 
+    def _act(self, action: str) -> None:
+        """Pause, resume or scale the server to zero ("pause", "resume", "scale_to_zero")."""
+        self._managed_elsewhere(action.replace("_", " "))
+
     def pause(self) -> None:
-        self._managed_elsewhere("pause")
+        self._act("pause")
 
     def resume(self, running_ok: bool = True) -> None:
         if not self._running(running_ok):
-            self._managed_elsewhere("resume")
+            self._act("resume")
 
     def scale_to_zero(self) -> None:
-        self._managed_elsewhere("scale to zero")
+        self._act("scale_to_zero")
 
     def update(self, changes: dict[str, Any]) -> "Backend":
         """Apply ``update()``'s arguments; returns the backend that serves afterwards (a restarted local server
@@ -271,19 +275,6 @@ class LocalBackend(Backend):
         port = request.launch.port if request.launch.port is not None else self._port
         self.close()
         return LocalBackend.for_request(request, kwargs, port)
-
-    def _act(self, action: str) -> None:
-        raise NotImplementedError
-
-    def pause(self) -> None:
-        self._act("pause")
-
-    def resume(self, running_ok: bool = True) -> None:
-        if not self._running(running_ok):
-            self._act("resume")
-
-    def scale_to_zero(self) -> None:
-        self._act("scale_to_zero")
 
 
 # update() arguments that huggingface_hub sends but a local server does not use: recorded in raw only.
