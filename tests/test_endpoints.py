@@ -442,3 +442,14 @@ def test_the_life_cycle_takes_only_listed_transitions():
         machine.move("sleeping")
     assert machine.observe("pending") and machine.status == "pending"  # a remote server seen restarting
     assert set(TRANSITIONS) == {s.value for s in tgi_nb.endpoints.InferenceEndpointStatus} | {"deleted"}
+
+
+def test_paused_while_loading_is_freed_once_loaded_and_resumes(make):
+    endpoint = make("pause-early")
+    endpoint.pause()  # the model is still loading: it is freed as soon as it is loaded
+    assert endpoint.status == "paused"
+    holder = endpoint._backend._app.controller.holder
+    assert wait_until(lambda: holder.status == "idle" and holder.engine is None, timeout=120)
+    assert httpx.get(endpoint._backend.server_url + "/health").json()["status"] == "paused"
+    endpoint.resume().wait(timeout=120)
+    assert endpoint.status == "running" and chat(endpoint.url)

@@ -28,7 +28,7 @@ from .backends import (PROBE_TIMEOUT, REQUEST_TIMEOUT, Backend, BackendState, Hu
                        RemoteBackend)
 from .hub_session import allow_loopback_when_offline, is_loopback
 from .spec import EndpointRequest, build_request, resolve_token, utcnow
-from .status import DELETED, FAILED, PENDING, RUNNING, StatusMachine
+from .status import DELETED, FAILED, PENDING, RUNNING, UPDATE_FAILED, StatusMachine
 
 if TYPE_CHECKING:
     from huggingface_hub import AsyncInferenceClient, InferenceClient
@@ -305,8 +305,9 @@ class InferenceEndpoint:
             while True:
                 self.fetch()
                 message = self.raw["status"].get("message")
-                if self.status == FAILED:
-                    raise InferenceEndpointError(f"Inference Endpoint {self.name} failed to deploy: {message}")
+                if self.status in (FAILED, UPDATE_FAILED):
+                    verb = "deploy" if self.status == FAILED else "update"
+                    raise InferenceEndpointError(f"Inference Endpoint {self.name} failed to {verb}: {message}")
                 self._backend.before_poll(self.status, self.name)
                 if self.status == RUNNING and self.url is not None and self._healthy():
                     logger.info("Inference Endpoint %s is ready to be used.", self.name)
