@@ -377,6 +377,7 @@ def test_huggingface_hub_endpoint_never_reaches_the_hub_offline(tgi_serve):
             endpoint.fetch()
         with pytest.raises(OfflineModeIsEnabled):
             endpoint.pause()
+        assert tgi_nb.list_inference_endpoints() == [endpoint]  # listed as last seen, not an error
         # The server itself is on this machine: its client works offline.
         assert endpoint.client.chat_completion(MESSAGES, max_tokens=4).choices[0].message.content
         assert hub.requests == []

@@ -597,7 +597,8 @@ def get_inference_endpoint(name: str, *, namespace: Optional[str] = None,
 
 def list_inference_endpoints(namespace: Optional[str] = None, *,
                              token: Union[str, bool, None] = None) -> list[InferenceEndpoint]:
-    """The endpoints of this kernel (local and connected), oldest first, refreshed.
+    """The endpoints of this kernel (local and connected), oldest first, refreshed. One that cannot be refreshed
+    (a Hugging Face endpoint while offline) is listed as last seen, with a log line; its ``fetch()`` raises.
 
     Example:
         >>> [(e.name, e.status) for e in list_inference_endpoints()]     # doctest: +SKIP
@@ -608,7 +609,11 @@ def list_inference_endpoints(namespace: Optional[str] = None, *,
     if namespace not in (None, "*"):
         endpoints = [e for e in endpoints if e.namespace == namespace]
     for endpoint in endpoints:
-        endpoint._refresh()
+        try:
+            endpoint._refresh()
+        except Exception as exc:  # noqa: BLE001 - one unreachable endpoint must not hide the others
+            logger.warning("Inference Endpoint %s listed as last seen: %s: %s", endpoint.name,
+                           type(exc).__name__, exc)
     return endpoints
 
 
