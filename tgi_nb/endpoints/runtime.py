@@ -247,6 +247,8 @@ class EndpointController:
                 self.holder.unload()
             elif status == INITIALIZING:
                 self.machine.move(RUNNING if loaded else FAILED, None if loaded else self.holder.error)
+                if loaded:  # the idle time before scaling to zero counts from here, as for a new replica
+                    self.last_activity = time.monotonic()
 
     def state(self) -> dict[str, Any]:
         """``{"status", "message", "warnings", "limits"}``; ``limits`` once a model is loaded."""
