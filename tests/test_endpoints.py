@@ -12,6 +12,7 @@ import asyncio
 import re
 import socket
 import sys
+import threading
 import types
 import warnings
 
@@ -404,3 +405,56 @@ def test_launcher_settings_from_every_form_of_custom_image_and_env():
     assert build_request("x", repository="m", type="public", min_replica=0,
                          scale_to_zero_timeout=15).launch.scale_to_zero_after == 900
 
+
+
+def test_status_changes_reach_subscribers_from_a_background_thread(make, caplog):
+    endpoint = make("watched")
+    endpoint.wait(timeout=120)
+    seen: list[tuple[str, str, str]] = []
+
+    def broken(e, old, new):
+        raise RuntimeError("a widget's bug")
+
+    endpoint.on_status_change(broken)  # logged; the other subscribers still hear every change
+    unsubscribe = endpoint.on_status_change(
+        lambda e, old, new: seen.append((old, new, threading.current_thread().name)) if e is endpoint else None)
+    endpoint.pause()
+    endpoint.resume().wait(timeout=120)
+    endpoint.scale_to_zero()
+    assert chat(endpoint.url)  # the request wakes the model; the background check sees it run again
+    assert wait_until(lambda: seen and seen[-1][1] == "running", timeout=60)
+    news = [new for _, new, _ in seen]
+    assert news[:4] == ["paused", "initializing", "running", "scaledToZero"]
+    assert {thread for _, _, thread in seen} == {"tgi_nb-endpoint-status"}
+    assert "a widget's bug" in caplog.text
+
+    unsubscribe()
+    before = len(seen)
+    endpoint.pause()
+    assert endpoint._machine.flush() and len(seen) == before
+
+
+def test_the_life_cycle_takes_only_listed_transitions():
+    from tgi_nb.endpoints.status import TRANSITIONS, InvalidTransition, StatusMachine
+
+    machine = StatusMachine()
+    for status in ("initializing", "running", "scaledToZero", "initializing", "running", "paused", "initializing",
+                   "failed", "initializing"):
+        assert machine.move(status)
+    with pytest.raises(InvalidTransition, match="initializing -> pending"):
+        machine.move("pending")
+    with pytest.raises(ValueError, match="status: must be one of pending, initializing"):
+        machine.move("sleeping")
+    assert machine.observe("pending") and machine.status == "pending"  # a remote server seen restarting
+    assert set(TRANSITIONS) == {s.value for s in tgi_nb.endpoints.InferenceEndpointStatus} | {"deleted"}
+
+
+def test_paused_while_loading_is_freed_once_loaded_and_resumes(make):
+    endpoint = make("pause-early")
+    endpoint.pause()  # the model is still loading: it is freed as soon as it is loaded
+    assert endpoint.status == "paused"
+    holder = endpoint._backend._app.controller.holder
+    assert wait_until(lambda: holder.status == "idle" and holder.engine is None, timeout=120)
+    assert httpx.get(endpoint._backend.server_url + "/health").json()["status"] == "paused"
+    endpoint.resume().wait(timeout=120)
+    assert endpoint.status == "running" and chat(endpoint.url)

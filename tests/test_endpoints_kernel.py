@@ -67,6 +67,8 @@ class Kernel:
             if kind == "stream":
                 (out if content["name"] == "stdout" else err).append(content["text"])
             elif kind in ("execute_result", "display_data"):
+                if "application/vnd.jupyter.widget-view+json" in content["data"]:
+                    return  # wait()'s progress bar, a widget once ipywidgets is installed: not printed output
                 out.append(content["data"].get("text/plain", "") + "\n")
             elif kind == "error":
                 out.append("\n".join(content["traceback"]))

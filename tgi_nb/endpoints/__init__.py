@@ -2,9 +2,11 @@
 
 ``create_inference_endpoint`` takes huggingface_hub's arguments and starts a TGI-style server (OpenAI routes
 under /v1, TGI's routes) in a daemon thread of the kernel or in a child process; ``connect(url)`` wraps one
-that runs elsewhere (TGI, vLLM, a Hugging Face Inference Endpoint). Both return an ``InferenceEndpoint`` with
-huggingface_hub's fields and methods. Errors are huggingface_hub's own classes, so existing ``except``
-clauses keep working.
+that runs elsewhere (TGI, vLLM, llama.cpp, a Hugging Face Inference Endpoint's URL), and
+``connect(huggingface_hub_endpoint)`` a Hugging Face Inference Endpoint whose life cycle goes through
+huggingface_hub. All return an ``InferenceEndpoint`` with huggingface_hub's fields and methods, one status
+machine (``on_status_change``), and the same clients. Errors are huggingface_hub's own classes, so existing
+``except`` clauses keep working.
 
 Example:
     >>> import os

@@ -1,9 +1,10 @@
-"""``create_inference_endpoint`` and ``InferenceEndpoint``, as in ``huggingface_hub``, served by tgi_nb.
+"""``create_inference_endpoint``, ``connect`` and ``InferenceEndpoint``, as in ``huggingface_hub``.
 
 The object has huggingface_hub's fields (name, namespace, repository, status, health_route, url, framework,
 revision, task, created_at, updated_at, type, raw) and methods (wait, fetch, update, pause, resume,
-scale_to_zero, delete, client, async_client). As there, the fields are a snapshot: every method refreshes them,
-and ``fetch()`` does so explicitly.
+scale_to_zero, delete, client, async_client), plus ``on_status_change``. As there, the fields are a snapshot:
+every method refreshes them, and ``fetch()`` does so explicitly. What differs between a server in this kernel,
+in a child process, at a URL or on Hugging Face is in :mod:`~tgi_nb.endpoints.backends`, not here.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 from urllib.parse import urlsplit
 
 from huggingface_hub.errors import InferenceEndpointError, InferenceEndpointTimeoutError
 
-from .backends import ProcessBackend, RemoteBackend, RemoteEndpointError, ThreadBackend
-from .browser import browser_url as _browser_url
-from .hub_session import allow_loopback_when_offline
+from .backends import (PROBE_TIMEOUT, REQUEST_TIMEOUT, Backend, BackendState, HubBackend, LocalBackend,
+                       RemoteBackend)
+from .hub_session import allow_loopback_when_offline, is_loopback
 from .spec import EndpointRequest, build_request, resolve_token, utcnow
+from .status import DELETED, FAILED, PENDING, RUNNING, UPDATE_FAILED, StatusMachine
 
 if TYPE_CHECKING:
     from huggingface_hub import AsyncInferenceClient, InferenceClient
@@ -35,7 +37,7 @@ logger = logging.getLogger("tgi_nb.endpoints")
 
 NAMESPACE = "local"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_LOCAL_POLL = 0.1  # seconds between status checks of a local endpoint in wait(): checking costs nothing
+_WATCH_EVERY = 5.0  # seconds between background status checks of a remote endpoint while someone listens
 
 
 class EndpointWarning(UserWarning):
@@ -63,13 +65,15 @@ def _progress_bar(desc: str):
 
 @dataclass
 class InferenceEndpoint:
-    """An endpoint served by tgi_nb, with the fields and methods of ``huggingface_hub.InferenceEndpoint``.
+    """An endpoint served by tgi_nb or reached through it, with the fields and methods of
+    ``huggingface_hub.InferenceEndpoint``.
 
     Local endpoints (``create_inference_endpoint``) run in a kernel thread (``backend="thread"``, the default) or
-    a child process (``backend="process"``); remote ones (``connect(url)``) are served elsewhere. Statuses are
-    huggingface_hub's: pending, initializing, running, paused, scaledToZero, failed (and "deleted" after
-    ``delete()``). ``url`` is None until the endpoint first runs, then ``http://127.0.0.1:PORT`` without a
-    trailing slash; ``browser_url`` is what a browser uses (Binder, Colab...).
+    a child process (``backend="process"``); remote ones (``connect(url)``, ``connect(hf_endpoint)``) are served
+    elsewhere. Statuses are huggingface_hub's: pending, initializing, running, paused, scaledToZero, failed (and
+    "deleted" after ``delete()``); ``on_status_change`` reports every change. ``url`` is None until a local
+    endpoint first runs, then ``http://127.0.0.1:PORT`` without a trailing slash; ``browser_url`` is what a
+    browser uses (Binder, Colab...).
 
     Example:
         >>> from tgi_nb import create_inference_endpoint
@@ -108,42 +112,23 @@ class InferenceEndpoint:
 
     # ------------------------------------------------------------------------------------------------ building
     @classmethod
-    def _local(cls, request: EndpointRequest, kwargs: dict[str, Any]) -> "InferenceEndpoint":
+    def _serving(cls, backend: Backend, namespace: str) -> "InferenceEndpoint":
+        """An endpoint on ``backend``, its fields from what the backend knows without waiting."""
         now = utcnow()
-        raw = request.raw(state="pending", url=None, message=None, created_at=now, updated_at=now)
-        endpoint = cls(namespace=request.recorded.get("namespace") or NAMESPACE, raw=raw, _token=request.token)
-        endpoint._init_internals(request, kwargs, now)
-        endpoint._start_backend(port=request.launch.port)
+        state = backend.last_known_state()
+        raw = backend.raw(status=state.status, message=state.message, created_at=now, updated_at=now)
+        endpoint = cls(namespace=namespace, raw=raw, _token=backend.token)
+        endpoint._backend = backend
+        endpoint._created = endpoint._updated = now
+        endpoint._machine = StatusMachine(owner=endpoint, status=PENDING)
+        endpoint._server_kind = None
+        endpoint._deleted = False
+        endpoint._warned = set()
+        endpoint._lock = threading.RLock()
+        endpoint._watcher = None
+        endpoint._stop_watching = threading.Event()
+        endpoint._refresh(state)
         return endpoint
-
-    @classmethod
-    def _remote(cls, name: str, url: str, token: Optional[str], health_route: str,
-                namespace: Optional[str]) -> "InferenceEndpoint":
-        now = utcnow()
-        raw = _remote_raw(name, url, token, health_route, state="pending", created_at=now, updated_at=now)
-        endpoint = cls(namespace=namespace or urlsplit(url).netloc, raw=raw, _token=token)
-        endpoint._init_internals(None, {}, now)
-        endpoint._backend = RemoteBackend(url, token, health_route, name)
-        return endpoint
-
-    def _init_internals(self, request: Optional[EndpointRequest], kwargs: dict[str, Any], now: datetime) -> None:
-        self._request = request
-        self._kwargs = kwargs
-        self._created = now
-        self._updated = now
-        self._last_state: Optional[str] = None
-        self._ever_running = False
-        self._deleted = False
-        self._warned: set[str] = set()
-        self._backend: Any = None
-        self._lock = threading.RLock()
-
-    def _start_backend(self, port: Optional[int]) -> None:
-        request = self._request
-        backend_cls = ProcessBackend if request.launch.backend == "process" else ThreadBackend
-        self._backend = backend_cls(request.launch, request.name)
-        self._backend.start(port)
-        self._ever_running = False
 
     def _populate_from_raw(self) -> None:
         # As huggingface_hub reads its API's answer.
@@ -156,19 +141,32 @@ class InferenceEndpoint:
         self.framework = raw["model"]["framework"]
         self.revision = raw["model"]["revision"]
         self.task = raw["model"]["task"]
-        self.created_at = datetime.fromisoformat(raw["status"]["createdAt"])
-        self.updated_at = datetime.fromisoformat(raw["status"]["updatedAt"])
+        self.created_at = _parse_datetime(raw["status"]["createdAt"])
+        self.updated_at = _parse_datetime(raw["status"]["updatedAt"])
         self.type = raw["type"]
 
     # ------------------------------------------------------------------------------------------------ state
     @property
     def backend(self) -> str:
-        """Where the server runs: ``"thread"`` (this kernel), ``"process"`` (a child process) or ``"remote"``."""
+        """Where the server runs: ``"thread"`` (this kernel), ``"process"`` (a child process), ``"remote"`` (a
+        URL given to ``connect()``) or ``"huggingface_hub"`` (a Hugging Face Inference Endpoint)."""
         return self._backend.kind
 
     @property
     def is_remote(self) -> bool:
-        return self._backend.kind == "remote"
+        """True when the server runs elsewhere (``connect()``): it is managed there, not from this kernel."""
+        return not self._backend.local
+
+    @property
+    def server_kind(self) -> Optional[str]:
+        """Which software answers: "tgi_nb", "tgi", "vllm", "llama.cpp", "openai-compatible" or "unknown"; None
+        until a remote server was first seen running.
+
+        Example:
+            >>> connect("http://127.0.0.1:8081").wait().server_kind      # doctest: +SKIP
+            'llama.cpp'
+        """
+        return self._server_kind
 
     @property
     def browser_url(self) -> Optional[str]:
@@ -179,51 +177,33 @@ class InferenceEndpoint:
             >>> endpoint.browser_url + "/docs"          # doctest: +SKIP
             '/user/ada/proxy/41234/docs'
         """
-        if self.is_remote:
-            return self.url
-        backend_url = self._backend.url if self._backend is not None and not self._deleted else None
-        if backend_url is None:
-            return None
-        return _browser_url(self._backend.port, backend_url)
+        return None if self._deleted else self._backend.browser_url()
 
     @property
     def limits(self) -> Optional[dict[str, Any]]:
         """The limits the server runs with once a model is loaded (``max_input_tokens``, ``max_total_tokens``,
-        ``max_batch_total_tokens``...): what the cookbook's ``context_window`` should be. None before."""
+        ``max_batch_total_tokens``...): what the cookbook's ``context_window`` should be. None before; for a
+        remote server, what its ``/info``, ``/props`` or ``/v1/models`` announce."""
         return self.raw.get("tgi_nb", {}).get("limits")
 
-    def _refresh(self) -> None:
+    def _refresh(self, state: Optional[BackendState] = None, *, show_warnings: bool = True) -> None:
         with self._lock:
             if self._deleted:
                 return
-            state = self._backend.state()
-            status, message = state["state"], state.get("message")
-            if status == "running":
-                self._ever_running = True
-            if self.is_remote:
-                url = self._backend.url
-                info = self._backend.info or {}
-                repository = info.get("model_id") or self.raw["model"]["repository"]
-            else:
-                url = self._backend.url if self._ever_running else None
-                repository = self._request.repository
-            if status != self._last_state:
+            backend = self._backend
+            state = state or backend.state()
+            if self._machine.observe(state.status, state.message):
                 self._updated = utcnow()
-                self._last_state = status
-            if self.is_remote:
-                self.raw = _remote_raw(self.name, self._backend.url, self._token, self.health_route, state=status,
-                                       created_at=self._created, updated_at=self._updated, message=message,
-                                       repository=repository)
-            else:
-                self.raw = self._request.raw(state=status, url=url, message=message, created_at=self._created,
-                                             updated_at=self._updated)
-            extra = self.raw["tgi_nb"]
-            extra.update(backend=self._backend.kind, port=self._backend.port, limits=state.get("limits"),
-                         warnings=list(state.get("warnings") or []))
-            if isinstance(self._backend, ProcessBackend):
-                extra["log_path"] = str(self._backend.log_path)
+            if state.server:
+                self._server_kind = state.server
+            self._token = backend.token
+            self.raw = backend.raw(status=state.status, message=state.message, created_at=self._created,
+                                   updated_at=self._updated)
+            extra = self.raw.setdefault("tgi_nb", {})
+            extra.update(backend=backend.kind, port=backend.port, limits=state.limits, server=self._server_kind,
+                         warnings=list(state.warnings), **backend.details())
             self._populate_from_raw()
-            new = [w for w in extra["warnings"] if w not in self._warned]
+            new = [w for w in state.warnings if w not in self._warned] if show_warnings else []
             self._warned.update(new)
         for message in new:
             _warn(message)
@@ -232,10 +212,43 @@ class InferenceEndpoint:
         if self._deleted:
             raise InferenceEndpointError(f"Inference Endpoint {self.name} was deleted.")
 
+    def on_status_change(self, callback: Callable[["InferenceEndpoint", str, str], None]) -> Callable[[], None]:
+        """Call ``callback(endpoint, previous_status, new_status)`` on every change of status, from a background
+        thread (never the engine's, never the caller's); returns a function that stops the calls.
+
+        While someone listens, the status is checked in the background (every 0.1 s for a local endpoint, every
+        5 s for a remote one), besides the changes the endpoint's own methods make. An exception in a callback
+        is logged and changes nothing else.
+
+        Example:
+            >>> unsubscribe = endpoint.on_status_change(
+            ...     lambda e, old, new: print(f"{e.name}: {old} -> {new}"))      # doctest: +SKIP
+            >>> endpoint.pause()                                               # doctest: +SKIP
+            demo: running -> paused
+            >>> unsubscribe()                                                  # doctest: +SKIP
+        """
+        unsubscribe = self._machine.subscribe(callback)
+        with self._lock:
+            if self._watcher is None and not self._deleted:
+                self._watcher = threading.Thread(target=self._watch, name=f"tgi_nb-watch-{self.name}", daemon=True)
+                self._watcher.start()
+        return unsubscribe
+
+    def _watch(self) -> None:
+        interval = self._backend.poll_interval(_WATCH_EVERY)
+        while not self._stop_watching.wait(interval):
+            if not self._machine.has_subscribers:
+                continue
+            try:
+                self._refresh(show_warnings=False)  # warnings stay for the user's next call to show
+            except Exception as exc:  # noqa: BLE001 - the Hub offline, a server gone: try again later
+                logger.debug("status check of %s failed: %s", self.name, exc)
+
     # ------------------------------------------------------------------------------------------------ clients
     @property
     def client(self) -> "InferenceClient":
-        """A ``huggingface_hub.InferenceClient`` for this endpoint (``base_url`` and the endpoint's token).
+        """A ``huggingface_hub.InferenceClient`` for this endpoint (``base_url``, the endpoint's token, and a
+        timeout: 600 s by default, ``connect(timeout=...)`` for a remote one).
 
         Raises ``InferenceEndpointError`` while the endpoint has no URL yet (call ``wait()`` first).
 
@@ -244,7 +257,7 @@ class InferenceEndpoint:
         """
         from huggingface_hub import InferenceClient
 
-        return InferenceClient(base_url=self._client_url(), token=self._token)
+        return InferenceClient(base_url=self._client_url(), token=self._token, timeout=self._backend.request_timeout)
 
     @property
     def async_client(self) -> "AsyncInferenceClient":
@@ -255,15 +268,16 @@ class InferenceEndpoint:
         """
         from huggingface_hub import AsyncInferenceClient
 
-        return AsyncInferenceClient(base_url=self._client_url(), token=self._token)
+        return AsyncInferenceClient(base_url=self._client_url(), token=self._token,
+                                    timeout=self._backend.request_timeout)
 
     def _client_url(self) -> str:
         if self.url is None:
             raise InferenceEndpointError(
                 "Cannot create a client for this Inference Endpoint as it is not yet deployed. "
                 "Please wait for the Inference Endpoint to be deployed using `endpoint.wait()` and try again.")
-        if not self.is_remote:
-            allow_loopback_when_offline()  # HF_HUB_OFFLINE would block even 127.0.0.1
+        if is_loopback(self.url):
+            allow_loopback_when_offline()  # HF_HUB_OFFLINE would block even 127.0.0.1, which is not the Hub
         return self.url
 
     # ------------------------------------------------------------------------------------------------ methods
@@ -271,9 +285,9 @@ class InferenceEndpoint:
         """Block until the endpoint runs and its health route answers 200, showing a progress bar meanwhile.
 
         Raises ``InferenceEndpointError`` when it failed (the message says why) or, for a local endpoint, when it
-        is paused (nothing would resume it); ``InferenceEndpointTimeoutError`` after ``timeout`` seconds. A local
-        endpoint scaled to zero is woken up, as a request would. Local endpoints are checked every 0.1 s;
-        ``refresh_every`` (seconds) paces remote ones.
+        is paused (nothing would resume it); ``InferenceEndpointTimeoutError`` after ``timeout`` seconds, naming
+        the URL and the last status. A local endpoint scaled to zero is woken up, as a request would. Local
+        endpoints are checked every 0.1 s; ``refresh_every`` (seconds) paces remote ones.
 
         Example:
             >>> endpoint.wait(timeout=300).status     # doctest: +SKIP
@@ -284,28 +298,27 @@ class InferenceEndpoint:
         if refresh_every <= 0:
             raise ValueError("`refresh_every` must be positive.")
         self._check_alive()
-        poll = refresh_every if self.is_remote else min(refresh_every, _LOCAL_POLL)
+        poll = self._backend.poll_interval(refresh_every)
         start = time.monotonic()
         bar = None
         try:
             while True:
                 self.fetch()
                 message = self.raw["status"].get("message")
-                if self.status == "failed":
-                    raise InferenceEndpointError(f"Inference Endpoint {self.name} failed to deploy: {message}")
-                if self.status == "paused" and not self.is_remote:
-                    raise InferenceEndpointError(f"Inference Endpoint {self.name} is paused: call "
-                                                 f"endpoint.resume() first, then endpoint.wait().")
-                if self.status == "scaledToZero" and not self.is_remote:
-                    self._backend.resume()  # what the next request would do
-                if self.status == "running" and self.url is not None and self._healthy():
+                if self.status in (FAILED, UPDATE_FAILED):
+                    verb = "deploy" if self.status == FAILED else "update"
+                    raise InferenceEndpointError(f"Inference Endpoint {self.name} failed to {verb}: {message}")
+                self._backend.before_poll(self.status, self.name)
+                if self.status == RUNNING and self.url is not None and self._healthy():
                     logger.info("Inference Endpoint %s is ready to be used.", self.name)
                     if bar is not None:
                         bar.set_description_str(f"Inference Endpoint {self.name}: running", refresh=False)
                     return self
                 if timeout is not None and time.monotonic() - start > timeout:
+                    where = self.url or self._backend.server_address()
                     raise InferenceEndpointTimeoutError(
-                        f"Timeout while waiting for Inference Endpoint {self.name} to be deployed "
+                        f"Timeout while waiting for Inference Endpoint {self.name}"
+                        f"{f' ({where})' if where else ''} to be deployed "
                         f"(status: {self.status}{f'; {message}' if message else ''}).")
                 if bar is None:
                     bar = _progress_bar(f"Inference Endpoint {self.name}: {self.status}")
@@ -320,15 +333,16 @@ class InferenceEndpoint:
     def _healthy(self) -> bool:
         import httpx
 
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         try:
-            response = httpx.get(f"{self.url}/{self.health_route.lstrip('/')}", headers=headers, timeout=10)
+            response = httpx.get(f"{self.url}/{self.health_route.lstrip('/')}", headers=self._backend.headers(),
+                                 timeout=PROBE_TIMEOUT)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
 
     def fetch(self) -> "InferenceEndpoint":
-        """Refresh the fields from the server; warnings about how it was adapted are shown once.
+        """Refresh the fields from the server (from the Hub for a Hugging Face endpoint); warnings about how it
+        was adapted are shown once.
 
         Example:
             >>> endpoint.fetch().status     # doctest: +SKIP
@@ -352,33 +366,38 @@ class InferenceEndpoint:
                ) -> "InferenceEndpoint":
         """Change the endpoint, as huggingface_hub's ``update``: arguments left None keep their value. A change
         to what is served (repository, revision, accelerator, custom_image, env, container_args, secrets...)
-        restarts the server on the same port; cloud-only ones (instance, region, replicas...) are recorded.
+        restarts a local server on the same port; cloud-only ones (instance, region, replicas...) are recorded.
+        A Hugging Face endpoint is updated through huggingface_hub; a URL given to ``connect()`` raises
+        ``RemoteEndpointError``.
 
         Example:
             >>> endpoint.update(env={"MAX_TOTAL_TOKENS": "4096"}).wait()     # doctest: +SKIP
         """
         self._check_alive()
-        if self.is_remote:
-            raise RemoteEndpointError(f"Cannot update {self.url}: it is a remote endpoint, managed where it runs.")
         changes = {k: v for k, v in dict(
             accelerator=accelerator, instance_size=instance_size, instance_type=instance_type,
             min_replica=min_replica, max_replica=max_replica, scale_to_zero_timeout=scale_to_zero_timeout,
             scaling_metric=scaling_metric, scaling_threshold=scaling_threshold, repository=repository,
             framework=framework, revision=revision, task=task, custom_image=custom_image,
-            container_command=container_command, container_args=container_args, env=env, secrets=secrets,
-            domain=domain, path=path, cache_http_responses=cache_http_responses, tags=tags).items()
-            if v is not None}
-        kwargs = {**self._kwargs, **changes}
-        request = build_request(self.name, **kwargs)
-        for key, value in (("tensor_parallel_size", tensor_parallel_size),
-                           ("data_parallel_size", data_parallel_size)):
-            if value is not None:
-                request.recorded[key] = value
-        self._adopt(request, kwargs)
+            container_command=container_command, container_args=container_args,
+            tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size, env=env,
+            secrets=secrets, domain=domain, path=path, cache_http_responses=cache_http_responses,
+            tags=tags).items() if v is not None}
+        with self._lock:
+            self._backend = self._backend.update(changes)
+            self._refresh(self._backend.last_known_state())
         return self
 
+    def _adopt(self, request: EndpointRequest, kwargs: dict[str, Any]) -> None:
+        """Take the arguments of a new ``create_inference_endpoint`` call with this name (local endpoints)."""
+        with self._lock:
+            self._backend = self._backend.adopt(request, kwargs)
+            self._refresh()
+
     def pause(self) -> "InferenceEndpoint":
-        """Free the model and refuse requests (503) until ``resume()``; the port stays this endpoint's.
+        """Free the model and refuse requests (503) until ``resume()``; the port stays this endpoint's. A Hugging
+        Face endpoint is paused through huggingface_hub; a URL given to ``connect()`` raises
+        ``RemoteEndpointError``.
 
         Example:
             >>> endpoint.pause().status     # doctest: +SKIP
@@ -386,7 +405,7 @@ class InferenceEndpoint:
         """
         self._check_alive()
         self._backend.pause()
-        self._refresh()
+        self._refresh(self._backend.last_known_state())
         return self
 
     def resume(self, running_ok: bool = True) -> "InferenceEndpoint":
@@ -399,13 +418,8 @@ class InferenceEndpoint:
             'running'
         """
         self._check_alive()
-        self._refresh()
-        if self.status == "running":
-            if not running_ok:
-                raise InferenceEndpointError(f"Inference Endpoint {self.name} is already running.")
-            return self
-        self._backend.resume()
-        self._refresh()
+        self._backend.resume(running_ok=running_ok)
+        self._refresh(self._backend.last_known_state())
         return self
 
     def scale_to_zero(self) -> "InferenceEndpoint":
@@ -418,62 +432,39 @@ class InferenceEndpoint:
         """
         self._check_alive()
         self._backend.scale_to_zero()
-        self._refresh()
+        self._refresh(self._backend.last_known_state())
         return self
 
     def delete(self) -> None:
-        """Stop the server, free the model and the port, and forget the endpoint (a remote one is only
-        forgotten: it keeps running where it is). Not reversible: create it again to get it back.
+        """Stop the server, free the model and the port, and forget the endpoint. A URL given to ``connect()``
+        is only forgotten (it keeps running where it is); a Hugging Face endpoint is deleted through
+        huggingface_hub. Not reversible: create it again to get it back.
 
         Example:
             >>> endpoint.delete()     # doctest: +SKIP
         """
+        self._release(self._backend.delete)
+
+    def _release(self, how: Optional[Callable[[], None]] = None) -> None:
+        """Let go of the endpoint: ``how`` (default: the backend's ``close``, which never deletes anything
+        remote) then the status "deleted"."""
         with _REGISTRY_LOCK:
             if _REGISTRY.get(self.name) is self:
                 del _REGISTRY[self.name]
         with self._lock:
             if self._deleted:
                 return
-            self._backend.stop()
+            (how or self._backend.close)()
             self._deleted = True
+            self._stop_watching.set()
+            self._machine.observe(DELETED)
             self._updated = utcnow()
-            self.raw["status"].update(state="deleted", url=None, updatedAt=self._updated.isoformat())
+            self.raw["status"].update(state=DELETED, url=None, updatedAt=self._updated.isoformat())
             self._populate_from_raw()
 
-    # ------------------------------------------------------------------------------------------------ re-creation
-    def _adopt(self, request: EndpointRequest, kwargs: dict[str, Any]) -> None:
-        """Take the arguments of a new create/update call: keep the server when what it serves is unchanged and
-        it has not failed, else restart it on the same port."""
-        with self._lock:
-            old = self._request
-            self._kwargs = kwargs
-            self._token = request.token
-            if (old is not None and not self.is_remote and old.launch == request.launch
-                    and self._backend.state()["state"] != "failed"):
-                self._request = request
-            else:
-                port = request.launch.port
-                if port is None and not self.is_remote:
-                    port = self._backend.port
-                self._backend.stop()
-                self._request = request
-                self._start_backend(port)
-                self._last_state = None
-            self._refresh()
 
-
-def _remote_raw(name: str, url: str, token: Optional[str], health_route: str, *, state: str,
-                created_at: datetime, updated_at: datetime, message: Optional[str] = None,
-                repository: str = "unknown") -> dict[str, Any]:
-    return {
-        "name": name, "type": "authenticated" if token else "public",
-        "model": {"repository": repository, "revision": "main", "task": "text-generation", "framework": "custom",
-                  "image": {"remote": {"url": url}}, "env": {}, "secrets": {}},
-        "healthRoute": health_route,
-        "status": {"state": state, "url": url, "message": message, "createdAt": created_at.isoformat(),
-                   "updatedAt": updated_at.isoformat()},
-        "tgi_nb": {},
-    }
+def _parse_datetime(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))  # the Hub writes "...Z", before Python 3.11's parser
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -575,13 +566,13 @@ def create_inference_endpoint(
         existing = _REGISTRY.get(name)
         if existing is not None:
             if existing.is_remote:
-                existing.delete()
+                existing._release()  # forgotten here; a Hugging Face endpoint of that name stays where it is
             else:
                 existing._adopt(request, kwargs)
                 return existing
-        endpoint = InferenceEndpoint._local(request, kwargs)
+        backend = LocalBackend.for_request(request, kwargs, request.launch.port)
+        endpoint = InferenceEndpoint._serving(backend, request.recorded.get("namespace") or NAMESPACE)
         _REGISTRY[name] = endpoint
-    endpoint._refresh()
     return endpoint
 
 
@@ -606,7 +597,8 @@ def get_inference_endpoint(name: str, *, namespace: Optional[str] = None,
 
 def list_inference_endpoints(namespace: Optional[str] = None, *,
                              token: Union[str, bool, None] = None) -> list[InferenceEndpoint]:
-    """The endpoints of this kernel (local and connected), oldest first, refreshed.
+    """The endpoints of this kernel (local and connected), oldest first, refreshed. One that cannot be refreshed
+    (a Hugging Face endpoint while offline) is listed as last seen, with a log line; its ``fetch()`` raises.
 
     Example:
         >>> [(e.name, e.status) for e in list_inference_endpoints()]     # doctest: +SKIP
@@ -617,7 +609,11 @@ def list_inference_endpoints(namespace: Optional[str] = None, *,
     if namespace not in (None, "*"):
         endpoints = [e for e in endpoints if e.namespace == namespace]
     for endpoint in endpoints:
-        endpoint._refresh()
+        try:
+            endpoint._refresh()
+        except Exception as exc:  # noqa: BLE001 - one unreachable endpoint must not hide the others
+            logger.warning("Inference Endpoint %s listed as last seen: %s: %s", endpoint.name,
+                           type(exc).__name__, exc)
     return endpoints
 
 
@@ -626,39 +622,76 @@ def _remote_name(url: str) -> str:
     return re.sub(r"[^a-zA-Z0-9-]+", "-", f"{parts.hostname}-{parts.port or ''}").strip("-") or "remote"
 
 
-def connect(url: str, token: Union[str, bool, None] = None, *, name: Optional[str] = None,
-            health_route: str = "/health", namespace: Optional[str] = None) -> InferenceEndpoint:
-    """Wrap an endpoint that already runs elsewhere (TGI, vLLM, a Hugging Face Inference Endpoint, another
-    tgi_nb) in an ``InferenceEndpoint``, so that what works on local endpoints works on it.
+def connect(url: Any, token: Union[str, bool, None] = None, *, name: Optional[str] = None,
+            health_route: str = "/health", namespace: Optional[str] = None,
+            timeout: float = REQUEST_TIMEOUT) -> InferenceEndpoint:
+    """Wrap an endpoint that already runs elsewhere, so that what works on local endpoints (clients, widgets,
+    notebooks) works on it.
 
-    ``url`` is the server's base URL (a trailing ``/v1`` is dropped); ``token`` is sent as a Bearer token (None:
-    ``HF_TOKEN`` or the saved login, as huggingface_hub does; False: none). The status comes from its health
-    route (or ``/v1/models``); ``pause``, ``resume`` and ``scale_to_zero`` raise ``RemoteEndpointError`` because
-    the endpoint is managed where it runs; ``delete()`` only forgets it here.
+    ``url`` is either
+
+    - a server's base URL (TGI, vLLM, llama.cpp's ``llama-server``, a Hugging Face Inference Endpoint's URL,
+      another tgi_nb; a trailing ``/v1`` is dropped): the status comes from its health route, what it serves
+      from ``/info``, ``/props`` or ``/v1/models`` (``endpoint.server_kind`` says which software answered);
+      ``pause``, ``resume``, ``scale_to_zero`` and ``update`` raise ``RemoteEndpointError`` since it is managed
+      where it runs, and ``delete()`` only forgets it here;
+    - or a ``huggingface_hub.InferenceEndpoint`` (from ``huggingface_hub.get_inference_endpoint``...): its
+      ``fetch``, ``pause``, ``resume``, ``scale_to_zero``, ``update`` and ``delete`` go through huggingface_hub
+      as they would on the object itself, and its token is what requests send.
+
+    ``token`` is sent as a Bearer token (None: the object's, else ``HF_TOKEN`` or the saved login, as
+    huggingface_hub does; False: none). ``timeout`` (seconds) bounds every request of ``endpoint.client`` and
+    ``async_client``; status checks take at most 10 s. A server that is down or does not answer shows as
+    "pending" with the reason and the URL, and ``wait(timeout=...)`` raises ``InferenceEndpointTimeoutError``.
 
     Example:
         >>> endpoint = connect("https://xyz.us-east-1.aws.endpoints.huggingface.cloud",
         ...                    token="hf_...")                                                   # doctest: +SKIP
         >>> endpoint.wait(timeout=600).client.chat_completion([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
+        >>> import huggingface_hub
+        >>> hf = connect(huggingface_hub.get_inference_endpoint("my-endpoint"))                  # doctest: +SKIP
+        >>> hf.pause().status                                                                    # doctest: +SKIP
+        'paused'
     """
-    url = url.strip().rstrip("/")
-    if url.endswith("/v1"):
-        url = url[: -len("/v1")]
-    if not re.match(r"^https?://", url):
-        raise ValueError(f"url: must start with http:// or https://, got {url!r}")
-    token = resolve_token(token)
-    name = name or _remote_name(url)
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"timeout: must be a number of seconds > 0, got {timeout!r}")
+    backend: Backend
+    if _is_hub_endpoint(url):
+        backend = HubBackend(url, timeout=timeout)
+        if token is not None:
+            backend.token = resolve_token(token)
+        name = name or url.name
+        namespace = namespace or url.namespace
+    elif isinstance(url, str):
+        url = url.strip().rstrip("/")
+        if url.endswith("/v1"):
+            url = url[: -len("/v1")]
+        if not re.match(r"^https?://", url):
+            raise ValueError(f"url: must start with http:// or https://, got {url!r}")
+        name = name or _remote_name(url)
+        backend = RemoteBackend(url, resolve_token(token), health_route, name, timeout)
+        namespace = namespace or urlsplit(url).netloc
+    else:
+        raise TypeError(f"url: expected a URL string or a huggingface_hub.InferenceEndpoint, "
+                        f"got {type(url).__name__}")
+    if backend.url and is_loopback(backend.url):
+        allow_loopback_when_offline()
     with _REGISTRY_LOCK:
         existing = _REGISTRY.get(name)
         if existing is not None:
             if not existing.is_remote:
                 raise ValueError(f"name: {name!r} is already a local endpoint of this kernel; pass another name= "
                                  f"or delete it first")
-            existing.delete()
-        endpoint = InferenceEndpoint._remote(name, url, token, health_route, namespace)
+            existing._release()
+        endpoint = InferenceEndpoint._serving(backend, namespace)
         _REGISTRY[name] = endpoint
-    endpoint._refresh()
     return endpoint
+
+
+def _is_hub_endpoint(value: Any) -> bool:
+    from huggingface_hub import InferenceEndpoint as HubInferenceEndpoint
+
+    return isinstance(value, HubInferenceEndpoint)
 
 
 @atexit.register
@@ -668,6 +701,6 @@ def _stop_all() -> None:
         endpoints = list(_REGISTRY.values())
     for endpoint in endpoints:
         try:
-            endpoint.delete()
+            endpoint._release()  # never deletes anything on Hugging Face
         except Exception:  # noqa: BLE001 - best effort at exit
             logger.exception("could not stop endpoint %s at exit", endpoint.name)

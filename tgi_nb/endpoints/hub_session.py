@@ -1,8 +1,9 @@
-"""Let huggingface_hub's clients reach local endpoints when ``HF_HUB_OFFLINE`` is set.
+"""Let huggingface_hub's clients reach servers on this machine when ``HF_HUB_OFFLINE`` is set.
 
 huggingface_hub's offline mode blocks every request of its HTTP session, ``InferenceClient``'s included, even to
-127.0.0.1. A server in this kernel is not the Hub: requests to loopback addresses go through; every other
-request still meets huggingface_hub's own check, unchanged.
+127.0.0.1. A server on this machine (an endpoint of this kernel, a ``llama-server`` or TGI started beside it) is
+not the Hub: requests to loopback addresses go through; every other request still meets huggingface_hub's own
+check, unchanged, so nothing reaches the Hub while offline.
 """
 
 from __future__ import annotations
@@ -15,9 +16,25 @@ _lock = threading.Lock()
 _installed = False
 
 
+def _loopback_host(host: str) -> bool:
+    host = host.strip("[]")
+    return host in _LOOPBACK or host.startswith("127.")
+
+
+def is_loopback(url: str) -> bool:
+    """Whether ``url`` points at this machine's loopback interface.
+
+    Example:
+        >>> is_loopback("http://127.0.0.1:8080"), is_loopback("http://[::1]:80"), is_loopback("https://hf.co")
+        (True, True, False)
+    """
+    from urllib.parse import urlsplit
+
+    return _loopback_host(urlsplit(url).hostname or "")
+
+
 def _is_local(request: Any) -> bool:
-    host = request.url.host or ""
-    return host.strip("[]") in _LOOPBACK or host.startswith("127.")
+    return _loopback_host(request.url.host or "")
 
 
 def _wrap_sync(hook: Callable) -> Callable:

@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from .status import FAILED, INITIALIZING, PAUSED, PENDING, RUNNING, SCALED_TO_ZERO, StatusMachine
+
 logger = logging.getLogger("tgi_nb.endpoints")
 
 CONTROL_PREFIX = "/_tgi_nb/endpoint/"
@@ -30,6 +32,7 @@ CONTROL_HEADER = "x-tgi-nb-control-token"
 PASSIVE_PATHS = frozenset({"/health", "/info", "/metrics", "/docs", "/redoc", "/openapi.json",
                            "/docs/oauth2-redirect"})
 WAKE_TIMEOUT = 600.0  # seconds a request waits for a waking model; openai-python's default timeout too
+_LOADING = (PENDING, INITIALIZING, SCALED_TO_ZERO)  # statuses in which a request waits for the model
 
 # The launcher option behind each limit, and the names a user may have set it with (the first set is quoted).
 _LIMIT_NAMES = {
@@ -123,48 +126,72 @@ def choose_device(opts: dict[str, Any], accelerator: Optional[str], notes: Notes
 # ----------------------------------------------------------------------------------------------------------
 
 class EndpointController:
-    """Endpoint life cycle on top of the server's engine holder (``app.state.holder``).
+    """The life cycle of a local endpoint: one :class:`~tgi_nb.endpoints.status.StatusMachine`, driven here.
 
-    ``state()`` gives huggingface_hub's status strings: initializing while the model loads, running,
-    paused, scaledToZero (freed; the next request loads it again) and failed (with the error as message).
+    Every move is made by one of its methods: the first load and each reload (``track_loads`` wraps the
+    server's engine factory: pending -> initializing, then running or failed with the error once the server's
+    engine holder has the engine), ``pause``, ``resume``, ``scale_to_zero``, ``wake`` (the one place a
+    request or ``wait()`` loads a freed model again) and the idle watch (``scale_to_zero_after``). A model
+    freed while it still loads is freed once loaded, unless a resume or a request wanted it in between.
 
     Example:
-        >>> from tgi_nb.server import EngineHolder
-        >>> ctl = EndpointController(EngineHolder(lambda: object()), Notes())   # doctest: +SKIP
-        >>> ctl.state()["state"]                                                  # doctest: +SKIP
-        'initializing'
+        >>> ctl = EndpointController(Notes())
+        >>> ctl.status
+        'pending'
+        >>> app = build_app(ctl.track_loads(load_engine), settings)   # doctest: +SKIP
+        >>> ctl.attach(app.state.holder)                               # doctest: +SKIP
     """
 
-    def __init__(self, holder: Any, notes: Notes, *, scale_to_zero_after: Optional[float] = None):
-        self.holder = holder
+    def __init__(self, notes: Notes, *, scale_to_zero_after: Optional[float] = None):
         self.notes = notes
-        self.paused = False
+        self.machine = StatusMachine(owner="local endpoint")
+        self.holder: Any = None
         self.in_flight = 0
         self.last_activity = time.monotonic()
         self.scale_to_zero_after = scale_to_zero_after
-        self._freed_once = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._closed = threading.Event()
-        if scale_to_zero_after:
+
+    @property
+    def status(self) -> str:
+        return self.machine.status
+
+    @property
+    def paused(self) -> bool:
+        return self.machine.status == PAUSED
+
+    def attach(self, holder: Any) -> None:
+        """Drive ``holder`` (the server's ``app.state.holder``), whose factory came from :meth:`track_loads`."""
+        self.holder = holder
+        if self.scale_to_zero_after:
             threading.Thread(target=self._idle_watch, name="tgi_nb-endpoint-idle", daemon=True).start()
 
+    def track_loads(self, factory: Callable[[], Any]) -> Callable[[], Any]:
+        """``factory`` reporting each load to this controller (it runs in the holder's loader thread)."""
+
+        def load() -> Any:
+            with self._lock:
+                if self.machine.status == PENDING:
+                    self.machine.move(INITIALIZING)
+            threading.Thread(target=self._await_load, name="tgi_nb-endpoint-load", daemon=True).start()
+            return factory()
+
+        return load
+
+    def _await_load(self) -> None:
+        loaded = self.holder.wait()  # set once the holder has the engine, or the error
+        with self._lock:
+            status = self.machine.status
+            if loaded and status in (PAUSED, SCALED_TO_ZERO):  # freed while it loaded
+                self.holder.unload()
+            elif status == INITIALIZING:
+                self.machine.move(RUNNING if loaded else FAILED, None if loaded else self.holder.error)
+                if loaded:  # the idle time before scaling to zero counts from here, as for a new replica
+                    self.last_activity = time.monotonic()
+
     def state(self) -> dict[str, Any]:
-        """``{"state", "message", "warnings", "limits"}``; ``limits`` once a model is loaded."""
-        status = self.holder.status
-        message = None
-        if self.paused:
-            state = "paused"
-        elif status == "ready":
-            state = "running"
-        elif status == "loading":
-            state = "initializing"
-        elif status == "failed":
-            state, message = "failed", self.holder.error
-        elif status == "idle":
-            state = "scaledToZero" if self._freed_once else "initializing"
-        else:  # stopped: the server is shutting down
-            state, message = "paused", "the server is stopping"
-        engine = self.holder.engine
+        """``{"status", "message", "warnings", "limits"}``; ``limits`` once a model is loaded."""
+        engine = self.holder.engine if self.holder is not None else None
         limits = None
         if engine is not None:
             limits = {"max_input_tokens": engine.max_input_tokens, "max_total_tokens": engine.max_total_tokens,
@@ -172,57 +199,63 @@ class EndpointController:
                       "device": engine.config.device, "dtype": engine.config.dtype,
                       "kv_cache_dtype": engine.config.kv_cache_dtype, "kv_cache_bytes": engine.capacity.kv_cache_bytes,
                       "weights_bytes": engine.weights_bytes}
-        return {"state": state, "message": message, "warnings": self.notes.list(), "limits": limits}
+        return {"status": self.machine.status, "message": self.machine.message, "warnings": self.notes.list(),
+                "limits": limits}
 
     def pause(self) -> None:
-        self.paused = True
-        self._free()
+        with self._lock:
+            self.machine.move(PAUSED)
+            self._free()
 
     def resume(self) -> None:
-        self.paused = False
-        self.holder.start()  # no-op when loading or ready; a failed model is loaded again
+        with self._lock:
+            if self.machine.status in (PAUSED, SCALED_TO_ZERO, FAILED):
+                self._load()
 
     def scale_to_zero(self) -> None:
-        self.paused = False
-        self._free()
+        with self._lock:
+            if self.machine.status in (FAILED, SCALED_TO_ZERO):
+                return  # nothing loaded to free
+            self.machine.move(SCALED_TO_ZERO)
+            self._free()
 
     def wake(self) -> None:
-        """Start loading a model freed by scale-to-zero (what a request does)."""
-        if not self.paused and self.holder.status == "idle":
-            self.holder.start()
+        """Load a model freed by scale-to-zero again: what a request (or ``wait()``) does."""
+        with self._lock:
+            if self.machine.status == SCALED_TO_ZERO:
+                self._load()
+
+    def _load(self) -> None:
+        self.machine.move(INITIALIZING)
+        if self.holder.status == "loading":  # freed while it loaded: _await_load now keeps it
+            return
+        if self.holder.status == "ready":  # the engine was never freed (a pause during a failed unload...)
+            self.machine.move(RUNNING)
+            return
+        self.holder.start()
+
+    def _free(self) -> None:
+        if self.holder.status != "loading":  # else _await_load frees it once loaded
+            self.holder.unload()
 
     def close(self) -> None:
         self._closed.set()
-
-    def _free(self) -> None:
-        with self._lock:
-            self._freed_once = True
-            if self.holder.status == "loading":
-                # Freed once loaded, unless a resume or a request wanted it in between.
-                threading.Thread(target=self._free_when_loaded, name="tgi_nb-endpoint-free", daemon=True).start()
-                return
-        self.holder.unload()
-
-    def _free_when_loaded(self) -> None:
-        self.holder.wait()
-        if self.paused or (self.in_flight == 0 and self.holder.status == "ready"
-                           and time.monotonic() - self.last_activity > 0.5):
-            self.holder.unload()
 
     def _idle_watch(self) -> None:
         after = float(self.scale_to_zero_after or 0)
         interval = max(0.1, min(30.0, after / 4))
         ready_since = None
         while not self._closed.wait(interval):
-            ready = self.holder.status == "ready"
-            # Idle time counts from the later of the last request and the model becoming ready: a load that
-            # took longer than the timeout must not be freed the moment it finishes, before anyone used it.
-            ready_since = (ready_since or time.monotonic()) if ready else None
-            idle = time.monotonic() - max(self.last_activity, ready_since or 0.0)
-            if ready and not self.paused and self.in_flight == 0 and idle >= after:
-                logger.info("no request for %.0f s: scaling to zero", idle)
-                self._freed_once = True
-                self.holder.unload()
+            with self._lock:
+                running = self.machine.status == RUNNING
+                # Idle time counts from the later of the last request and the model becoming ready: a load that
+                # took longer than the timeout must not be freed the moment it finishes, before anyone used it.
+                ready_since = (ready_since or time.monotonic()) if running else None
+                idle = time.monotonic() - max(self.last_activity, ready_since or 0.0)
+                if running and self.in_flight == 0 and idle >= after:
+                    logger.info("no request for %.0f s: scaling to zero", idle)
+                    self.machine.move(SCALED_TO_ZERO)
+                    self._free()
 
     def request_started(self) -> None:
         with self._lock:
@@ -267,9 +300,10 @@ class ControlledApp:
             return
         ctl = self.controller
         if path in PASSIVE_PATHS:
-            if path == "/health" and ctl.paused:
-                await _json(send, 503, {"error": "the endpoint is paused", "error_type": "healthcheck",
-                                        "status": "paused"})
+            if path == "/health" and ctl.status != RUNNING:
+                # huggingface_hub's status words, so that connect() from elsewhere reads the same life cycle.
+                await _json(send, 503, {"error": ctl.machine.message or f"the endpoint is {ctl.status}",
+                                        "error_type": "healthcheck", "status": ctl.status})
                 return
             await self.app(scope, receive, send)
             return
@@ -282,7 +316,7 @@ class ControlledApp:
             return
         ctl.request_started()
         try:
-            if self.controller.holder.status in ("idle", "loading") and self._authorized(scope):
+            if ctl.status in _LOADING and self._authorized(scope):
                 ctl.wake()
                 await self._wait_ready()
             await self.app(scope, receive, send)
@@ -303,9 +337,8 @@ class ControlledApp:
         return True
 
     async def _wait_ready(self) -> None:
-        holder = self.controller.holder
         deadline = time.monotonic() + self.wake_timeout
-        while holder.status in ("idle", "loading") and time.monotonic() < deadline and not self.controller.paused:
+        while self.controller.status in _LOADING and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     async def _control(self, scope, receive, send, action: str) -> None:
@@ -386,6 +419,7 @@ def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str,
         note_capacity(engine, notes, env=env, args=args)
         return engine
 
-    app = build_app(load_engine, settings)
-    controller = EndpointController(app.state.holder, notes, scale_to_zero_after=scale_to_zero_after)
+    controller = EndpointController(notes, scale_to_zero_after=scale_to_zero_after)
+    app = build_app(controller.track_loads(load_engine), settings)
+    controller.attach(app.state.holder)
     return ControlledApp(app, controller, api_key=api_key, control_token=control_token, wake_timeout=wake_timeout)

@@ -42,8 +42,8 @@ class EngineHolder:
     """Holds the engine, or a factory that builds it in a background thread.
 
     ``status`` is one of ``idle`` (nothing loaded yet, or unloaded), ``loading``, ``ready``, ``failed``,
-    ``stopped``. Routes call :meth:`get`, which raises :class:`ModelNotReady` (503) unless ready; after
-    :meth:`unload` the next :meth:`get` starts loading again, as a scaled-to-zero HF endpoint does.
+    ``stopped``. Routes call :meth:`get`, which raises :class:`ModelNotReady` (503) unless ready;
+    :meth:`unload` frees the model until :meth:`start` loads it again.
     An engine passed in ready-made belongs to the caller and is never shut down here.
 
     Example:
@@ -115,12 +115,11 @@ class EngineHolder:
         return self.status == "ready"
 
     def get(self) -> Any:
-        """The engine, or :class:`ModelNotReady` while it loads (starting the load if idle)."""
+        """The engine, or :class:`ModelNotReady` while it loads or after :meth:`unload` (what loads a freed
+        model again is the endpoint's business: ``tgi_nb.endpoints`` wakes it before the request gets here)."""
         engine = self._engine
         if engine is not None:
             return engine
-        if self.status == "idle":
-            self.start()
         if self.status == "failed":
             raise ModelNotReady(f"the model failed to load: {self.error}", retry_after=None,
                                 code="model_load_failed")
@@ -129,7 +128,7 @@ class EngineHolder:
         raise ModelNotReady("the model is loading, retry shortly", code="model_loading")
 
     def unload(self) -> None:
-        """Free the model (scale to zero); the next request loads it again. Only for factories."""
+        """Free the model (scale to zero, pause) until the next :meth:`start`. Only for factories."""
         if self._factory is None:
             raise RuntimeError("unload: this server was given a ready engine it does not own")
         with self._lock:
