@@ -96,7 +96,7 @@ class LLMEngine:
     def __init__(self, config: Optional[EngineConfig] = None, **overrides):
         from transformers import AutoConfig, AutoTokenizer
 
-        from tgi_nb.models import resolve_model
+        from tgi_nb.models import resolve_model, source_gguf
         from tgi_nb.models.hf_model import TransformersModel
         from tgi_nb.models.llama import LlamaModel, is_llama_family
 
@@ -115,7 +115,10 @@ class LLMEngine:
             self.tokenizer.chat_template = config.chat_template
         hf_config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=config.trust_remote_code)
         if is_llama_family(hf_config):
-            self.model = LlamaModel.load(self.model_dir, dtype=dtype, device=device, config=hf_config)
+            gguf_file = source_gguf(self.model_dir) if config.quantize is None else None
+            self.model = LlamaModel.load(self.model_dir, dtype=dtype, device=device, config=hf_config,
+                                         gguf_file=gguf_file,
+                                         quantize=config.quantize if config.quantize != "float" else None)
         else:  # transformers' own modules, our paged attention and cache
             self.model = TransformersModel.load(self.model_dir, dtype=dtype, device=device,
                                                 trust_remote_code=config.trust_remote_code)
@@ -155,8 +158,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batch_prefill_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
-        logger.info("engine ready: %s (%s) on %s %s, %d KV blocks x %d tokens (%.0f MiB), threads=%d, %.1fs",
-                    self.model_id, resolved.source, device, dtype, num_blocks, config.block_size,
+        logger.info("engine ready: %s (%s) on %s %s, weights %s, %d KV blocks x %d tokens (%.0f MiB), threads=%d, "
+                    "%.1fs", self.model_id, resolved.source, device, dtype,
+                    getattr(self.model, "weight_formats", lambda: str(dtype))(), num_blocks, config.block_size,
                     num_blocks * config.block_size * kv_per_token / 2**20, torch.get_num_threads(),
                     time.perf_counter() - started)
 
