@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -35,8 +35,6 @@
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
-typedef uint8_t vu8 __attribute__((vector_size(VW)));
-typedef int8_t vs8 __attribute__((vector_size(VW)));
 
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };   /* GGML type ids */
 
@@ -66,27 +64,47 @@ static inline int block_bytes(int qtype) {
 
 static inline vf splat(float v) { return (vf){} + v; }
 
+/* VW bytes widened to VW int32 lanes. GCC's __builtin_convertvector does this one lane at a time, so the
+   widening instructions are spelled out where the instruction set has them. */
+static inline vi load_u8(const uint8_t *p) {
+#if defined(__AVX512F__)
+    return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+#elif defined(__AVX2__)
+    return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    vi out;
+    for (int i = 0; i < VW; i++) out[i] = p[i];
+    return out;
+#endif
+}
+static inline vi load_s8(const uint8_t *p) {
+#if defined(__AVX512F__)
+    return (vi)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+#elif defined(__AVX2__)
+    return (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    vi out;
+    for (int i = 0; i < VW; i++) out[i] = (int8_t)p[i];
+    return out;
+#endif
+}
+
 /* Vector j (elements j*VW .. j*VW+VW-1) of one block as floats. GGML's 4-bit blocks hold element i in the low
    nibble of byte i and element i + 16 in the high nibble. */
 static inline void dequant_block(const uint8_t *blk, int qtype, vf out[NV]) {
     if (qtype == Q8_0) {
         const vf d = splat(half_to_float(blk));
-        for (int j = 0; j < NV; j++) {
-            vs8 q;
-            memcpy(&q, blk + 2 + j * VW, VW);
-            out[j] = __builtin_convertvector(__builtin_convertvector(q, vi), vf) * d;
-        }
+        for (int j = 0; j < NV; j++) out[j] = __builtin_convertvector(load_s8(blk + 2 + j * VW), vf) * d;
         return;
     }
     const uint8_t *qs = blk + (qtype == Q4_1 ? 4 : 2);
     const vf d = splat(half_to_float(blk));
+    const vf min = qtype == Q4_1 ? splat(half_to_float(blk + 2)) : splat(0);
     for (int j = 0; j < NV; j++) {
-        vu8 raw;
-        memcpy(&raw, qs + (j * VW) % 16, VW);
-        vi q = __builtin_convertvector(raw, vi);
+        vi q = load_u8(qs + (j * VW) % 16);
         q = j * VW >= 16 ? q >> 4 : q & 15;
         const vf qf = __builtin_convertvector(q, vf);
-        if (qtype == Q4_1) out[j] = qf * d + splat(half_to_float(blk + 2));
+        if (qtype == Q4_1) out[j] = qf * d + min;
         else out[j] = (qf - 8.0f) * d;
     }
 }
