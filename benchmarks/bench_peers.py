@@ -54,13 +54,15 @@ class LevelResult:
     streams: int
     output_tokens: int = 0
     wall_s: float = 0.0
+    cpu_s: float = 0.0          # the server process's CPU time (all its threads) over the level
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         out = {"streams": self.streams, "output_tokens": self.output_tokens, "wall_s": round(self.wall_s, 3),
-               "output_tok_s": self.output_tokens / self.wall_s if self.wall_s else 0.0, "errors": self.errors[:3]}
+               "output_tok_s": self.output_tokens / self.wall_s if self.wall_s else 0.0, "errors": self.errors[:3],
+               "cpu_ms_per_token": 1000 * self.cpu_s / self.output_tokens if self.output_tokens else None}
         for name in ("ttft", "itl"):
             values = getattr(self, name)
             if values:
@@ -103,8 +105,17 @@ async def stream_one(client, prompt: str, max_tokens: int, t0: float, result: Le
     result.itl.extend(b - a for a, b in zip(stamps, stamps[1:]))
 
 
+def process_cpu_seconds(pid: Optional[int]) -> float:
+    """User + system CPU time of a process and all its threads (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 async def run_levels(url: str, prompts: list[str], levels: list[int], max_tokens: int, single_repeats: int,
-                     system: str) -> list[LevelResult]:
+                     system: str, pid: Optional[int] = None) -> list[LevelResult]:
     import httpx
 
     limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
@@ -114,14 +125,16 @@ async def run_levels(url: str, prompts: list[str], levels: list[int], max_tokens
         for streams in levels:
             result = LevelResult(streams)
             waves = single_repeats if streams == 1 else 1
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), process_cpu_seconds(pid)
             for wave in range(waves):
                 t0 = time.perf_counter()
                 await asyncio.gather(*(stream_one(client, prompts[(wave + i) % len(prompts)], max_tokens, t0, result)
                                        for i in range(streams)))
             result.wall_s = time.perf_counter() - start
+            result.cpu_s = process_cpu_seconds(pid) - cpu_start
             s = result.summary()
-            log(f"[{system}] {streams:>3} streams: {s['output_tok_s']:.1f} tok/s, TTFT p50 "
+            log(f"[{system}] {streams:>3} streams: {s['output_tok_s']:.1f} tok/s, "
+                f"{s['cpu_ms_per_token'] or float('nan'):.1f} CPU ms/token, TTFT p50 "
                 f"{s.get('ttft', {}).get('p50', float('nan')):.3f} s, load {os.getloadavg()[0]:.1f}"
                 + (f", errors: {result.errors[:2]}" if result.errors else ""))
             results.append(result)
@@ -158,7 +171,7 @@ def run_server(system: str, command: list[str], url: str, prompts, levels, args)
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         wait_healthy(url, proc)
-        return asyncio.run(run_levels(url, prompts, levels, args.max_tokens, args.single_repeats, system))
+        return asyncio.run(run_levels(url, prompts, levels, args.max_tokens, args.single_repeats, system, proc.pid))
     finally:
         proc.terminate()
         try:
@@ -179,10 +192,11 @@ def run_transformers(model_dir: Path, prompt: str, max_tokens: int, threads: int
     kwargs = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
     with torch.inference_mode():
         model.generate(**ids, max_new_tokens=4, do_sample=False)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = model.generate(**ids, **kwargs)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     result = LevelResult(1, int(out.shape[1] - ids["input_ids"].shape[1]), wall)
+    result.cpu_s = cpu
     log(f"[transformers] 1 stream: {result.output_tokens / wall:.1f} tok/s")
     return result
 
@@ -225,6 +239,14 @@ def markdown(results: dict[str, list[LevelResult]], info: dict, args, loads: dic
         ttft = f"{top['ttft']['p50']:.2f} / {top['ttft']['p99']:.2f}" if "ttft" in top else "-"
         itl = f"{top['itl']['p50'] * 1000:.0f} / {top['itl']['p99'] * 1000:.0f}" if "itl" in top else "-"
         lines.append(f"| {system} | " + " | ".join(cells) + f" | {ttft} | {itl} |")
+    lines += ["", "Server CPU time per output token (ms; all its threads; unlike wall time it does not grow with other "
+              "jobs' load, though spinning thread pools count):", "",
+              "| system | " + " | ".join(f"{c} stream{'s' if c > 1 else ''}" for c in levels) + " |",
+              "|---|" + "---|" * len(levels)]
+    for system in systems:
+        by = {r.streams: r.summary() for r in results[system]}
+        lines.append(f"| {system} | " + " | ".join(
+            f"{by[c]['cpu_ms_per_token']:.1f}" if by.get(c, {}).get("cpu_ms_per_token") else "-" for c in levels) + " |")
     if "llama.cpp" in results and "tgi_nb" in results:
         peer = {r.streams: r.summary() for r in results["llama.cpp"]}
         ours = {r.streams: r.summary() for r in results["tgi_nb"]}
@@ -247,6 +269,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--skip", action="append", default=[],
                         choices=["tgi_nb", "tgi_nb float", "llama.cpp", "hf"], help="leave a system out")
     parser.add_argument("--llama-repack", action="store_true", help="let llama-server repack its weights")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per server (default: every core); tgi_nb is pinned to that many cores")
     parser.add_argument("--json", help="write every number to this file")
     parser.add_argument("--markdown", action="store_true", help="print the table for docs/benchmarks.md")
     parser.add_argument("--quiet", action="store_true", help="hide the servers' stderr")
@@ -265,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                              add_generation_prompt=True) for p in PROMPTS]
     levels = [int(c) for c in args.streams.split(",")]
-    threads = default_num_threads()
+    threads = args.threads or default_num_threads()
     info = machine()
     log(f"machine: {info}")
     results: dict[str, list[LevelResult]] = {}
@@ -279,6 +303,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         command = [sys.executable, "-m", "tgi_nb", "serve", "--port", str(port),
                    "--max-concurrent-requests", "1024", "--max-batch-size", str(max(max(levels), 64)),
                    "--log-level", "warning", *extra]
+        if args.threads:   # tgi_nb runs one thread per core it may use
+            command = ["taskset", "-c", f"0-{args.threads - 1}", *command]
         before = os.getloadavg()[0]
         results[system] = run_server(system, command, f"http://127.0.0.1:{port}", prompts, levels, args)
         loads[system] = (before, os.getloadavg()[0])

@@ -89,22 +89,37 @@ static inline vi load_s8(const uint8_t *p) {
 #endif
 }
 
-/* Vector j (elements j*VW .. j*VW+VW-1) of one block as floats. GGML's 4-bit blocks hold element i in the low
-   nibble of byte i and element i + 16 in the high nibble. */
+/* The block's scale d and (Q4_1) min m as vectors. Both halves are converted in one instruction where F16C is
+   there, instead of a load, insert, convert and broadcast per half. */
+static inline void block_scales(const uint8_t *blk, int qtype, vf *d, vf *m) {
+#if defined(__F16C__)
+    uint32_t raw;
+    memcpy(&raw, blk, 4);        /* Q4_0 / Q8_0: the second half is the first two quants, unused */
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)raw));
+    *d = splat(dm[0]);
+    *m = qtype == Q4_1 ? splat(dm[1]) : splat(0);
+#else
+    *d = splat(half_to_float(blk));
+    *m = qtype == Q4_1 ? splat(half_to_float(blk + 2)) : splat(0);
+#endif
+}
+
+/* One block as NV vectors of floats (vector j: elements j*VW .. j*VW+VW-1), the values gguf's dequantize gives:
+   d * q (Q8_0), d * (q - 8) (Q4_0), d * q + m (Q4_1; d * q is exact in float32, so fused or not the sum
+   rounds once). GGML's 4-bit blocks hold element i in the low nibble of byte i, element i + 16 in the high. */
 static inline void dequant_block(const uint8_t *blk, int qtype, vf out[NV]) {
+    vf d, m;
+    block_scales(blk, qtype, &d, &m);
     if (qtype == Q8_0) {
-        const vf d = splat(half_to_float(blk));
         for (int j = 0; j < NV; j++) out[j] = __builtin_convertvector(load_s8(blk + 2 + j * VW), vf) * d;
         return;
     }
     const uint8_t *qs = blk + (qtype == Q4_1 ? 4 : 2);
-    const vf d = splat(half_to_float(blk));
-    const vf min = qtype == Q4_1 ? splat(half_to_float(blk + 2)) : splat(0);
     for (int j = 0; j < NV; j++) {
         vi q = load_u8(qs + (j * VW) % 16);
         q = j * VW >= 16 ? q >> 4 : q & 15;
         const vf qf = __builtin_convertvector(q, vf);
-        if (qtype == Q4_1) out[j] = qf * d + min;
+        if (qtype == Q4_1) out[j] = qf * d + m;
         else out[j] = (qf - 8.0f) * d;
     }
 }
