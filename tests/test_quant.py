@@ -276,3 +276,23 @@ def test_quantize_at_load_stays_close_to_float(tiny_model_dir):
 def test_quantize_choice_is_validated():
     with pytest.raises(ValidationError, match="quantize: must be one of None, float, q8_0, q4_0, got 'q5'"):
         EngineConfig(quantize="q5")
+
+
+def test_source_gguf_of_converted_folders(smollm2_dir, tiny_gguf_model, tiny_model_dir, tmp_path):
+    from tgi_nb.models import bundled_gguf_path, source_gguf
+
+    assert source_gguf(smollm2_dir) == bundled_gguf_path()          # recognised by its safetensors metadata
+    assert source_gguf(tiny_gguf_model).name == "tiny.gguf"          # named by gguf_source.json
+    assert source_gguf(tiny_model_dir("llama")) is None              # a plain safetensors folder
+    stale = tmp_path / "stale"
+    shutil.copytree(tiny_gguf_model, stale)
+    record = json.loads((stale / GGUF_SOURCE_FILE).read_text())
+    (stale / GGUF_SOURCE_FILE).write_text(json.dumps({**record, "size": record["size"] + 1}))
+    assert source_gguf(stale) is None                                # the file was replaced since
+
+
+def test_folder_that_is_not_the_files_conversion_keeps_its_weights(tiny_gguf_model, tiny_model_dir):
+    other = tiny_model_dir("llama", rope_theta=5e4)   # same shapes, different (undequantized) weights
+    gguf_file = json.loads((tiny_gguf_model / GGUF_SOURCE_FILE).read_text())["file"]
+    model = LlamaModel.load(other, gguf_file=gguf_file)
+    assert model.weight_formats() == "float32 (14)"
