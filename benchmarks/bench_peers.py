@@ -321,6 +321,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             command = [binary, "-m", str(gguf_file), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
                        "-tb", str(threads), "-np", str(slots), "-c", str(slots * (args.max_tokens + 256)),
                        "--log-disable"] + ([] if args.llama_repack else ["--no-repack"])
+            if args.threads:   # pinned like tgi_nb, so both compete for the same cores
+                command = ["taskset", "-c", f"0-{args.threads - 1}", *command]
             before = os.getloadavg()[0]
             results["llama.cpp"] = run_server("llama.cpp", command, f"http://127.0.0.1:{port}", prompts, levels, args)
             loads["llama.cpp"] = (before, os.getloadavg()[0])
