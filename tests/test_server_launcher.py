@@ -56,6 +56,8 @@ def test_plan():
     assert plan.settings.max_concurrent_requests == 3 and plan.settings.api_key == "x"
     assert plan.settings.cors_allow_origins == ["http://a", "http://b"]
     assert plan.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_options(parse("--quantize", "q8_0"), {})["quantize"] == "q8_0"
+    assert resolve_options(parse(), {"QUANTIZE": "float"})["quantize"] == "float"
 
 
 @pytest.mark.parametrize("env,message", [
@@ -70,6 +72,7 @@ def test_plan():
     ({"MAX_TOP_N_TOKENS": "50"}, "max_top_n_tokens (50) must be in [0, 20]"),
     ({"PORT": "http"}, "PORT='http': must be an integer"),
     ({"DTYPE": "int8"}, "dtype ('int8') must be one of"),
+    ({"QUANTIZE": "awq"}, "quantize ('awq') must be one of float, q8_0, q4_0"),
 ])
 def test_inconsistent_limits_stop_start_up(env, message, capsys):
     with pytest.raises(LaunchError, match=re.escape(message)):

@@ -12,6 +12,15 @@ from .sampling_params import ValidationError
 KV_CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
+# How weights are held (CPU, float32; elsewhere every weight is a float tensor of ``dtype``):
+# - None: as stored: a GGUF model's Q4_0 / Q4_1 / Q8_0 tensors stay in their blocks (native kernels, exact
+#   numerics), everything else in dtype;
+# - "float": every weight dequantized to dtype (what tgi_nb did before it kept GGUF blocks);
+# - "q8_0", "q4_0": float linear weights quantized at load into those blocks (TGI's --quantize), the embedding
+#   into q8_0.
+QUANTIZE_CHOICES = (None, "float", "q8_0", "q4_0")
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything the engine needs to start; None means "derive from the model and memory".
@@ -38,6 +47,7 @@ class EngineConfig:
     revision: Optional[str] = None
     dtype: Optional[str] = None          # "float32" | "bfloat16" | "float16" | "float64"; None: by device
     device: Optional[str] = None         # "cpu" | "cuda"; None: cuda when available
+    quantize: Optional[str] = None       # see QUANTIZE_CHOICES
     max_input_tokens: Optional[int] = None
     max_total_tokens: Optional[int] = None
     max_batch_prefill_tokens: int = 512
@@ -68,6 +78,9 @@ class EngineConfig:
                 "max_input_tokens",
                 f"max_input_tokens ({self.max_input_tokens}) must be < max_total_tokens "
                 f"({self.max_total_tokens})")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValidationError("quantize", f"quantize: must be one of {', '.join(map(str, QUANTIZE_CHOICES))}, "
+                                              f"got {self.quantize!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16", "float64"):
             raise ValidationError("dtype", f"dtype: must be one of float32, bfloat16, float16, float64, "
                                            f"got {self.dtype!r}")

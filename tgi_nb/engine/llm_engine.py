@@ -127,7 +127,7 @@ class LLMEngine:
     def __init__(self, config: Optional[EngineConfig] = None, **overrides):
         from transformers import AutoConfig, AutoTokenizer
 
-        from tgi_nb.models import resolve_model
+        from tgi_nb.models import resolve_model, source_gguf
         from tgi_nb.models.hf_model import TransformersModel
         from tgi_nb.models.llama import LlamaModel, is_llama_family
 
@@ -150,7 +150,10 @@ class LLMEngine:
             self.tokenizer.chat_template = config.chat_template
         hf_config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=config.trust_remote_code)
         if is_llama_family(hf_config):
-            self.model = LlamaModel.load(self.model_dir, dtype=dtype, device=device, config=hf_config)
+            gguf_file = source_gguf(self.model_dir) if config.quantize is None else None
+            self.model = LlamaModel.load(self.model_dir, dtype=dtype, device=device, config=hf_config,
+                                         gguf_file=gguf_file,
+                                         quantize=config.quantize if config.quantize != "float" else None)
         else:  # transformers' own modules, our paged attention and cache
             self.model = TransformersModel.load(self.model_dir, dtype=dtype, device=device,
                                                 trust_remote_code=config.trust_remote_code)
@@ -193,9 +196,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, plan.max_batch_prefill_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, kv_dtype)
         reserve_kv_bytes(self, plan.kv_cache_bytes)
-        logger.info("engine ready: %s (%s) on %s %s, weights %.0f MiB, %d KV blocks x %d tokens (%.0f MiB %s, "
+        logger.info("engine ready: %s (%s) on %s %s, weights %.0f MiB (%s), %d KV blocks x %d tokens (%.0f MiB %s, "
                     "resident as used), threads=%d, %.1fs",
-                    self.model_id, resolved.source, device, dtype, self.weights_bytes / 2**20, num_blocks,
+                    self.model_id, resolved.source, device, dtype, self.weights_bytes / 2**20,
+                    getattr(self.model, "weight_formats", lambda: str(dtype))(), num_blocks,
                     config.block_size, plan.kv_cache_bytes / 2**20, str(kv_dtype).split(".")[-1],
                     torch.get_num_threads(), time.perf_counter() - started)
 

@@ -15,6 +15,7 @@ from .loader import (
     cache_root,
     convert_gguf,
     resolve_model,
+    source_gguf,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "cache_root",
     "convert_gguf",
     "resolve_model",
+    "source_gguf",
 ]

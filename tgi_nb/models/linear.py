@@ -14,6 +14,10 @@ for M rows (benchmarks/bench_linear.py):
     512    1121 ms               1066 ms   1536 ms
 
 ``TGI_NB_NATIVE_LINEAR=0`` turns the native kernel off.
+
+A :class:`~tgi_nb.models.quant.QuantizedTensor` weight (GGUF blocks) takes ``csrc/quant_gemm.c`` for up to
+``SMALL_GEMM_MAX_ROWS`` rows; larger batches dequantize that one weight into a float32 scratch tensor and take
+the library path (see ``benchmarks/bench_linear.py --quantized``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .quant import QuantizedTensor, quantized_linear
 
 # Up to this many rows the native kernel beats MKL and oneDNN on the 2-core EPYC VM (also the most rows the
 # kernel's fused silu_mul takes).
@@ -65,6 +70,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if silu_mul and residual is not None:
         raise ValueError("linear(silu_mul=True) takes no residual")
     rows = x.shape[0]
+    if isinstance(weight, QuantizedTensor):
+        if 0 < rows <= SMALL_GEMM_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
+            out = quantized_linear(x, weight, bias, residual, norm=norm, silu_mul=silu_mul)
+            if out is not None:
+                return out
+        weight = weight.dequantize().to(x.dtype)
     if (0 < rows <= SMALL_GEMM_MAX_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.device.type == "cpu" and native_linear_available()):
         x = x.contiguous()

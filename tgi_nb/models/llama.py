@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from .attention import paged_decode_attention
 from .linear import linear
+from .quant import QuantizedTensor, read_gguf_quantized
 from .rope import rope_and_write_kv
 
 logger = logging.getLogger("tgi_nb")
@@ -182,19 +183,36 @@ class LlamaModel:
         >>> logits = model.forward(input_ids, positions, batch, kv_caches, logits_indices)  # doctest: +SKIP
     """
 
-    def __init__(self, config, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
+    def __init__(self, config, weights: dict[str, torch.Tensor | QuantizedTensor], dtype: torch.dtype,
+                 device: torch.device):
         spec = LlamaSpec.from_config(config)
         self.spec, self.dtype, self.device = spec, dtype, device
         self.config = config
+        # GGUF blocks are computed with by the CPU float32 kernels only; anywhere else they are dequantized.
+        keep_quantized = device.type == "cpu" and dtype == torch.float32
+
+        def arena_bytes(w) -> int:
+            if isinstance(w, QuantizedTensor):
+                return WeightArena.nbytes(w.data.shape, torch.uint8) if keep_quantized else \
+                    WeightArena.nbytes(w.shape, dtype)
+            return WeightArena.nbytes(w.shape, dtype)
 
         # On CPU every weight lives in one huge-page arena; elsewhere each is its own tensor on the device.
-        arena = WeightArena(sum(WeightArena.nbytes(w.shape, dtype) for w in weights.values())) \
-            if device.type == "cpu" else None
+        arena = WeightArena(sum(arena_bytes(w) for w in weights.values())) if device.type == "cpu" else None
 
-        def take(*names: str) -> torch.Tensor:
+        def take(*names: str) -> torch.Tensor | QuantizedTensor:
             """The named weights, concatenated along dim 0, as one new contiguous tensor (a copy, never a
-            view of the safetensors file mapping: that measured 2x slower to stream through in decode)."""
+            view of the safetensors file mapping: that measured 2x slower to stream through in decode).
+            Quantized parts of one type stay quantized (their block rows concatenated); mixed parts are
+            dequantized."""
             parts = [weights.pop(name) for name in names]
+            qtypes = {p.qtype if isinstance(p, QuantizedTensor) else None for p in parts}
+            if keep_quantized and len(qtypes) == 1 and None not in qtypes:
+                data = [p.data for p in parts]
+                out = arena.empty((sum(d.shape[0] for d in data), data[0].shape[1]), torch.uint8)
+                torch.cat(data, out=out)
+                return QuantizedTensor(out, qtypes.pop(), (out.shape[0], parts[0].shape[1]))
+            parts = [p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts]
             shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
             out = arena.empty(shape, dtype) if arena else torch.empty(shape, dtype=dtype, device=device)
             row = 0
@@ -231,23 +249,53 @@ class LlamaModel:
 
     @classmethod
     def load(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu", config=None) -> "LlamaModel":
-        """Load config and safetensors shards from a local Hugging Face layout directory."""
+             device: str | torch.device = "cpu", config=None,
+             gguf_file: Optional[str | Path] = None, quantize: Optional[str] = None) -> "LlamaModel":
+        """Load config and safetensors shards from a local Hugging Face layout directory.
+
+        On CPU in float32 (elsewhere both are ignored):
+        - ``gguf_file``: the GGUF file the folder was converted from; its Q4_0 / Q4_1 / Q8_0 tensors are used
+          as stored (quantized) instead of their dequantized copies in the folder;
+        - ``quantize``: ``"q8_0"`` or ``"q4_0"`` quantizes the float linear weights at load (the embedding
+          into q8_0), as TGI's ``--quantize``.
+        """
         from transformers import AutoConfig
 
         model_dir = Path(model_dir)
+        device = torch.device(device)
         config = config or AutoConfig.from_pretrained(model_dir)
         index = model_dir / "model.safetensors.index.json"
         files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
                  else sorted(p.name for p in model_dir.glob("*.safetensors")))
         if not files:
             raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
-        weights: dict[str, torch.Tensor] = {}
+        quantized = {}
+        if gguf_file is not None and device.type == "cpu" and dtype == torch.float32:
+            spec = LlamaSpec.from_config(config)
+            quantized = read_gguf_quantized(gguf_file, spec.num_heads, spec.num_kv_heads)
+        weights: dict[str, torch.Tensor | QuantizedTensor] = {}
         for name in files:
             with safe_open(model_dir / name, framework="pt") as f:
                 for key in f.keys():
-                    weights[key] = f.get_tensor(key)
-        return cls(config, weights, dtype, torch.device(device))
+                    q = quantized.get(key)
+                    if q is not None and _same_weight(q, f.get_slice(key)):
+                        weights[key] = q
+                    else:
+                        weights[key] = f.get_tensor(key)
+        if quantize is not None and device.type == "cpu" and dtype == torch.float32:
+            weights = {name: _quantize_at_load(name, w, quantize) for name, w in weights.items()}
+        return cls(config, weights, dtype, device)
+
+    def weight_formats(self) -> str:
+        """How the weights are held, e.g. ``"q4_1 (210 tensors), q8_0 (1), float32 (62)"``, for logs."""
+        counts: dict[str, int] = {}
+        tensors = [self.embed, self.norm, *(w for layer in self.layers for w in layer.values() if w is not None)]
+        if self.lm_head is not self.embed:
+            tensors.append(self.lm_head)
+        for w in tensors:
+            kind = w.qtype if isinstance(w, QuantizedTensor) else str(w.dtype).split(".")[-1]
+            counts[kind] = counts.get(kind, 0) + 1
+        return ", ".join(f"{k} ({v})" for k, v in counts.items())
 
     def _ensure_rope(self, length: int) -> None:
         # cos/sin computed in float32 then cast, exactly as transformers' rotary embedding does.
@@ -273,7 +321,7 @@ class LlamaModel:
         # Per layer: RMSNorm fused into the q|k|v product, RoPE + KV-cache write in one call, attention, the
         # o product adding the residual, RMSNorm fused into gate|up with silu(gate) * up as its epilogue, the
         # down product adding the residual. On CPU float32 each of these is one native call.
-        x = self.embed[input_ids]
+        x = self.embed.dequantize(input_ids) if isinstance(self.embed, QuantizedTensor) else self.embed[input_ids]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             qkv = linear(x, layer["qkv"], layer["qkv_bias"], norm=(layer["input_norm"], eps))
             q, k, v = rope_and_write_kv(qkv, positions, self._cos, self._sin, k_cache, v_cache, batch.slot_mapping,
@@ -283,6 +331,34 @@ class LlamaModel:
             mlp = linear(x, layer["gate_up"], norm=(layer["post_norm"], eps), silu_mul=True)
             x = linear(mlp, layer["down"], residual=x)
         return linear(x[logits_indices], self.lm_head, norm=(self.norm, eps)).float()
+
+
+_QUANTIZABLE = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")
+
+
+def _quantize_at_load(name: str, weight, qtype: str):
+    if isinstance(weight, QuantizedTensor) or not name.endswith(_QUANTIZABLE) or weight.dim() != 2 \
+            or weight.shape[1] % 32:
+        return weight
+    return QuantizedTensor.quantize(weight, qtype if "_proj." in name else "q8_0")
+
+
+def _same_weight(quantized: QuantizedTensor, stored) -> bool:
+    """Whether GGUF blocks hold the folder's (dequantized) tensor: same shape and, on a few rows spread over
+    it (q/k rows are permuted in llama GGUFs), the same values bit for bit. A mismatch (a folder that is not
+    this file's conversion) keeps the folder's float weights, with a warning."""
+    rows, cols = quantized.shape
+    if tuple(stored.get_shape()) != (rows, cols):
+        logger.warning("GGUF tensor %s %s does not match the folder's %s; using the folder's", quantized.qtype,
+                       quantized.shape, tuple(stored.get_shape()))
+        return False
+    probe = sorted({0, 1, rows // 3, rows - 1})
+    expected = torch.cat([stored[r:r + 1] for r in probe]).float()
+    if not torch.equal(quantized.dequantize(torch.tensor(probe)), expected):
+        logger.warning("GGUF blocks (%s %s) differ from the folder's weights; using the folder's", quantized.qtype,
+                       quantized.shape)
+        return False
+    return True
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -337,6 +337,42 @@ def convert_gguf(gguf_file: Path, estimate: Optional[str] = None, identity: Opti
     return target
 
 
+GGUF_SOURCE_FILE = "gguf_source.json"
+
+
+def source_gguf(model_dir: str | Path) -> Optional[Path]:
+    """The GGUF file a converted folder came from, when it is still there; None for any other folder.
+
+    The engine reads that file's quantized blocks (Q4_0, Q4_1, Q8_0) as stored and the rest from the folder.
+    Folders converted by this version name their file in ``gguf_source.json`` (with its size, so a replaced
+    file is not taken for it); older conversions of the bundled model are recognised by the file name
+    recorded in their safetensors metadata.
+
+    Example:
+        >>> p = bundled_gguf_path()
+        >>> p is None or source_gguf(resolve_model().path) == p
+        True
+    """
+    model_dir = Path(model_dir)
+    record = model_dir / GGUF_SOURCE_FILE
+    if record.is_file():
+        try:
+            info = json.loads(record.read_text())
+            path = Path(info["file"])
+            if path.is_file() and path.stat().st_size == info["size"]:
+                return path
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt") as f:
+        source = (f.metadata() or {}).get("source", "")
+    return bundled_gguf_path() if source == f"gguf:{BUNDLED_GGUF_NAME}" else None
+
+
 def _announce(message: str) -> None:
     # stderr rather than logging only: the user should see why the first start takes half a minute
     # even with logging unconfigured (a notebook, a fresh shell).
@@ -376,6 +412,7 @@ def _write_converted(gguf_file: Path, out: Path) -> None:
         state.pop("lm_head.weight", None)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt", "source": f"gguf:{name}"})
+    (out / GGUF_SOURCE_FILE).write_text(json.dumps({"file": str(gguf_file), "size": gguf_file.stat().st_size}) + "\n")
 
     if model.generation_config is not None:
         model.generation_config.save_pretrained(str(out))

@@ -47,6 +47,9 @@ _OPTIONS: tuple = (
     ("dtype", ("--dtype",), ("DTYPE",), str, None,
      "float32, bfloat16, float16 or float64 (default: float32 on CPU, bfloat16 on CUDA)"),
     ("device", ("--device",), ("DEVICE",), str, None, "cpu or cuda (default: cuda when available)"),
+    ("quantize", ("--quantize",), ("QUANTIZE",), str, None,
+     "weights on CPU in float32: q8_0 or q4_0 quantizes a float model at load; float dequantizes a GGUF "
+     "model (default: as stored, a GGUF's Q4_0 / Q4_1 / Q8_0 blocks stay quantized)"),
     ("kv_cache_dtype", ("--kv-cache-dtype",), ("KV_CACHE_DTYPE",), str, None,
      "float32, bfloat16, float16 or float64: the KV cache's type; float16 halves its memory (default: --dtype)"),
     ("chat_template", ("--chat-template",), ("CHAT_TEMPLATE",), str, None,
@@ -136,6 +139,11 @@ def check_limits(opts: dict[str, Any]) -> None:
             raise LaunchError(f"{a} ({get(a)}) must be {op} {b} ({get(b)})")
     if opts.get("dtype") not in (None, "float32", "bfloat16", "float16", "float64"):
         raise LaunchError(f"dtype ({opts['dtype']!r}) must be one of float32, bfloat16, float16, float64")
+    from tgi_nb.engine.config import QUANTIZE_CHOICES
+
+    if opts.get("quantize") not in QUANTIZE_CHOICES:
+        raise LaunchError(f"quantize ({opts['quantize']!r}) must be one of "
+                          f"{', '.join(c for c in QUANTIZE_CHOICES if c)}")
     if opts.get("kv_cache_dtype") not in (None, "float32", "bfloat16", "float16", "float64"):
         raise LaunchError(f"kv_cache_dtype ({opts['kv_cache_dtype']!r}) must be one of float32, bfloat16, float16, "
                           f"float64")
@@ -172,6 +180,7 @@ def plan_from_options(opts: dict[str, Any]) -> ServePlan:
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
     engine_kwargs = dict(model_id=model_id, revision=opts["revision"], dtype=opts["dtype"], device=opts["device"],
+                         quantize=opts["quantize"],
                          max_input_tokens=opts["max_input_tokens"], max_total_tokens=opts["max_total_tokens"],
                          max_batch_total_tokens=opts["max_batch_total_tokens"], chat_template=chat_template,
                          kv_cache_dtype=opts.get("kv_cache_dtype"),
