@@ -1,0 +1,18 @@
+"""The workbench: ipywidgets for endpoints, parameters, streaming chat, comparison and monitoring.
+
+Every widget talks to endpoints through the official ``openai`` client, runs its slow work in background
+threads (a handler never blocks the kernel) and shows the code it stands for.
+
+Example:
+    >>> import tgi_nb
+    >>> tgi_nb.workbench()                                   # doctest: +SKIP
+    >>> from tgi_nb.widgets import ChatWidget, ParametersWidget
+    >>> params = ParametersWidget(temperature=0.2)
+    >>> ChatWidget("http://127.0.0.1:8080", parameters=params)   # doctest: +SKIP
+"""
+
+from .chat import ChatWidget
+from .parameters import ParametersWidget
+from .transcript import Transcript
+
+__all__ = ["ChatWidget", "ParametersWidget", "Transcript"]
