@@ -12,7 +12,12 @@ Example:
 """
 
 from .chat import ChatWidget
+from .compare import CompareWidget
+from .endpoint import EndpointWidget
+from .monitor import MonitorWidget
 from .parameters import ParametersWidget
 from .transcript import Transcript
+from .workbench import Workbench, workbench
 
-__all__ = ["ChatWidget", "ParametersWidget", "Transcript"]
+__all__ = ["ChatWidget", "CompareWidget", "EndpointWidget", "MonitorWidget", "ParametersWidget", "Transcript",
+           "Workbench", "workbench"]

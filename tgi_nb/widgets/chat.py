@@ -78,7 +78,8 @@ class ChatWidget(w.VBox):
 
     ``parameters`` is a ``ParametersWidget`` (read at each request) or a dict in OpenAI's names; the system
     prompt comes from ``system_prompt`` or the parameters widget. ``send`` returns at once; ``wait`` blocks
-    until the reply ended (scripts and tests only: the UI never needs it).
+    until the reply ended (scripts and tests only: the UI never needs it). With ``history=False`` each prompt
+    starts a new conversation.
 
     Example:
         >>> from tgi_nb.widgets import ChatWidget, ParametersWidget
@@ -92,7 +93,8 @@ class ChatWidget(w.VBox):
 
     def __init__(self, target: Any, parameters: Union[ParametersWidget, dict, None] = None,
                  system_prompt: Optional[str] = None, *, model: Optional[str] = None,
-                 api_key: Optional[str] = None, updates_per_second: float = UPDATES_PER_SECOND):
+                 api_key: Optional[str] = None, updates_per_second: float = UPDATES_PER_SECOND,
+                 history: bool = True):
         if parameters is not None and not isinstance(parameters, (ParametersWidget, dict)):
             raise TypeError(f"parameters: expected a ParametersWidget or a dict, got {type(parameters).__name__}")
         if not 0 < updates_per_second <= 60:
@@ -101,6 +103,7 @@ class ChatWidget(w.VBox):
         self.parameters = parameters
         self.system_prompt = system_prompt
         self.update_interval = 1.0 / updates_per_second
+        self.history = history  # False: each prompt is a new conversation (CompareWidget's columns)
         self.messages: list[dict[str, Any]] = []
         self.last_stats: Optional[dict[str, Any]] = None
         self._turn: Optional[_Turn] = None
@@ -157,6 +160,9 @@ class ChatWidget(w.VBox):
         with self._lock:
             if self.busy:
                 raise RuntimeError("a reply is still streaming: call stop() or wait() first")
+            if not self.history:
+                self.messages.clear()
+                self._turn_starts.clear()
             self._turn_starts.append((len(self.transcript.entries), len(self.messages), text))
             self.messages.append({"role": "user", "content": text})
             self.transcript.add("user", text)
