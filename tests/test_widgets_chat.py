@@ -170,9 +170,9 @@ def test_bad_arguments_name_the_field():
 
 def test_parameters_widget_values_and_code():
     params = ParametersWidget()
-    assert params.params == {}
+    assert params.params == {"max_tokens": 256}  # always sent: a server's default is the whole context
     params.set(temperature=0.7, top_k=20, stop="END", seed=3, response_format="json_object")
-    assert params.params == {"temperature": 0.7, "top_k": 20, "stop": ["END"], "seed": 3,
+    assert params.params == {"temperature": 0.7, "top_k": 20, "max_tokens": 256, "stop": ["END"], "seed": 3,
                              "response_format": {"type": "json_object"}}
     assert params.create_kwargs()["extra_body"] == {"top_k": 20}
     code = html.unescape(params.code.value)

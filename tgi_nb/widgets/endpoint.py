@@ -158,8 +158,10 @@ class EndpointWidget(w.VBox):
         for name_, text in self.limits.items():
             text.add_class(f"tgi-endpoint-{name_.lower().replace('_', '-')}")
 
-        create_form = w.VBox([self.name, self.repository, self.type, self.token, *self.limits.values(),
-                              self.backend, self.dtype, self.create_button])
+        limits_box = w.Accordion([w.VBox(list(self.limits.values()))], titles=("Limits (TGI launcher variables)",),
+                                 selected_index=None, layout=w.Layout(width="480px"))
+        create_form = w.VBox([self.name, self.repository, self.type, self.token, limits_box, self.backend,
+                              self.dtype, self.create_button])
         connect_form = w.VBox([self.url, self.connect_token, self.connect_button])
         pick_form = w.VBox([self.running, w.HBox([self.refresh_button, self.pick_button])])
         self.forms = w.Tab([create_form, connect_form, pick_form], titles=("Create", "Connect", "Running"))
@@ -359,14 +361,14 @@ class EndpointWidget(w.VBox):
         lines = []
         if status in ("pending", "initializing") and self._load_started is not None:
             lines.append(f"{status}: {time.monotonic() - self._load_started:.0f} s")
-        lines += [html.escape(step) for step in steps[-6:]]
+        lines += [html.escape(step) for step in list(dict.fromkeys(steps))[-6:]]
         if status == "failed" and message:
             lines.append(f"<b style='color:#dc2626'>{html.escape(message)}</b>")
         elif status == "running":
             limits = endpoint.limits or {}
             if limits:
                 lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in limits.items()))
-        self.progress.value = "<br>".join(lines)
+        self.progress.value = f"<div style='font-size:12px;line-height:1.4'>{'<br>'.join(lines)}</div>"
         if endpoint.url and status not in ("deleted",):
             browser = endpoint.browser_url or endpoint.url
             self.links.value = (f"URL: <code class='tgi-endpoint-url'>{html.escape(endpoint.url)}</code> &middot; "

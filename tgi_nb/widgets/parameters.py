@@ -1,7 +1,7 @@
 """``ParametersWidget``: sampling controls whose ``params`` is a request body in OpenAI's names.
 
-``params`` holds only what differs from the server's defaults, so the code it shows is the shortest call that
-does the same. Parameters that OpenAI's API lacks but TGI and vLLM accept (top_k, min_p, repetition_penalty)
+``params`` holds max_tokens and what differs from the server's defaults, so the code it shows is the shortest
+call that does the same. Parameters that OpenAI's API lacks but TGI and vLLM accept (top_k, min_p, repetition_penalty)
 go through the ``openai`` client's ``extra_body``, as users of those servers already write them.
 """
 
@@ -77,6 +77,8 @@ class ParametersWidget(w.VBox):
         >>> p = ParametersWidget(temperature=0.0, max_tokens=32)
         >>> p.params
         {'temperature': 0.0, 'max_tokens': 32}
+        >>> ParametersWidget().params
+        {'max_tokens': 256}
         >>> p.set(seed=7, stop=["\\n\\n"]); sorted(p.params)
         ['max_tokens', 'seed', 'stop', 'temperature']
         >>> p.observe(lambda change: print(change["new"]["top_k"]), "params"); p.set(top_k=5)
@@ -180,8 +182,8 @@ class ParametersWidget(w.VBox):
                 value = list(value)
             elif isinstance(value, float):
                 value = round(value, 4)  # slider steps are decimal; 0.7000000000000001 would leak into the code
-            if value == self.DEFAULTS[name]:
-                continue
+            if value == self.DEFAULTS[name] and name != "max_tokens":
+                continue  # max_tokens always: the server's own default is "until the context is full"
             if name == "response_format":
                 value = {"type": value}
                 if value["type"] == "json_schema":

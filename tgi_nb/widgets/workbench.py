@@ -30,7 +30,7 @@ class Workbench(w.Tab):
     """
 
     def __init__(self, endpoint: Any = None, **endpoint_form: Any):
-        self.parameters = ParametersWidget(max_tokens=256)
+        self.parameters = ParametersWidget()
         self.endpoint_widget = EndpointWidget(**endpoint_form)
         self.chat: Optional[ChatWidget] = None
         self.compare: Optional[CompareWidget] = None
