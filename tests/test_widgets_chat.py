@@ -187,3 +187,13 @@ def test_parameters_widget_values_and_code():
         params.set(response_format="xml")
     with pytest.raises(TypeError, match="unknown parameter 'temprature'; allowed: temperature"):
         ParametersWidget(temprature=1)
+
+
+@pytest.mark.parametrize("module", ["target", "transcript", "parameters", "chat", "lifecycle", "endpoint",
+                                    "monitor", "compare", "workbench"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"tgi_nb.widgets.{module}"), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -155,3 +155,33 @@ def test_compare_runs_prompts_through_each_setting(server):
     compare.close()
     with pytest.raises(ValueError, match="targets: compare needs at least 2 targets, got 1"):
         CompareWidget([server.url])
+
+
+def test_rerunning_a_cell_closes_what_it_made(tmp_path, server):
+    """In a real kernel, a cell run twice (JupyterLab sends the cell's id with each run) leaves one monitor
+    polling, not two; widgets made by one run (a compare and its chats) stay open together."""
+    from test_endpoints_kernel import Kernel
+
+    kernel = Kernel(tmp_path)
+
+    def run_cell(code: str, cell_id: str = "cell-1") -> str:
+        kc = kernel.kc
+        msg = kc.session.msg("execute_request", {"code": code, "silent": False, "store_history": True,
+                                                 "user_expressions": {}, "allow_stdin": False,
+                                                 "stop_on_error": True}, metadata={"cellId": cell_id})
+        kc.shell_channel.send(msg)
+        reply = kc.get_shell_msg(timeout=TIMEOUT)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        return kernel.run("print(sorted(t.name for t in threading.enumerate() if t.name.startswith('tgi_nb-')))")
+
+    try:
+        kernel.run("import threading\nfrom tgi_nb.widgets import CompareWidget, MonitorWidget")
+        make = (f"monitor = MonitorWidget({server.url!r}, interval=0.2)\n"
+                f"compare = CompareWidget([{server.url!r}, {server.url!r}])\n"
+                "alive = [not c.transcript.comm is None for c in compare.chats]")
+        assert run_cell(make).count("tgi_nb-monitor") == 1
+        assert run_cell(make).count("tgi_nb-monitor") == 1  # the first run's monitor was closed
+        assert "[True, True]" in kernel.run("print(alive)")  # both chats of one run stay open
+        assert run_cell(make, cell_id="cell-2").count("tgi_nb-monitor") == 2  # another cell: its own monitor
+    finally:
+        kernel.shutdown()

@@ -111,7 +111,7 @@ class ChatWidget(w.VBox):
         self._lock = threading.RLock()
 
         self.transcript = Transcript()
-        self.input = w.Textarea(placeholder="Ask something... (Send or Shift+Enter)",
+        self.input = w.Textarea(placeholder="Ask something, then click Send",
                                 layout=w.Layout(width="auto", flex="1 1 auto", height="56px"))
         self.input.add_class("tgi-chat-input")
         self.send_button = self._button("Send", "tgi-chat-send", "primary", lambda _: self._send_clicked())
@@ -274,7 +274,9 @@ class ChatWidget(w.VBox):
                     if choice.index != 0:
                         continue
                     if choice.delta.content:
-                        first_token = first_token or time.monotonic()
+                        if first_token is None:
+                            first_token = time.monotonic()
+                            self._set_status("")
                         pending.append(choice.delta.content)
                         chunks += 1
                     finish_reason = choice.finish_reason or finish_reason

@@ -14,38 +14,46 @@ from typing import Any, Callable, Optional
 
 logger = logging.getLogger("tgi_nb.widgets")
 
-_BY_CELL: "weakref.WeakValueDictionary[tuple[str, str], Any]" = weakref.WeakValueDictionary()
+# cell id -> (the execution that made its widgets, those widgets)
+_BY_CELL: dict[str, tuple[str, list["weakref.ref[Any]"]]] = {}
 _BY_CELL_LOCK = threading.Lock()
 
 
-def current_cell_id() -> Optional[str]:
-    """The id of the notebook cell being executed (None outside a kernel or for front-ends that omit it)."""
+def current_execution() -> tuple[Optional[str], Optional[str]]:
+    """(cell id, execution message id) of the cell being run; (None, None) outside a kernel or for front-ends
+    that do not send the cell id."""
     try:
         from ipykernel.kernelbase import Kernel
 
         if not Kernel.initialized():
-            return None
-        parent = Kernel.instance().get_parent()
+            return None, None
+        parent = Kernel.instance().get_parent() or {}
     except Exception:  # noqa: BLE001 - any front-end or kernel quirk means "unknown cell"
-        return None
-    return (parent or {}).get("metadata", {}).get("cellId")
+        return None, None
+    return parent.get("metadata", {}).get("cellId"), parent.get("header", {}).get("msg_id")
 
 
 def replace_in_cell(widget: Any) -> None:
-    """Close the widget of the same class that the current cell made on an earlier run, if any.
+    """Remember ``widget`` as made by the current cell; when the cell runs again, what its previous run made is
+    closed (so its threads stop). Widgets made by one run (a workbench and the chats inside it) live together.
 
     Example:
         >>> replace_in_cell(object())    # outside a kernel: nothing to replace
     """
-    cell = current_cell_id()
-    if cell is None:
+    cell, run = current_execution()
+    if cell is None or run is None:
         return
-    key = (type(widget).__qualname__, cell)
     with _BY_CELL_LOCK:
-        previous = _BY_CELL.get(key)
-        _BY_CELL[key] = widget
-    if previous is not None and previous is not widget:
-        previous.close()
+        previous_run, widgets = _BY_CELL.get(cell, (None, []))
+        stale = []
+        if previous_run != run:
+            stale = [ref() for ref in widgets]
+            widgets = []
+            _BY_CELL[cell] = (run, widgets)
+        widgets.append(weakref.ref(widget))
+    for old in stale:
+        if old is not None:
+            old.close()
 
 
 class Poller:

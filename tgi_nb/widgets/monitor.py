@@ -93,6 +93,11 @@ def histogram_quantile(q: float, now: list[tuple[float, float]], before: list[tu
     return lower_bound
 
 
+def _number(value: float) -> str:
+    """Counts as integers (8192, not 8.19e+03), other values with three significant digits."""
+    return f"{value:.0f}" if value == int(value) else f"{value:.3g}"
+
+
 def sparkline(points: list[tuple[float, float]], title: str, unit: str = "", width: int = 300,
               height: int = 60, span: float = HISTORY_SECONDS) -> str:
     """An SVG line of (time, value) points over the last ``span`` seconds, with its title and last value.
@@ -101,16 +106,16 @@ def sparkline(points: list[tuple[float, float]], title: str, unit: str = "", wid
         >>> "<svg" in sparkline([(0, 1), (1, 2)], "running")
         True
     """
-    last = f"{points[-1][1]:.3g}{unit}" if points else "–"
+    last = _number(points[-1][1]) + unit if points else "–"
     svg = [f"<svg width='{width}' height='{height}' style='background:var(--jp-layout-color2,#f9fafb)'>"]
     if len(points) > 1:
         t_end = points[-1][0]
-        top = max(max(v for _, v in points), 1e-9)
-        coords = " ".join(f"{width - (t_end - t) / span * width:.1f},{height - 4 - v / top * (height - 12):.1f}"
+        top = max(v for _, v in points)
+        scale = top if top > 0 else 1.0
+        coords = " ".join(f"{width - (t_end - t) / span * width:.1f},{height - 4 - v / scale * (height - 16):.1f}"
                           for t, v in points)
         svg.append(f"<polyline fill='none' stroke='#2563eb' stroke-width='1.5' points='{coords}'/>")
-        svg.append(f"<text x='{width - 4}' y='10' font-size='9' text-anchor='end' fill='#6b7280'>"
-                   f"max {top:.3g}{unit}</text>")
+        svg.append(f"<text x='4' y='10' font-size='9' fill='#6b7280'>max {_number(top)}{unit}</text>")
     svg.append("</svg>")
     return (f"<div class='tgi-monitor-plot' style='display:inline-block;margin:4px'>"
             f"<div style='font-size:12px'>{html.escape(title)}: <b>{last}</b></div>{''.join(svg)}</div>")
