@@ -44,8 +44,8 @@ demo: setup
 	@token=$$($(BIN)/python -c "import secrets; print(secrets.token_hex(16))"); \
 	allow_root=""; if [ "$$(id -u)" = 0 ]; then allow_root="--allow-root"; fi; \
 	echo; echo "  The workbench: http://127.0.0.1:$(DEMO_PORT)/lab/tree/00_workbench.ipynb?token=$$token"; echo; \
-	exec $(BIN)/jupyter lab $$allow_root --ip=127.0.0.1 --port=$(DEMO_PORT) --ServerApp.port_retries=0 \
-	  --ServerApp.token=$$token --ServerApp.root_dir=notebooks 00_workbench.ipynb
+	cd notebooks && exec $(abspath $(BIN))/jupyter lab $$allow_root --ip=127.0.0.1 --port=$(DEMO_PORT) \
+	  --ServerApp.port_retries=0 --IdentityProvider.token=$$token 00_workbench.ipynb
 
 # The OpenAI-compatible server alone on http://127.0.0.1:8080 with the bundled model (Ctrl-C stops it).
 serve: setup

@@ -197,3 +197,12 @@ def test_docstring_examples(module):
 
     result = doctest.testmod(importlib.import_module(f"tgi_nb.widgets.{module}"), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_replies_render_as_markdown_with_code_blocks():
+    from tgi_nb.widgets.transcript import render_markdown
+
+    rendered = render_markdown("Use **this**:\n\n```python\nprint('<hi>')\n```\n<script>alert(1)</script>")
+    assert "<strong>this</strong>" in rendered
+    assert '<pre><code class="language-python">print(\'&lt;hi&gt;\')' in rendered
+    assert "<script>" not in rendered  # a model cannot inject markup into the page

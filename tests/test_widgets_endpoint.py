@@ -84,7 +84,15 @@ def test_form_errors_name_the_field(tiny):
     form.name.value = "bad/name"
     form.create()  # create_inference_endpoint's own error, shown under the form
     assert wait_until(lambda: "name: must be a non-empty string without" in form.error.value, 60), form.error.value
-    form.close()
+    form.name.value, form.repository.value = "widget-fails", "/nonexistent/model"
+    form.create()  # accepted, then the load fails: the badge says so, with the reason
+    try:
+        assert form.wait_status("failed", timeout=TIMEOUT) == "failed"
+        assert "data-status='failed'" in form.badge.value and "/nonexistent/model" in form.progress.value
+        assert not form.action_buttons["resume"].disabled  # a failed endpoint can be retried
+    finally:
+        form.close()
+        form.endpoint.delete()
 
 
 def test_pick_a_running_endpoint_and_workbench_tabs(tiny):
