@@ -50,6 +50,7 @@ def test_reply_streams_append_only_and_coalesced(server):
     assert stats["ttft_s"] is not None and stats["error"] is None
     # Coalescing: at most one update per interval while streaming, plus the final flush.
     assert len(sent) <= 2 + (stats["elapsed_s"] - stats["ttft_s"]) / chat.update_interval
+    assert stats["updates"] == len(sent)
     final = chat.transcript.entries[-1]
     assert final["role"] == "assistant" and final["text"] == reply["content"] and "40 tokens" in final["stats"]
     assert final["html"]  # rendered as markdown once the reply ended

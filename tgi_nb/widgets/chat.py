@@ -27,7 +27,7 @@ UPDATES_PER_SECOND = 15  # within 10-20: smooth to the eye, few enough messages 
 class _Turn:
     """One request in flight: the widget's thread, its stream and how it ended."""
 
-    prompt: str
+    appends_before: int  # the transcript's update count when the turn began: "updates" counts this turn's
     started: float = field(default_factory=time.monotonic)
     stop_requested: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -166,7 +166,7 @@ class ChatWidget(w.VBox):
             self._turn_starts.append((len(self.transcript.entries), len(self.messages), text))
             self.messages.append({"role": "user", "content": text})
             self.transcript.add("user", text)
-            self._start_turn(text)
+            self._start_turn()
         return self
 
     def stop(self) -> None:
@@ -240,9 +240,9 @@ class ChatWidget(w.VBox):
         messages = ([{"role": "system", "content": system}] if system else []) + list(self.messages)
         return messages, kwargs
 
-    def _start_turn(self, prompt: str) -> None:
+    def _start_turn(self) -> None:
         messages, kwargs = self._request()
-        turn = _Turn(prompt)
+        turn = _Turn(self.transcript.appends_sent)
         self._turn = turn
         self.transcript.start_reply()
         self._set_busy(True)
@@ -314,7 +314,7 @@ class ChatWidget(w.VBox):
             "elapsed_s": end - turn.started,
             "finish_reason": None if stopped else finish_reason,
             "stopped": stopped,
-            "updates": self.transcript.appends_sent,
+            "updates": self.transcript.appends_sent - turn.appends_before,
             "error": None,
         }
         with self._lock:
