@@ -168,6 +168,12 @@ def set_max_tokens(page, value: int) -> None:
     page.keyboard.type(str(value))
     page.keyboard.press("Enter")
     expect(readout).to_have_text(str(value))
+    kernel_side(page, value)
+
+
+def kernel_side(page, max_tokens: int) -> None:
+    """Wait until the kernel has the value: the code under the controls is drawn from ``params`` there."""
+    expect(page.locator(".tgi-workbench .tgi-param-code")).to_contain_text(f"max_tokens={max_tokens},")
 
 
 def test_answer_streams_in_several_renders(page, shots):
@@ -216,6 +222,7 @@ def test_a_slider_move_is_used_by_the_next_request(page):
     for _ in range(4):
         page.keyboard.press("ArrowRight")
     expect(page.locator(".tgi-workbench .tgi-param-max-tokens .widget-readout")).to_have_text("5")
+    kernel_side(page, 5)
     open_tab(page, "Chat")
     before = replies(page).count()
     send(page, "Hello!")

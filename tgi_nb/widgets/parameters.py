@@ -206,7 +206,7 @@ class ParametersWidget(w.VBox):
         if self.system_prompt:
             messages = f"[{{'role': 'system', 'content': {self.system_prompt!r}}}, *messages]"
         code = python_call(params, messages)
-        self.code.value = ("<details class='tgi-param-code'><summary>Python / curl</summary>"
+        self.code.value = ("<details><summary>Python / curl</summary>"
                            f"<pre>{html.escape(code)}</pre><pre>{html.escape(curl_command(params))}</pre></details>")
 
     def show_error(self, message: Optional[str]) -> None:
