@@ -79,6 +79,7 @@ def test_stop_before_the_first_token(slow_server, engine):
     chat.wait(TIMEOUT)
     assert chat.last_stats["stopped"]
     assert wait_until(lambda: kv_free(engine), TIMEOUT), engine.stats()
+    chat.parameters = {"max_tokens": 4}
     chat.send("Again").wait(TIMEOUT)  # the widget keeps working
     assert chat.messages[-1]["role"] == "assistant"
 
