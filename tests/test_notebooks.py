@@ -58,3 +58,10 @@ def test_02_openai_client(tmp_path, no_token, smollm2_dir):
     seeded = [line for line in text.splitlines() if line.startswith("seed 1")]
     assert len(seeded) == 2 and seeded[0].split(":", 1)[1].strip() == seeded[1].split(":", 1)[1].strip()
     assert "'length')" in text and "'stop')" in text
+
+
+def test_00_workbench(tmp_path, no_token):
+    nb = execute("00_workbench.ipynb", tmp_path)
+    views = [out for cell in nb.cells for out in cell.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
+    assert len(views) == 1  # the workbench; driving it is tests/test_widgets_browser.py's job

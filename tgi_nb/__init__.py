@@ -31,6 +31,7 @@ _LAZY = {
     "list_inference_endpoints": "tgi_nb.endpoints",
     "connect": "tgi_nb.endpoints",
     "InferenceEndpoint": "tgi_nb.endpoints",
+    "workbench": "tgi_nb.widgets",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # for editors and type checkers only
                             list_inference_endpoints)
     from .engine import EngineConfig, LLMEngine, SamplingParams
     from .models import ModelNotFoundError, ResolvedModel, resolve_model
+    from .widgets import workbench
 
 
 def __getattr__(name: str) -> Any:

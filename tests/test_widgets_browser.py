@@ -1,0 +1,241 @@
+"""The workbench in a real JupyterLab, driven in Debian's Chromium with Playwright, as a user would: open
+notebooks/00_workbench.ipynb, run it, create an endpoint from the form, chat (the answer grows over several
+renders), stop a long answer, move a slider and see the next request use it, open /docs through
+jupyter-server-proxy.
+
+Needs /usr/bin/chromium (``apt-get install chromium``; ``make test`` installs it when run as root) and the
+playwright package (never ``playwright install``: it downloads a browser). The endpoint serves the tiny random
+llama by default (fast on a loaded machine); ``TGI_NB_BROWSER_MODEL=bundled`` keeps the form's default, the
+real SmolLM2, for screenshots worth showing. Screenshots and the measured update rate go to
+``TGI_NB_SCREENSHOTS`` (default: a pytest temporary folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from server_fixtures import wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+TIMEOUT_MS = 300_000  # generous: the machine may be loaded; nothing here measures speed
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # pragma: no cover - reported by the skip below
+    sync_playwright = None
+
+pytestmark = pytest.mark.skipif(
+    sync_playwright is None or not os.access(CHROMIUM, os.X_OK),
+    reason="browser tests need Debian's chromium and playwright: `apt-get install chromium` (as root) and "
+           "`pip install playwright` (`make test` does both when run as root)")
+
+# A MutationObserver on the transcript: each time the streaming reply's text grew is one render.
+OBSERVE_RENDERS = """() => {
+  window.tgiRenders = [];
+  const transcript = document.querySelector('.tgi-workbench .tgi-chat-transcript');
+  new MutationObserver(() => {
+    const body = transcript.querySelector('.tgi-chat-streaming .tgi-chat-body');
+    const renders = window.tgiRenders;
+    const length = body ? body.textContent.length : 0;
+    if (length > (renders.length ? renders[renders.length - 1][1] : 0)) renders.push([performance.now(), length]);
+  }).observe(transcript, {childList: true, subtree: true, characterData: true});
+}"""
+KERNEL_IDLE = """() => {
+  const nb = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const kernel = nb && nb.sessionContext && nb.sessionContext.session && nb.sessionContext.session.kernel;
+  return kernel && kernel.status === 'idle';
+}"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("TGI_NB_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """``jupyter lab`` on a free port with a token, serving a copy of notebooks/00_workbench.ipynb; its kernel
+    imports this checkout. Yields (base URL, token)."""
+    root = tmp_path_factory.mktemp("lab")
+    shutil.copy(REPO / "notebooks" / "00_workbench.ipynb", root)
+    settings = root / ".settings"
+    (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
+    # No "Would you like to get notified about news?" toast over the widgets (and no fetch: we are offline).
+    (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    port, token = free_port(), os.urandom(12).hex()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           # endpoint.browser_url through jupyter-server-proxy, as on Binder / JupyterHub
+           "TGI_NB_BROWSER_URL": "/proxy/{port}",
+           "JUPYTER_RUNTIME_DIR": str(root / ".runtime"), "JUPYTER_DATA_DIR": str(root / ".data")}
+    command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+               f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
+               f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={root / '.workspaces'}"]
+    if os.geteuid() == 0:
+        command.append("--allow-root")
+    log = open(root / "jupyter.log", "w")
+    server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{base}/api/status", params={"token": token}, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert wait_until(up, 180, interval=0.5), (root / "jupyter.log").read_text()[-3000:]
+        yield base, token
+    finally:
+        server.send_signal(signal.SIGINT)  # jupyter shuts its kernels down (and their endpoints) on SIGINT x2
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(lab, shots, tiny_model_dir):
+    """The notebook open in Chromium, run, with an endpoint created from the form and running."""
+    base, token = lab
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        context.set_default_timeout(TIMEOUT_MS)
+        expect.set_options(timeout=TIMEOUT_MS)
+        page = context.new_page()
+        page.goto(f"{base}/lab/tree/00_workbench.ipynb?token={token}")
+        page.wait_for_function(KERNEL_IDLE, timeout=TIMEOUT_MS)
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        form = page.locator(".tgi-workbench .tgi-endpoint")
+        expect(form.locator(".tgi-endpoint-create")).to_be_visible()
+        if os.environ.get("TGI_NB_BROWSER_MODEL") != "bundled":
+            form.locator(".tgi-endpoint-repository input").fill(str(tiny_model_dir("llama")))
+        form.locator(".tgi-endpoint-name input").fill("browser-test")
+        form.locator(".tgi-endpoint-create").click()
+        expect(form.locator(".tgi-endpoint-badge")).to_have_attribute("data-status", "running")
+        expect(form.locator(".tgi-endpoint-docs")).to_be_visible()
+        form.locator(".tgi-endpoint-status").scroll_into_view_if_needed()
+        page.screenshot(path=shots / "workbench_endpoint.png")
+        yield page
+        context.close()
+        browser.close()
+
+
+def open_tab(page, title: str) -> None:
+    page.locator(".tgi-workbench > .lm-TabBar .lm-TabBar-tab", has_text=title).click()
+
+
+def send(page, text: str) -> None:
+    chat = page.locator(".tgi-workbench .tgi-chat")
+    chat.locator(".tgi-chat-input textarea").fill(text)
+    chat.locator(".tgi-chat-send").click()
+
+
+def replies(page):
+    return page.locator(".tgi-workbench .tgi-chat-transcript .tgi-chat-assistant:not(.tgi-chat-streaming)")
+
+
+def set_max_tokens(page, value: int) -> None:
+    """Type ``value`` into the max_tokens slider's readout, as a user does for an exact value."""
+    open_tab(page, "Parameters")
+    readout = page.locator(".tgi-workbench .tgi-param-max-tokens .widget-readout")
+    readout.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type(str(value))
+    page.keyboard.press("Enter")
+    expect(readout).to_have_text(str(value))
+    kernel_side(page, value)
+
+
+def kernel_side(page, max_tokens: int) -> None:
+    """Wait until the kernel has the value: the code under the controls is drawn from ``params`` there."""
+    expect(page.locator(".tgi-workbench .tgi-param-code")).to_contain_text(f"max_tokens={max_tokens},")
+
+
+def test_answer_streams_in_several_renders(page, shots):
+    set_max_tokens(page, 96)  # long enough to stream for a while, short enough for a loaded machine
+    open_tab(page, "Chat")
+    page.evaluate(OBSERVE_RENDERS)
+    send(page, "Write a Python function that reverses a string, and explain it.")
+    expect(page.locator(".tgi-workbench .tgi-chat-stop")).to_be_enabled()  # Stop is offered before the first token
+    expect(replies(page)).to_have_count(1)
+    renders = page.evaluate("window.tgiRenders")
+    assert len(renders) >= 3, renders  # the answer grew on screen, three times or more, before it ended
+    stats = replies(page).last.locator(".tgi-chat-stats").inner_text()
+    assert " 96 tokens" in stats and "TTFT" in stats, stats
+    seconds = (renders[-1][0] - renders[0][0]) / 1000
+    rate = (len(renders) - 1) / seconds if seconds > 0 else float("nan")
+    (shots / "update_rate.json").write_text(json.dumps({"renders": len(renders), "seconds": round(seconds, 3),
+                                                         "updates_per_second": round(rate, 2), "stats": stats}))
+    print(f"\nstreaming updates in the browser: {len(renders)} renders in {seconds:.2f} s = {rate:.1f}/s ({stats})")
+    page.screenshot(path=shots / "workbench_chat.png")
+
+
+def test_stop_ends_a_long_answer(page, shots):
+    set_max_tokens(page, 1500)
+    open_tab(page, "Chat")
+    page.evaluate(OBSERVE_RENDERS)
+    send(page, "Tell me a very long story about a dragon who learns to code.")
+    page.wait_for_function("window.tgiRenders.length >= 3")
+    page.locator(".tgi-workbench .tgi-chat-stop").click()
+    stats = replies(page).last.locator(".tgi-chat-stats")
+    expect(stats).to_contain_text("stopped")
+    assert int(stats.inner_text().split(" tokens")[0].split()[-1]) < 1500
+    page.screenshot(path=shots / "workbench_stopped.png")
+    # The server aborted the request: its monitor shows no running request and no KV block in use.
+    open_tab(page, "Monitor")
+    plots = page.locator(".tgi-workbench .tgi-monitor-plots")
+    expect(plots).to_contain_text("running requests: 0")
+    expect(plots).to_contain_text("KV blocks used: 0")
+    page.screenshot(path=shots / "workbench_monitor.png")
+
+
+def test_a_slider_move_is_used_by_the_next_request(page):
+    open_tab(page, "Parameters")
+    handle = page.locator(".tgi-workbench .tgi-param-max-tokens .noUi-handle")
+    handle.focus()
+    page.keyboard.press("Home")  # the slider to its minimum, 1, then four steps right
+    for _ in range(4):
+        page.keyboard.press("ArrowRight")
+    expect(page.locator(".tgi-workbench .tgi-param-max-tokens .widget-readout")).to_have_text("5")
+    kernel_side(page, 5)
+    open_tab(page, "Chat")
+    before = replies(page).count()
+    send(page, "Hello!")
+    expect(replies(page)).to_have_count(before + 1)
+    stats = replies(page).last.locator(".tgi-chat-stats").inner_text()
+    assert stats.startswith("TTFT") and " 5 tokens" in stats, stats
+    assert "finish_reason: length" in stats or "finish_reason: stop" in stats
+
+
+def test_docs_link_goes_through_jupyter_server_proxy(page, lab):
+    base, _ = lab
+    open_tab(page, "Endpoint")
+    href = page.locator(".tgi-workbench .tgi-endpoint-docs").get_attribute("href")
+    assert href.startswith("/proxy/") and href.endswith("/docs")
+    response = page.request.get(base + href)  # the page's cookies: the user's Jupyter session
+    assert response.status == 200 and "swagger" in response.text().lower()

@@ -1,0 +1,210 @@
+"""ChatWidget and ParametersWidget against a real server on the tiny random llama, through the real openai
+client: streaming append-only updates, Stop freeing the KV blocks, history, errors, parameters reaching the
+server. Widgets run without a front-end here (ipywidgets' comms are inert outside a kernel); the browser tests
+(test_widgets_browser.py) drive the same widgets in JupyterLab.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+
+import pytest
+from server_fixtures import BorrowedEngine, SlowEngine, engine, kv_free, running_server, server, wait_until  # noqa: F401
+
+from tgi_nb.widgets import ChatWidget, ParametersWidget
+
+TIMEOUT = 120  # generous: the machine may be loaded; nothing here measures speed
+
+
+def record_appends(chat: ChatWidget) -> list[str]:
+    """The texts the transcript sends to the browser (a spy on the real widget's comm messages)."""
+    sent: list[str] = []
+    original = chat.transcript.send
+
+    def spy(content, buffers=None):
+        sent.append(content["text"])
+        original(content, buffers)
+
+    chat.transcript.send = spy
+    return sent
+
+
+@pytest.fixture(scope="module")
+def slow_server(engine):
+    """The module's engine behind a server whose tokens arrive 50 ms apart: long answers stay in flight."""
+    with running_server(SlowEngine(engine, delay=0.05)) as (slow, _):
+        yield slow
+
+
+def test_reply_streams_append_only_and_coalesced(server):
+    chat = ChatWidget(server.url, parameters={"max_tokens": 40, "temperature": 0})
+    sent = record_appends(chat)
+    chat.send("Hello there").wait(TIMEOUT)
+    reply = chat.messages[-1]
+    assert reply["role"] == "assistant" and reply["content"]
+    # Append-only: the browser received exactly the reply, piece by piece, nothing twice.
+    assert "".join(sent) == reply["content"]
+    stats = chat.last_stats
+    assert stats["tokens"] == 40 and stats["finish_reason"] == "length" and not stats["stopped"]
+    assert stats["ttft_s"] is not None and stats["error"] is None
+    # Coalescing: at most one update per interval while streaming, plus the final flush.
+    assert len(sent) <= 2 + (stats["elapsed_s"] - stats["ttft_s"]) / chat.update_interval
+    assert stats["updates"] == len(sent)
+    final = chat.transcript.entries[-1]
+    assert final["role"] == "assistant" and final["text"] == reply["content"] and "40 tokens" in final["stats"]
+    assert final["html"]  # rendered as markdown once the reply ended
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+
+
+def test_stop_aborts_the_request_and_frees_kv(slow_server, engine):
+    chat = ChatWidget(slow_server.url, parameters={"max_tokens": 400})
+    chat.send("Tell me a long story")
+    assert not chat.stop_button.disabled and chat.send_button.disabled  # Stop is offered at once
+    assert wait_until(lambda: chat.transcript.appends_sent >= 2, TIMEOUT)
+    chat.stop()
+    chat.wait(TIMEOUT)
+    stats = chat.last_stats
+    assert stats["stopped"] and stats["tokens"] < 400 and stats["finish_reason"] is None
+    assert chat.messages[-1]["role"] == "assistant"  # what arrived stays
+    assert "stopped" in chat.transcript.entries[-1]["stats"]
+    assert wait_until(lambda: kv_free(engine), TIMEOUT), engine.stats()
+    assert chat.stop_button.disabled and not chat.send_button.disabled
+
+
+def test_stop_before_the_first_token(slow_server, engine):
+    chat = ChatWidget(slow_server.url, parameters={"max_tokens": 400})
+    chat.send("Hello")
+    chat.stop()
+    chat.wait(TIMEOUT)
+    assert chat.last_stats["stopped"]
+    assert wait_until(lambda: kv_free(engine), TIMEOUT), engine.stats()
+    chat.parameters = {"max_tokens": 4}
+    chat.send("Again").wait(TIMEOUT)  # the widget keeps working
+    assert chat.messages[-1]["role"] == "assistant"
+
+
+def test_two_widgets_on_one_server_stream_at_once(slow_server):
+    chats = [ChatWidget(slow_server.url, parameters={"max_tokens": 12}) for _ in range(2)]
+    for chat in chats:
+        chat.send("Hi")
+    for chat in chats:
+        chat.wait(TIMEOUT)
+        assert chat.last_stats["tokens"] == 12
+
+
+def test_history_regenerate_edit_and_clear(server):
+    chat = ChatWidget(server.url, parameters={"max_tokens": 4})
+    chat.send("first").wait(TIMEOUT)
+    chat.send("second").wait(TIMEOUT)
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+    assert len(chat.transcript.entries) == 4
+    chat.regenerate().wait(TIMEOUT)
+    assert [m["content"] for m in chat.messages if m["role"] == "user"] == ["first", "second"]
+    assert len(chat.messages) == 4 and len(chat.transcript.entries) == 4
+    assert chat.edit_last() == "second"
+    assert chat.input.value == "second" and len(chat.messages) == 2 and len(chat.transcript.entries) == 2
+    chat.clear()
+    assert chat.messages == [] and chat.transcript.entries == []
+    with pytest.raises(RuntimeError, match="nothing to regenerate"):
+        chat.regenerate()
+
+
+def test_parameters_reach_the_server_and_refusals_show_inline(server):
+    params = ParametersWidget(temperature=0.0, max_tokens=5, system_prompt="Be brief.")
+    chat = ChatWidget(server.url, parameters=params)
+    chat.send("Count").wait(TIMEOUT)
+    assert chat.last_stats["tokens"] == 5
+    params.set(max_tokens=3)  # what a slider move does
+    chat.send("Again").wait(TIMEOUT)
+    assert chat.last_stats["tokens"] == 3 and chat.last_stats["finish_reason"] == "length"
+    assert "max_tokens=3" in html.unescape(chat.code.value)
+    # A value the server refuses: its 400 message in the chat and under the controls; the chat goes on.
+    params.set(max_tokens=4000)
+    chat.send("Too long").wait(TIMEOUT)
+    assert chat.last_stats["error"].startswith("400: ")
+    assert "maximum context length" in chat.transcript.entries[-1]["text"]
+    assert "maximum context length" in params.error.value
+    assert chat.messages[-1]["role"] == "assistant"  # the refused prompt left the history
+    params.set(max_tokens=2)
+    chat.send("Short").wait(TIMEOUT)
+    assert chat.last_stats["tokens"] == 2 and params.error.value == ""
+
+
+def test_authentication_error_shown(engine):
+    with running_server(BorrowedEngine(engine), api_key="secret") as (secured, _):
+        chat = ChatWidget(secured.url, parameters={"max_tokens": 2}, api_key="wrong")
+        chat.send("Hi").wait(TIMEOUT)
+        assert chat.last_stats["error"].startswith("401: ")
+        assert chat.transcript.entries[-1]["role"] == "error" and chat.messages == []
+        good = ChatWidget(secured.url, parameters={"max_tokens": 2}, api_key="secret")
+        good.send("Hi").wait(TIMEOUT)
+        assert good.last_stats["error"] is None and good.last_stats["tokens"] == 2
+
+
+def test_unreachable_server_shown():
+    chat = ChatWidget("http://127.0.0.1:9", parameters={"max_tokens": 2})
+    chat.send("Hi").wait(TIMEOUT)
+    assert chat.last_stats["error"].startswith("cannot reach http://127.0.0.1:9/v1")
+    assert not chat.busy and not chat.send_button.disabled
+
+
+def test_closing_a_streaming_widget_leaves_no_thread(slow_server, engine):
+    chat = ChatWidget(slow_server.url, parameters={"max_tokens": 400})
+    chat.send("Hello")
+    assert wait_until(lambda: chat.transcript.appends_sent >= 1, TIMEOUT)
+    chat.close()
+    assert wait_until(lambda: not any(t.name == "tgi_nb-chat" for t in threading.enumerate()), TIMEOUT)
+    assert wait_until(lambda: kv_free(engine), TIMEOUT), engine.stats()
+
+
+def test_bad_arguments_name_the_field():
+    with pytest.raises(TypeError, match="target: expected"):
+        ChatWidget(42)
+    with pytest.raises(ValueError, match="target: a base URL must start with http"):
+        ChatWidget("localhost:8080")
+    with pytest.raises(TypeError, match="parameters: expected"):
+        ChatWidget("http://127.0.0.1:1", parameters=[1])
+    chat = ChatWidget("http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="text: the message is empty"):
+        chat.send("  ")
+
+
+def test_parameters_widget_values_and_code():
+    params = ParametersWidget()
+    assert params.params == {"max_tokens": 256}  # always sent: a server's default is the whole context
+    params.set(temperature=0.7, top_k=20, stop="END", seed=3, response_format="json_object")
+    assert params.params == {"temperature": 0.7, "top_k": 20, "max_tokens": 256, "stop": ["END"], "seed": 3,
+                             "response_format": {"type": "json_object"}}
+    assert params.create_kwargs()["extra_body"] == {"top_k": 20}
+    code = html.unescape(params.code.value)
+    assert "extra_body={'top_k': 20}" in code and "curl " in code
+    params.set(top_logprobs=3)
+    assert params.params["logprobs"] is True and params.params["top_logprobs"] == 3
+    params.set(response_format="json_schema")
+    assert params.params["response_format"]["json_schema"]["schema"]["required"] == ["answer"]
+    with pytest.raises(ValueError, match=r"temperature: must be between 0.0 and 2.0, got 3"):
+        params.set(temperature=3)
+    with pytest.raises(ValueError, match="response_format: must be one of text, json_object, json_schema"):
+        params.set(response_format="xml")
+    with pytest.raises(TypeError, match="unknown parameter 'temprature'; allowed: temperature"):
+        ParametersWidget(temprature=1)
+
+
+@pytest.mark.parametrize("module", ["target", "transcript", "parameters", "chat", "lifecycle", "endpoint",
+                                    "monitor", "compare", "workbench"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"tgi_nb.widgets.{module}"), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_replies_render_as_markdown_with_code_blocks():
+    from tgi_nb.widgets.transcript import render_markdown
+
+    rendered = render_markdown("Use **this**:\n\n```python\nprint('<hi>')\n```\n<script>alert(1)</script>")
+    assert "<strong>this</strong>" in rendered
+    assert '<pre><code class="language-python">print(\'&lt;hi&gt;\')' in rendered
+    assert "<script>" not in rendered  # a model cannot inject markup into the page
