@@ -109,13 +109,14 @@ class AnswerStream:
     def __next__(self) -> str:
         while not self._pending:
             if self._done:
+                self.close()
                 raise StopIteration
             try:
                 chunk = next(self._chunks)
             except StopIteration:
                 self._done = True
                 raise
-            if chunk.get("answer"):
+            if chunk.get("answer") and not self._done:
                 self._pending.append(chunk["answer"])
         piece = self._pending.pop(0)
         self._text.append(piece)
@@ -134,12 +135,16 @@ class AnswerStream:
         return Answer(self.question, self.text, self.sources)
 
     def close(self) -> None:
-        """Stop the stream where it is."""
+        """Stop the stream where it is; from another thread (a Stop button), the iterating thread stops at its
+        next piece."""
         self._done = True
         self._pending.clear()
         close = getattr(self._chunks, "close", None)
         if close is not None:
-            close()
+            try:
+                close()
+            except ValueError:  # "generator already executing": the iterating thread closes it in __next__
+                pass
 
 
 def _sources(docs: Sequence[Document]) -> list[Source]:
@@ -353,6 +358,11 @@ class RagPipeline:
         self.vectorstore = self._open_store()
         if not keep_documents:
             self._documents.clear()
+
+    @property
+    def documents(self) -> list[Document]:
+        """The documents added in this session (before splitting), what :meth:`reindex` splits again."""
+        return list(self._documents.values())
 
     def __len__(self) -> int:
         """The number of chunks in the store."""
