@@ -118,7 +118,14 @@ class EmbeddingEngine:
         return [list(ids) for ids in encoded["input_ids"]]
 
     def check_dimensions(self, dimensions: Optional[int]) -> None:
-        """Raise :class:`ValidationError` (field ``dimensions``) unless this model can return that size."""
+        """Raise :class:`ValidationError` (field ``dimensions``) unless this model can return that size.
+
+        Example:
+            >>> engine.check_dimensions(128)                   # doctest: +SKIP
+            Traceback (most recent call last):
+            ...
+            ValidationError: dimensions: sentence-transformers/all-MiniLM-L6-v2 is not a Matryoshka model ...
+        """
         if dimensions is None or dimensions == self.dimension:
             return
         if not isinstance(dimensions, int) or dimensions < 1:

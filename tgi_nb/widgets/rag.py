@@ -98,17 +98,31 @@ class RagWidget(w.VBox):
 
     # -- documents -------------------------------------------------------------------------------------
     def add_texts(self, texts: list[str], metadatas: Optional[list[dict]] = None) -> bool:
-        """Index texts in the background; False (and a status message) when busy."""
+        """Index texts in the background; False (and a status message) when busy.
+
+        Example:
+            >>> widget.add_texts(["Paris is the capital of France."], [{"source": "facts"}])   # doctest: +SKIP
+            True
+        """
         return self._start("indexing", lambda: self.pipeline.add_texts(texts, metadatas,
                                                                         on_progress=self._on_progress))
 
     def add_paths(self, paths: list[str]) -> bool:
-        """Index files and folders in the background; False (and a status message) when busy."""
+        """Index files and folders in the background; False (and a status message) when busy.
+
+        Example:
+            >>> widget.add_paths(["docs/", "notes.pdf"])                                       # doctest: +SKIP
+            True
+        """
         return self._start("indexing", lambda: self.pipeline.add_documents(load_paths(paths),
                                                                             on_progress=self._on_progress))
 
     def reindex(self) -> bool:
-        """Split everything again with the chunk size and overlap shown, in the background."""
+        """Split everything again with the chunk size and overlap shown, in the background.
+
+        Example:
+            >>> widget.chunk_size.value = 400     # re-indexes by itself; reindex() does it on demand  # doctest: +SKIP
+        """
         size, overlap = self.chunk_size.value, self.chunk_overlap.value
         if overlap >= size:
             self._say(f"chunk_overlap must be smaller than the chunk size ({size}); not re-indexed", error=True)
@@ -159,7 +173,14 @@ class RagWidget(w.VBox):
 
     # -- asking ----------------------------------------------------------------------------------------
     def ask(self, question: Optional[str] = None) -> bool:
-        """Answer ``question`` (default: the question box) in the background; False when busy or empty."""
+        """Answer ``question`` (default: the question box) in the background; False when busy or empty.
+
+        Example:
+            >>> widget.ask("What does make test run?")                                         # doctest: +SKIP
+            True
+            >>> widget.idle.wait(60)                                                           # doctest: +SKIP
+            True
+        """
         question = (self.question.value if question is None else question).strip()
         if not question:
             self._say("type a question first", error=True)
@@ -185,7 +206,11 @@ class RagWidget(w.VBox):
         self.answer.value = _answer_html(stream.text)
 
     def stop(self) -> None:
-        """Stop the answer being streamed (the server stops generating)."""
+        """Stop the answer being streamed (the server stops generating).
+
+        Example:
+            >>> widget.stop()                                                                  # doctest: +SKIP
+        """
         stream = self._stream
         if stream is not None:
             stream.close()
