@@ -65,3 +65,28 @@ def test_00_workbench(tmp_path, no_token):
     views = [out for cell in nb.cells for out in cell.get("outputs", [])
              if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
     assert len(views) == 1  # the workbench; driving it is tests/test_widgets_browser.py's job
+
+
+def test_03_langchain_llamaindex(tmp_path, no_token, smollm2_dir):
+    text = outputs(execute("03_langchain_llamaindex.ipynb", tmp_path))
+    assert "Paris" in text
+    assert "'name': 'get_weather'" in text and "'city':" in text     # bind_tools: a parsed tool call
+    assert "City(name=" in text                                       # with_structured_output: a parsed model
+    assert "dimensions: 384" in text
+    ranking = text.split("dimensions: 384", 1)[1].splitlines()
+    assert "Eiffel Tower" in ranking[1]                               # the closest document comes first
+    assert "sentence-transformers/all-MiniLM-L6-v2" in text           # the model that embedded
+    assert "deleted" in text
+
+
+def test_04_rag(tmp_path, no_token, smollm2_dir):
+    nb = execute("04_rag.ipynb", tmp_path)
+    text = outputs(nb)
+    assert "serving.md" in text                                       # the cookbook chain's retrieved sources
+    assert "chunks indexed" in text and "Sources:\n[1] " in text      # RagPipeline: numbered sources
+    assert "questions: 18" in text
+    rates = dict(part.split() for part in text.split("retrieval hit rate: ", 1)[1].splitlines()[0].split(", "))
+    assert float(rates["@4"]) >= 0.8                                  # MiniLM finds the right page
+    assert "answer contains the fact: " in text
+    assert any("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+    assert "deleted" in text

@@ -194,7 +194,7 @@ def test_text_parts_and_developer_role(http):
 
 
 def test_not_found_and_method_errors(http):
-    assert_openai_error(http.post("/v1/embeddings", json={}), 404)
+    assert_openai_error(http.post("/v1/audio/speech", json={}), 404)
     assert_openai_error(http.get("/v1/models/gpt-4"), 404, "model", "model_not_found")
     assert_tgi_error(http.get("/no/such/route"), 404, "not_found")
     err = assert_openai_error(http.get("/v1/chat/completions"), 405)

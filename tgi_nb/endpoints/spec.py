@@ -208,7 +208,8 @@ def build_request(name: str, *, repository: str, framework: Optional[str] = None
                   type: Any = "authenticated", domain: Optional[str] = None, path: Optional[str] = None,
                   cache_http_responses: Optional[bool] = None, tags: Optional[list[str]] = None,
                   namespace: Optional[str] = None, token: Any = None, backend: str = "thread",
-                  host: str = "127.0.0.1", port: Optional[int] = None) -> EndpointRequest:
+                  host: str = "127.0.0.1", port: Optional[int] = None,
+                  embedding_model: Optional[str] = None) -> EndpointRequest:
     """Validate ``create_inference_endpoint``'s arguments; errors name the argument and the allowed values.
 
     Example:
@@ -248,6 +249,10 @@ def build_request(name: str, *, repository: str, framework: Optional[str] = None
 
     launcher_env, image_health = image_env(custom_image)
     launcher_env.update(_str_env("env", env))
+    if embedding_model is not None:
+        if not isinstance(embedding_model, str):
+            raise TypeError(f"embedding_model: expected a Hub id, a local folder or 'none', got {embedding_model!r}")
+        launcher_env["EMBEDDING_MODEL"] = embedding_model
     secret_env = _str_env("secrets", secrets)
     model_id = launcher_env.pop("MODEL_ID", None)
     if model_id in (None, "", REPOSITORY_MOUNT):

@@ -7,9 +7,10 @@ Example:
 """
 
 from .config import DEFAULT_MODEL_ID, EngineConfig
+from .embedding_engine import EmbeddingConfig, EmbeddingEngine
 from .llm_engine import EngineStats, LLMEngine
 from .outputs import CompletionDelta, CompletionResult, GenerationResult, RequestOutput, TokenLogprob, TopLogprob
 from .sampling_params import SamplingParams, ValidationError
 
-__all__ = ["DEFAULT_MODEL_ID", "EngineConfig", "EngineStats", "LLMEngine", "SamplingParams", "ValidationError",
+__all__ = ["DEFAULT_MODEL_ID", "EngineConfig", "EmbeddingConfig", "EmbeddingEngine", "EngineStats", "LLMEngine", "SamplingParams", "ValidationError",
            "RequestOutput", "CompletionDelta", "CompletionResult", "GenerationResult", "TokenLogprob", "TopLogprob"]

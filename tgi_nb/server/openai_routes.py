@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from . import openai_serving
+from . import embeddings, openai_serving
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       ModelCard, ModelList, OpenAIError)
+                       EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, OpenAIError)
 from .serving import ServerContext, reject_invalid_text
 
 router = APIRouter(tags=["OpenAI"])
@@ -35,9 +35,15 @@ async def completions(body: CompletionRequest, request: Request, ctx: ServerCont
     return await openai_serving.create_completion(ctx, body, request)
 
 
+@router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)
+async def create_embeddings(body: EmbeddingRequest, ctx: ServerContext = Depends(get_ctx)) -> EmbeddingResponse:
+    """Embeddings of a string, strings, token ids or lists of them, by the server's embedding model."""
+    return await embeddings.create_embeddings(ctx, body)
+
+
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
 async def models(ctx: ServerContext = Depends(get_ctx)) -> ModelList:
-    """The served model."""
+    """The served models: the generation model, then the embedding model."""
     return openai_serving.list_models(ctx)
 
 

@@ -436,14 +436,25 @@ def _model_card(ctx: ServerContext) -> ModelCard:
 
 
 def list_models(ctx: ServerContext) -> ModelList:
-    """GET /v1/models: the one model this server serves (known before it finished loading)."""
-    return ModelList(data=[_model_card(ctx)])
+    """GET /v1/models: the generation model and the embedding model (known before either finished loading)."""
+    cards = [_model_card(ctx)]
+    if ctx.embeddings is not None:
+        cards.append(_embedding_card(ctx))
+    return ModelList(data=cards)
 
 
 def retrieve_model(ctx: ServerContext, model: str) -> ModelCard:
     """GET /v1/models/{model}: the card, or 404 for any other name."""
     card = _model_card(ctx)
+    if ctx.embeddings is not None and model == ctx.embedding_model_name:
+        return _embedding_card(ctx)
     if model not in {card.id, card.root}:
         raise NotFound(f"The model '{model}' does not exist; this server serves '{card.id}'", param="model",
                        code="model_not_found")
     return card
+
+
+def _embedding_card(ctx: ServerContext) -> ModelCard:
+    engine = ctx.embeddings.engine
+    return ModelCard(id=ctx.embedding_model_name, created=ctx.started, root=ctx.embedding_model_name,
+                     max_model_len=engine.max_input_tokens if engine is not None else None)

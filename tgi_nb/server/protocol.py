@@ -250,6 +250,46 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# ----------------------------------------------------------------------------------------------
+# OpenAI: embeddings
+# ----------------------------------------------------------------------------------------------
+
+class EmbeddingRequest(_Request):
+    """POST /v1/embeddings. ``input`` is a string, a list of strings, a list of token ids or a list of
+    token-id lists (ids of the embedding model's tokenizer, special tokens included); it is checked in
+    embeddings.py, with errors naming ``input[i]``."""
+
+    input: Any = Field(json_schema_extra={"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}},
+        {"type": "array", "items": {"type": "integer"}},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}]})
+    model: Optional[str] = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = None
+    user: Optional[str] = None
+    # vLLM's extension: cut inputs longer than the model reads to their last N tokens instead of a 400;
+    # -1 means the model's maximum.
+    truncate_prompt_tokens: Optional[int] = Field(default=None, ge=-1)
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class OpenAIErrorBody(BaseModel):
     message: str
     type: str

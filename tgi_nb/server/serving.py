@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tgi_nb.engine import RequestOutput, SamplingParams, ValidationError
+from tgi_nb.engine import EmbeddingEngine, RequestOutput, SamplingParams, ValidationError
 from tgi_nb.engine.outputs import OUT_OF_MEMORY
 from tgi_nb.engine.outputs import TokenLogprob
 
@@ -35,11 +35,12 @@ logger = logging.getLogger("tgi_nb.server")
 # ----------------------------------------------------------------------------------------------
 
 def _is_engine(obj: Any) -> bool:
-    return hasattr(obj, "add_request") and hasattr(obj, "tokenizer")
+    return (hasattr(obj, "add_request") and hasattr(obj, "tokenizer")) or isinstance(obj, EmbeddingEngine)
 
 
 class EngineHolder:
-    """Holds the engine, or a factory that builds it in a background thread.
+    """Holds the engine (an ``LLMEngine``, or the ``EmbeddingEngine`` of /v1/embeddings), or a factory that
+    builds it in a background thread.
 
     ``status`` is one of ``idle`` (nothing loaded yet, or unloaded), ``loading``, ``ready``, ``failed``,
     ``stopped``. Routes call :meth:`get`, which raises :class:`ModelNotReady` (503) unless ready;
@@ -165,8 +166,10 @@ class Limits:
 class ServerContext:
     """Everything a route needs, stored on ``app.state.ctx``."""
 
-    def __init__(self, holder: EngineHolder, settings: ServerSettings):
+    def __init__(self, holder: EngineHolder, settings: ServerSettings,
+                 embeddings: Optional[EngineHolder] = None):
         self.holder = holder
+        self.embeddings = embeddings  # the /v1/embeddings model's holder; None when the server has none
         self.settings = settings
         self.in_flight = 0
         self.metrics = ServerMetrics(self._engine_stats)
@@ -204,6 +207,11 @@ class ServerContext:
         s = self.settings
         engine = self.holder.engine
         return s.served_model_name or s.model_id or (engine.model_id if engine is not None else None) or "tgi"
+
+    @property
+    def embedding_model_name(self) -> str:
+        engine = self.embeddings.engine if self.embeddings is not None else None
+        return engine.model_id if engine is not None else (self.settings.embedding_model or "")
 
     def limits(self, engine: Any) -> Limits:
         """The engine's limits, lowered to the settings' where those are stricter."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from tgi_nb.models.embedding import DEFAULT_EMBEDDING_MODEL_ID
+
 
 class SettingsError(ValueError):
     """Settings that cannot work together; the message names the values involved."""
@@ -17,6 +19,8 @@ class ServerSettings:
     Limits left at None come from the engine once it is loaded (``max_input_tokens``,
     ``max_total_tokens``); when set they must agree with the engine's. ``served_model_name``
     defaults to the engine's model id; clients may send any ``model`` and get this name back.
+    ``embedding_model`` is the sentence-transformers model behind /v1/embeddings (a Hub id or a folder;
+    None serves no embeddings); it loads on the first embedding request.
     ``keep_alive_interval`` is how long a stream may stay silent (a long prefill, a full queue)
     before an SSE comment is sent so that proxies and clients do not time out.
 
@@ -34,6 +38,7 @@ class ServerSettings:
     api_key: Optional[str] = None
     served_model_name: Optional[str] = None
     model_id: Optional[str] = None
+    embedding_model: Optional[str] = DEFAULT_EMBEDDING_MODEL_ID
     max_concurrent_requests: int = 128
     max_input_tokens: Optional[int] = None
     max_total_tokens: Optional[int] = None
@@ -69,3 +74,5 @@ class ServerSettings:
             raise SettingsError(f"keep_alive_interval: must be > 0 seconds, got {self.keep_alive_interval!r}")
         if self.api_key == "":
             self.api_key = None
+        if self.embedding_model == "":
+            self.embedding_model = None

@@ -1,0 +1,292 @@
+"""``RagWidget``: documents in, questions answered with their sources, on a :class:`~tgi_nb.rag.RagPipeline`.
+
+Indexing and answering run in background threads; handlers return at once (a click waits for any running
+cell, so a blocking handler would freeze the page). Threads update the page only through widget values, and
+the streamed answer at most ``UPDATES_PER_SECOND`` times a second.
+"""
+
+from __future__ import annotations
+
+import html
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import ipywidgets as w
+
+from tgi_nb.rag import RagPipeline, Source, load_file, load_paths
+
+UPDATES_PER_SECOND = 12
+
+
+class RagWidget(w.VBox):
+    """Add documents (upload, pasted text, a folder), ask questions, read the streamed answer beside the chunks
+    it was given, with their source and score. k, chunk size and overlap are adjustable; changing the chunking
+    re-indexes what was added.
+
+    ``target_or_pipeline`` is a :class:`~tgi_nb.rag.RagPipeline`, or anything it accepts as target (an endpoint,
+    an ``openai.OpenAI`` client, a base URL), with ``pipeline_kwargs`` passed on.
+
+    Stable CSS classes: ``tgi-rag`` (the whole), ``tgi-rag-question``, ``tgi-rag-ask``, ``tgi-rag-stop``,
+    ``tgi-rag-answer``, ``tgi-rag-sources``, ``tgi-rag-upload``, ``tgi-rag-text``, ``tgi-rag-add-text``,
+    ``tgi-rag-folder``, ``tgi-rag-add-folder``, ``tgi-rag-progress``, ``tgi-rag-status``, ``tgi-rag-code``.
+
+    Example:
+        >>> from tgi_nb.widgets.rag import RagWidget
+        >>> widget = RagWidget(endpoint)              # doctest: +SKIP
+        >>> widget                                    # doctest: +SKIP
+    """
+
+    def __init__(self, target_or_pipeline: Any, **pipeline_kwargs: Any):
+        if isinstance(target_or_pipeline, RagPipeline):
+            self.pipeline = target_or_pipeline
+        else:
+            self.pipeline = RagPipeline(target_or_pipeline, **{"progress": False, **pipeline_kwargs})
+        rag = self.pipeline
+        self._lock = threading.Lock()
+        self._busy: Optional[str] = None  # "indexing" or "asking" while a thread runs
+        self._stream: Any = None
+        self.idle = threading.Event()
+        self.idle.set()
+
+        self.upload = _styled(w.FileUpload(accept=",".join((".txt", ".md", ".html", ".htm", ".pdf")), multiple=True,
+                                           description="Upload"), "tgi-rag-upload")
+        self.text = _styled(w.Textarea(placeholder="Paste text to add", layout=w.Layout(width="100%")),
+                            "tgi-rag-text")
+        self.add_text_button = _button("Add text", "tgi-rag-add-text", self._add_text_clicked)
+        self.folder = _styled(w.Text(placeholder="a folder path, e.g. docs/"), "tgi-rag-folder")
+        self.add_folder_button = _button("Add folder", "tgi-rag-add-folder", self._add_folder_clicked)
+        self.progress = _styled(w.IntProgress(value=0, min=0, max=1, description="Indexed"), "tgi-rag-progress")
+        self.status = _styled(w.HTML(), "tgi-rag-status")
+
+        self.k = w.IntSlider(value=rag.k, min=1, max=10, description="k")
+        self.chunk_size = w.BoundedIntText(value=rag.chunk_size, min=50, max=8000, step=50, description="Chunk size")
+        self.chunk_overlap = w.BoundedIntText(value=rag.chunk_overlap, min=0, max=4000, step=10,
+                                              description="Overlap")
+        self.reindex_button = _button("Re-index", "tgi-rag-reindex", lambda: self.reindex())
+
+        self.question = _styled(w.Text(placeholder="Ask a question about your documents",
+                                       layout=w.Layout(width="100%")), "tgi-rag-question")
+        self.question.on_submit(lambda _: self._ask_clicked())
+        self.ask_button = _button("Ask", "tgi-rag-ask", self._ask_clicked, style="primary")
+        self.stop_button = _button("Stop", "tgi-rag-stop", self.stop, style="danger")
+        self.stop_button.disabled = True
+        self.answer = _styled(w.HTML(layout=w.Layout(min_height="3em")), "tgi-rag-answer")
+        self.sources = _styled(w.HTML(), "tgi-rag-sources")
+        self.code = _styled(w.HTML(), "tgi-rag-code")
+
+        self.upload.observe(self._uploaded, names="value")
+        self.k.observe(self._k_changed, names="value")
+        self.chunk_size.observe(self._chunking_changed, names="value")
+        self.chunk_overlap.observe(self._chunking_changed, names="value")
+
+        documents = w.VBox([w.HBox([self.upload]), self.text, self.add_text_button,
+                            w.HBox([self.folder, self.add_folder_button]), self.progress, self.status])
+        settings = w.VBox([self.k, self.chunk_size, self.chunk_overlap, self.reindex_button])
+        answer = w.VBox([w.HBox([self.question, self.ask_button, self.stop_button]),
+                         w.HBox([w.VBox([w.HTML("<b>Answer</b>"), self.answer], layout=w.Layout(width="55%")),
+                                 w.VBox([w.HTML("<b>Retrieved chunks</b>"), self.sources],
+                                        layout=w.Layout(width="45%"))]),
+                         self.code])
+        accordion = w.Accordion(children=[documents, settings], titles=("Documents", "Settings"))
+        super().__init__([accordion, answer])
+        self.add_class("tgi-rag")
+        self._show_status()
+        self._show_code("")
+
+    # -- documents -------------------------------------------------------------------------------------
+    def add_texts(self, texts: list[str], metadatas: Optional[list[dict]] = None) -> bool:
+        """Index texts in the background; False (and a status message) when busy.
+
+        Example:
+            >>> widget.add_texts(["Paris is the capital of France."], [{"source": "facts"}])   # doctest: +SKIP
+            True
+        """
+        return self._start("indexing", lambda: self.pipeline.add_texts(texts, metadatas,
+                                                                        on_progress=self._on_progress))
+
+    def add_paths(self, paths: list[str]) -> bool:
+        """Index files and folders in the background; False (and a status message) when busy.
+
+        Example:
+            >>> widget.add_paths(["docs/", "notes.pdf"])                                       # doctest: +SKIP
+            True
+        """
+        return self._start("indexing", lambda: self.pipeline.add_documents(load_paths(paths),
+                                                                            on_progress=self._on_progress))
+
+    def reindex(self) -> bool:
+        """Split everything again with the chunk size and overlap shown, in the background.
+
+        Example:
+            >>> widget.chunk_size.value = 400     # re-indexes by itself; reindex() does it on demand  # doctest: +SKIP
+        """
+        size, overlap = self.chunk_size.value, self.chunk_overlap.value
+        if overlap >= size:
+            self._say(f"chunk_overlap must be smaller than the chunk size ({size}); not re-indexed", error=True)
+            return False
+        return self._start("indexing", lambda: self.pipeline.reindex(size, overlap, on_progress=self._on_progress))
+
+    def _add_text_clicked(self) -> None:
+        text = self.text.value.strip()
+        if text and self.add_texts([text], [{"source": f"pasted text {len(self.pipeline.documents) + 1}"}]):
+            self.text.value = ""
+
+    def _add_folder_clicked(self) -> None:
+        folder = self.folder.value.strip()
+        if not folder or not Path(folder).expanduser().is_dir():
+            self._say(f"not a folder: {html.escape(folder)!s}", error=True)
+            return
+        self.add_paths([str(Path(folder).expanduser())])
+
+    def _uploaded(self, change: dict) -> None:
+        files = list(change["new"] or ())
+        if not files:
+            return
+
+        def index() -> int:
+            docs = []
+            with tempfile.TemporaryDirectory() as tmp:
+                for item in files:
+                    path = Path(tmp) / Path(item["name"]).name
+                    path.write_bytes(bytes(item["content"]))
+                    for doc in load_file(path):  # the suffix chooses the reader; PDFs need the file
+                        doc.metadata["source"] = item["name"]
+                        docs.append(doc)
+            return self.pipeline.add_documents(docs, on_progress=self._on_progress)
+
+        self._start("indexing", index)
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.max = max(total, 1)
+        self.progress.value = done
+
+    def _chunking_changed(self, _change: dict) -> None:
+        if self.pipeline.documents:
+            self.reindex()
+
+    def _k_changed(self, change: dict) -> None:
+        self.pipeline.k = change["new"]
+        self._show_code(self.question.value)
+
+    # -- asking ----------------------------------------------------------------------------------------
+    def ask(self, question: Optional[str] = None) -> bool:
+        """Answer ``question`` (default: the question box) in the background; False when busy or empty.
+
+        Example:
+            >>> widget.ask("What does make test run?")                                         # doctest: +SKIP
+            True
+            >>> widget.idle.wait(60)                                                           # doctest: +SKIP
+            True
+        """
+        question = (self.question.value if question is None else question).strip()
+        if not question:
+            self._say("type a question first", error=True)
+            return False
+        self._show_code(question)
+        return self._start("asking", lambda: self._answer(question))
+
+    def _ask_clicked(self) -> None:
+        self.ask()
+
+    def _answer(self, question: str) -> None:
+        self.answer.value = ""
+        self.sources.value = ""
+        stream = self.pipeline.ask(question, stream=True)
+        self._stream = stream
+        self.sources.value = _sources_html(stream.sources)
+        last = 0.0
+        for _ in stream:
+            now = time.monotonic()
+            if now - last >= 1 / UPDATES_PER_SECOND:
+                self.answer.value = _answer_html(stream.text)
+                last = now
+        self.answer.value = _answer_html(stream.text)
+
+    def stop(self) -> None:
+        """Stop the answer being streamed (the server stops generating).
+
+        Example:
+            >>> widget.stop()                                                                  # doctest: +SKIP
+        """
+        stream = self._stream
+        if stream is not None:
+            stream.close()
+
+    # -- background work -------------------------------------------------------------------------------
+    def _start(self, kind: str, work: Callable[[], Any]) -> bool:
+        with self._lock:
+            if self._busy is not None:
+                self._say(f"busy {self._busy}; wait for it to finish", error=True)
+                return False
+            self._busy = kind
+            self.idle.clear()
+        self.ask_button.disabled = True
+        self.stop_button.disabled = kind != "asking"
+        self._say("indexing..." if kind == "indexing" else "answering...")
+        threading.Thread(target=self._run, args=(kind, work), name=f"tgi_nb-rag-{kind}", daemon=True).start()
+        return True
+
+    def _run(self, kind: str, work: Callable[[], Any]) -> None:
+        error = None
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - shown in the widget: a thread has nobody else to tell
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._stream = None
+            with self._lock:
+                self._busy = None
+            self.ask_button.disabled = False
+            self.stop_button.disabled = True
+            if error:
+                self._say(html.escape(error), error=True)
+            else:
+                self._show_status()
+            self.idle.set()
+
+    def _say(self, message: str, error: bool = False) -> None:
+        color = "var(--jp-error-color1, #c00)" if error else "inherit"
+        self.status.value = f'<span style="color: {color}">{message}</span>'
+
+    def _show_status(self) -> None:
+        self._say(f"{len(self.pipeline)} chunks indexed")
+
+    def _show_code(self, question: str) -> None:
+        rag = self.pipeline
+        self.code.value = (
+            "<details><summary>Code</summary><pre>"
+            + html.escape(f"from tgi_nb.rag import RagPipeline\n\n"
+                          f"rag = RagPipeline(endpoint, k={rag.k}, chunk_size={rag.chunk_size}, "
+                          f"chunk_overlap={rag.chunk_overlap})\n"
+                          f"rag.add_files([...])\n"
+                          f"for piece in rag.ask({question!r}, stream=True):\n"
+                          f"    print(piece, end=\"\")")
+            + "</pre></details>")
+
+
+def _styled(widget: w.DOMWidget, css: str) -> Any:
+    widget.add_class(css)
+    return widget
+
+
+def _button(label: str, css: str, on_click: Callable[[], None], style: str = "") -> w.Button:
+    button = w.Button(description=label, button_style=style)
+    button.add_class(css)
+    button.on_click(lambda _: on_click())
+    return button
+
+
+def _answer_html(text: str) -> str:
+    return f'<div style="white-space: pre-wrap">{html.escape(text)}</div>'
+
+
+def _sources_html(sources: list[Source]) -> str:
+    rows = "".join(
+        f'<li class="tgi-rag-source"><b>[{s.number}]</b> {html.escape(s.document)} '
+        f'<span class="tgi-rag-score">score {s.score:.2f}</span>'
+        f'<div style="white-space: pre-wrap; font-size: 90%">{html.escape(s.chunk)}</div></li>'
+        for s in sources)
+    return f'<ol style="list-style: none; padding-left: 0">{rows}</ol>'
