@@ -1,4 +1,4 @@
-"""The workbench: ipywidgets for endpoints, parameters, streaming chat, comparison and monitoring.
+"""The workbench: ipywidgets for endpoints, parameters, streaming chat, comparison, monitoring and RAG.
 
 Every widget talks to endpoints through the official ``openai`` client, runs its slow work in background
 threads (a handler never blocks the kernel) and shows the code it stands for.
@@ -19,5 +19,14 @@ from .parameters import ParametersWidget
 from .transcript import Transcript
 from .workbench import Workbench, workbench
 
-__all__ = ["ChatWidget", "CompareWidget", "EndpointWidget", "MonitorWidget", "ParametersWidget", "Transcript",
-           "Workbench", "workbench"]
+__all__ = ["ChatWidget", "CompareWidget", "EndpointWidget", "MonitorWidget", "ParametersWidget", "RagWidget",
+           "Transcript", "Workbench", "workbench"]
+
+
+def __getattr__(name: str):
+    # RagWidget pulls in LangChain and chromadb (seconds to import): only when it is asked for.
+    if name == "RagWidget":
+        from .rag import RagWidget
+
+        return RagWidget
+    raise AttributeError(f"module 'tgi_nb.widgets' has no attribute {name!r}")
