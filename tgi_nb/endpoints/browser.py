@@ -1,7 +1,7 @@
 """The URL a browser must use to reach a server that listens on the kernel's loopback interface.
 
 Kernel-side clients (openai, huggingface_hub, LangChain) always use ``http://127.0.0.1:PORT``; a browser tab
-(the /docs page, the widgets' iframes) may be on another machine:
+(the /docs page, the links the widgets show) may be on another machine:
 
 - ``TGI_NB_BROWSER_URL`` set to a template such as ``https://my-host/proxy/{port}``: that, for any setup;
 - Google Colab: the URL ``google.colab.kernel.proxyPort(PORT)`` gives;

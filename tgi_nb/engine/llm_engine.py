@@ -397,7 +397,7 @@ class LLMEngine:
                                    f"when fewer requests run, or lower max_batch_prefill_tokens")
                     for request in list(self._requests.values()):
                         if any(s.status is SequenceStatus.RUNNING for s in request.seqs):
-                            self._fail(request, message)
+                            self._finish_request(request, "error", message)
         for request in list(self._requests.values()):
             self._finish_request(request, "abort")
 
@@ -549,9 +549,6 @@ class LLMEngine:
         self._requests.pop(request.request_id, None)
         self._emit(request, RequestOutput(request.request_id, request.prompt_token_ids, deltas, True,
                                           request.num_cached_tokens, error))
-
-    def _fail(self, request: Request, message: str) -> None:
-        self._finish_request(request, "error", message)
 
     def _emit(self, request: Request, out: RequestOutput) -> None:
         try:

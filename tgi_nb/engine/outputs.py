@@ -5,9 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-# Why a sample stopped. "stop": EOS, a stop token or a stop string; "length": max_new_tokens or the
-# model's context; "abort": the request was aborted; "error": the engine failed this request.
-FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 # RequestOutput.error starts with this when a step failed for lack of memory (the server answers 503).
@@ -45,7 +42,7 @@ class CompletionDelta:
     text: str
     token_ids: list[int]
     logprobs: Optional[list[TokenLogprob]] = None
-    finish_reason: Optional[str] = None
+    finish_reason: Optional[str] = None  # "stop" (EOS, stop token or string), "length", "abort" or "error"
     stop_reason: Optional[str | int] = None
 
 

@@ -31,10 +31,6 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.decodes and not self.prefills
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.decodes) + sum(n for _, n in self.prefills)
-
 
 class Scheduler:
     """Keeps the waiting queue and the running list and fills each step.
