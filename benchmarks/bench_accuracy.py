@@ -33,7 +33,7 @@ CHUNK = 64
 
 def window_log_probs(model, ids: list[int]) -> torch.Tensor:
     """log-softmax of the model's next-token logits at every position of one sequence, fed in chunks of 64."""
-    from tgi_nb.models.llama import AttentionBatch
+    from tgi_nb.models.attention import AttentionBatch
 
     s = model.spec
     block = 16

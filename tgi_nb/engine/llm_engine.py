@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import queue
 import random
 import threading

@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 
-from tgi_nb.models.llama import AttentionBatch
+from tgi_nb.models.attention import AttentionBatch
+from tgi_nb.models.interface import CausalLM
 
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
@@ -64,7 +65,7 @@ class ModelRunner:
         >>> logits, seqs = runner.run(scheduler.schedule())               # doctest: +SKIP
     """
 
-    def __init__(self, model, num_blocks: int, block_size: int, kv_dtype: Optional[torch.dtype] = None):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: Optional[torch.dtype] = None):
         self.model = model
         self.block_size = block_size
         spec = model.spec

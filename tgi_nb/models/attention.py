@@ -15,6 +15,7 @@ token ``t`` of a sequence lives at ``cache[block_table[t // block_size], t % blo
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -268,3 +269,77 @@ def paged_decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor
         probs = torch.softmax(scores, dim=-1)
         result[b] = torch.einsum("ht,thd->hd", probs, v)
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# One step's attention, shared by our Llama-family forward and transformers' modules (hf_model.py)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class AttentionBatch:
+    """How the packed tokens of one step map onto sequences and the KV cache.
+
+    The batch is laid out decodes first (one token each), then prefill chunks.
+    - ``slot_mapping[t]``: the cache slot (block * block_size + offset) that token t's K/V go to.
+    - decodes: ``decode_block_tables`` [num_decodes, max_blocks] and ``decode_context_lens``.
+    - prefill chunks: per chunk (start in the packed batch, length, tokens already in the cache before
+      it, that sequence's block table as a tensor).
+    """
+
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    decode_block_tables: Optional[torch.Tensor]
+    decode_context_lens: Optional[torch.Tensor]
+    prefills: list[tuple[int, int, int, torch.Tensor]]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           batch: AttentionBatch, scale: float, sliding_window: int = 0, write_kv: bool = True) -> torch.Tensor:
+    """Write the step's keys and values ([T, kv_heads, d]) into the paged cache (unless ``write_kv`` is
+    False: already written), then attend: decode tokens through the paged decode kernel, prefill chunks
+    causally over their cached prefix. Returns [T, heads, d]."""
+    num_tokens, nkv, d = k.shape
+    if write_kv:
+        k_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, nkv, d).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+    out = torch.empty(num_tokens, q.shape[1], d, dtype=q.dtype, device=q.device)
+    nd = batch.num_decodes
+    if nd:
+        paged_decode_attention(q[:nd].contiguous(), k_cache, v_cache, batch.decode_block_tables,
+                               batch.decode_context_lens, scale, sliding_window, out=out[:nd])
+    for start, length, cached, table in batch.prefills:
+        out[start:start + length] = _prefill_attention(
+            q[start:start + length], k[start:start + length], v[start:start + length],
+            k_cache, v_cache, table, cached, scale, sliding_window)
+    return out
+
+
+def _prefill_attention(q, k, v, k_cache, v_cache, block_table, cached: int, scale: float,
+                       sliding_window: int) -> torch.Tensor:
+    """Causal attention of one prefill chunk ([L, heads, d]) over its sequence's cached prefix plus
+    itself. A chunk with nothing before it attends to its own K/V directly, no cache read."""
+    length, nh, d = q.shape
+    nkv = k.shape[1]
+    if cached:
+        block_size = k_cache.shape[1]
+        total = cached + length
+        num_blocks = (total + block_size - 1) // block_size
+        blocks = block_table[:num_blocks]
+        # a float16 cache is widened to the queries' dtype; this chunk's own rows are exact in k and v, but they
+        # are read back rounded, as later decode steps will read them
+        k = k_cache[blocks].view(-1, nkv, d)[:total].to(q.dtype)
+        v = v_cache[blocks].view(-1, nkv, d)[:total].to(q.dtype)
+    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if nkv != nh:
+        kt = kt.repeat_interleave(nh // nkv, dim=0)
+        vt = vt.repeat_interleave(nh // nkv, dim=0)
+    if not cached and not sliding_window:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    else:
+        q_pos = torch.arange(cached, cached + length, device=q.device)[:, None]
+        k_pos = torch.arange(k.shape[0], device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window:
+            mask &= k_pos > q_pos - sliding_window
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)

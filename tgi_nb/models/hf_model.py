@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .llama import AttentionBatch, attend
+from .attention import AttentionBatch, attend
 
 ATTENTION_NAME = "tgi_nb_paged"
 

@@ -19,7 +19,7 @@ _LAZY = {
     "APIError": ".errors",
     "ServerThread": ".runner",
     "bind_socket": ".runner",
-    "EngineHolder": ".serving",
+    "EngineHolder": ".context",
     "ServerSettings": ".settings",
     "SettingsError": ".settings",
 }
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .app import build_app
     from .errors import APIError
     from .runner import ServerThread, bind_socket
-    from .serving import EngineHolder
+    from .context import EngineHolder
     from .settings import ServerSettings, SettingsError
 
 

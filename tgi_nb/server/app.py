@@ -13,7 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from .auth import APIKeyMiddleware
 from .errors import install_error_handlers
 from .openai_routes import router as openai_router
-from .serving import EngineHolder, ServerContext
+from .context import EngineHolder, ServerContext
 from .settings import ServerSettings
 from .tgi_routes import router as tgi_router
 from .version import server_version
@@ -26,7 +26,7 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
     ``engine_or_factory`` is a ready ``LLMEngine`` (the caller keeps ownership: it is never shut
     down here) or a callable returning one, called in a background thread when the app starts; until
     it returns /health answers 503 and generation routes 503 with ``Retry-After``. The app's state
-    holds ``app.state.holder`` (:class:`~tgi_nb.server.serving.EngineHolder`: ``status``, ``error``,
+    holds ``app.state.holder`` (:class:`~tgi_nb.server.context.EngineHolder`: ``status``, ``error``,
     ``wait()``, ``unload()``) and ``app.state.ctx``.
 
     /v1/embeddings serves ``embedding_engine`` (an ``EmbeddingEngine``, kept by the caller, or a factory), by

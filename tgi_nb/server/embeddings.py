@@ -18,7 +18,8 @@ from tgi_nb.engine import ValidationError
 
 from .errors import BadRequest, ContextLengthExceeded, NotFound
 from .protocol import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, ignored_fields
-from .serving import ServerContext, log_ignored
+from .params import log_ignored
+from .context import ServerContext
 
 # OpenAI's own limit on inputs per request.
 MAX_INPUTS = 2048

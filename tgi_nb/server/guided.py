@@ -36,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from tgi_nb.engine.guided_decoding import (Grammar, GrammarCompiler, GrammarError, choice_grammar,
                                            json_object_grammar, json_schema_grammar, lark_grammar,
                                            regex_grammar)
+from tgi_nb.engine.interface import GenerationEngine
 
 from .errors import BadRequest
 
@@ -172,7 +173,7 @@ def request_guide(req: Any) -> Optional[GuideSpec]:
     return found[0] if found else None
 
 
-def compile_guide_sync(engine: Any, spec: GuideSpec) -> Grammar:
+def compile_guide_sync(engine: GenerationEngine, spec: GuideSpec) -> Grammar:
     """:func:`compile_guide` on the calling thread."""
     try:
         compiler = GrammarCompiler.for_tokenizer(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)
@@ -191,7 +192,7 @@ def compile_guide_sync(engine: Any, spec: GuideSpec) -> Grammar:
         raise BadRequest(f"{param}: invalid {spec.what}: {error}", param=param) from None
 
 
-async def compile_guide(engine: Any, spec: GuideSpec) -> Grammar:
+async def compile_guide(engine: GenerationEngine, spec: GuideSpec) -> Grammar:
     """Compile a grammar for ``engine``'s tokenizer off the event loop (the first grammar of a tokenizer
     takes about a second; later ones milliseconds, and repeated ones come from a cache).
 

@@ -8,7 +8,8 @@ from starlette.responses import Response
 from . import embeddings, openai_serving
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, OpenAIError)
-from .serving import ServerContext, reject_invalid_text
+from .context import ServerContext
+from .params import reject_invalid_text
 
 router = APIRouter(tags=["OpenAI"])
 

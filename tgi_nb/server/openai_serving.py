@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tgi_nb.engine.outputs import ResultAccumulator, TokenLogprob
+from tgi_nb.engine.interface import GenerationEngine
 
 from .chat import render_chat_request
 from .errors import APIError, BadRequest, NotFound
@@ -28,9 +29,11 @@ from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatComp
                        ChatCompletionResponse, ChatDelta, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
                        CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ModelCard,
                        ModelList, PromptTokensDetails, UsageInfo, ignored_fields)
-from .serving import (KEEP_ALIVE, SSE_DONE, SSE_KEEP_ALIVE, ClientDisconnected, GenerationStream, ServerContext,
-                      SSEResponse, TokenTable, check_finished, cumulative_logprob, log_ignored, make_sampling_params,
-                      new_id, parse_logit_bias, resolve_max_new_tokens, sse, stop_list, token_table, tokenize)
+from .context import ServerContext
+from .params import log_ignored, make_sampling_params, new_id, parse_logit_bias, resolve_max_new_tokens, stop_list, tokenize
+from .streaming import (KEEP_ALIVE, SSE_DONE, SSE_KEEP_ALIVE, ClientDisconnected, GenerationStream, SSEResponse,
+                        check_finished, sse)
+from .tokens import TokenTable, cumulative_logprob, token_table
 from .tools import ToolCallParser, parse_tool_calls, plan_tools
 
 logger = logging.getLogger("tgi_nb.server")
@@ -57,7 +60,7 @@ def finish_reason(reason: Optional[str], tool_calls: bool = False) -> Optional[s
     return "tool_calls" if tool_calls else "stop"
 
 
-def _sampling(req: Any, engine: Any, max_new_tokens: int, logprobs: Optional[int], n: int,
+def _sampling(req: Any, engine: GenerationEngine, max_new_tokens: int, logprobs: Optional[int], n: int,
               names: dict[str, str], logits_processor_factory: Any = None):
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None else req.top_p
@@ -124,7 +127,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     constraint = request_guide(req)
     spec = tools.guide() or constraint
     tool_names = tools.names if tools.forced or (tools.mode == "auto" and spec is None) else None
-    engine = ctx.engine()
+    engine = ctx.require_engine()
     prompt = render_chat_request(engine.tokenizer, req, tools, ctx.chat_template)
     ids = tokenize(engine, prompt, "messages")
     max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -237,7 +240,7 @@ async def _chat_events(ctx: ServerContext, stream: GenerationStream, request: Re
 # Completions
 # ----------------------------------------------------------------------------------------------
 
-def _completion_prompts(engine: Any, prompt: Any, with_text: bool) -> list[tuple[list[int], Optional[str]]]:
+def _completion_prompts(engine: GenerationEngine, prompt: Any, with_text: bool) -> list[tuple[list[int], Optional[str]]]:
     """(token ids, text) of each prompt: a string, strings, token ids or lists of token ids. Token-id
     prompts are decoded only ``with_text`` (the text is needed for ``echo`` alone); else their text is None."""
     if isinstance(prompt, str):
@@ -301,7 +304,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
     if req.stream and best_of > req.n:
         raise BadRequest("best_of: cannot be larger than n when streaming", param="best_of")
     spec = request_guide(req)
-    engine = ctx.engine()
+    engine = ctx.require_engine()
     prompts = _completion_prompts(engine, req.prompt, with_text=req.echo)
     limits = ctx.limits(engine)
     guide = await compile_guide(engine, spec) if spec is not None else None
@@ -428,7 +431,7 @@ async def _completion_events(ctx: ServerContext, stream: GenerationStream, reque
 # ----------------------------------------------------------------------------------------------
 
 def _model_card(ctx: ServerContext) -> ModelCard:
-    engine = ctx.holder.engine
+    engine = ctx.loaded_engine
     return ModelCard(id=ctx.served_model_name, created=ctx.started,
                      root=(engine.model_id if engine is not None else ctx.settings.model_id),
                      max_model_len=ctx.limits(engine).max_total_tokens if engine is not None else

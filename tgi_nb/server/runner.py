@@ -68,7 +68,7 @@ class DrainingServer(uvicorn.Server):
 
     uvicorn's graceful shutdown waits for open responses to finish; a generation stream can run for
     minutes, so without this a stop would wait out ``timeout_graceful_shutdown`` and then cancel the
-    response mid-chunk. ``drain()`` (:meth:`tgi_nb.server.serving.ServerContext.drain`) ends every open
+    response mid-chunk. ``drain()`` (:meth:`tgi_nb.server.context.ServerContext.drain`) ends every open
     generation with a 503 ``shutting_down`` error and aborts its engine requests, so connections close
     at once and their KV blocks are freed.
 

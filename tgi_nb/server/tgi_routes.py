@@ -7,10 +7,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
+from tgi_nb.engine.interface import GenerationEngine
+
 from . import tgi_serving
 from .protocol import (ChatCompletionRequest, ChatTokenizeResponse, DetokenizeRequest, DetokenizeResponse,
                        GenerateRequest, GenerateResponse, Info, StreamResponse, TGIError, TokenizeRequest)
-from .serving import ServerContext, reject_invalid_text
+from .context import ServerContext
+from .params import reject_invalid_text
 from .version import server_version
 
 router = APIRouter(tags=["Text Generation Inference"])
@@ -52,7 +55,7 @@ async def compat_generate(body: GenerateRequest, request: Request, ctx: ServerCo
 async def info(ctx: ServerContext = Depends(get_ctx)) -> Info:
     """Model and router limits, as TGI's /info."""
     s = ctx.settings
-    engine = ctx.holder.engine
+    engine = ctx.loaded_engine
     limits = ctx.limits(engine) if engine is not None else None
     return Info(model_id=(engine.model_id if engine is not None else s.model_id) or ctx.served_model_name,
                 max_concurrent_requests=s.max_concurrent_requests, max_best_of=s.max_best_of,
@@ -63,7 +66,7 @@ async def info(ctx: ServerContext = Depends(get_ctx)) -> Info:
                 max_top_n_tokens=s.max_top_n_tokens, **_capacity_fields(engine))
 
 
-def _capacity_fields(engine: Any) -> dict[str, Any]:
+def _capacity_fields(engine: GenerationEngine) -> dict[str, Any]:
     """/info's memory fields from the engine's capacity plan (an engine without one reports what it has)."""
     config = getattr(engine, "config", None)
     plan = getattr(engine, "capacity", None)

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tgi_nb.engine.outputs import CompletionResult, ResultAccumulator
+from tgi_nb.engine.interface import GenerationEngine
 
 from .chat import render_chat, render_chat_request
 from .errors import APIError, BadRequest
@@ -25,9 +26,11 @@ from .protocol import (BestOfSequence, ChatCompletionRequest, ChatTokenizeRespon
                        DetokenizeResponse, GenerateDetails, GenerateParameters, GenerateRequest, GenerateResponse,
                        PrefillToken, SimpleToken, StreamDetails, StreamResponse, TGIToken, TokenizeRequest,
                        VLLMTokenizeResponse, ignored_fields)
-from .serving import (KEEP_ALIVE, SSE_KEEP_ALIVE, ClientDisconnected, GenerationStream, ServerContext, SSEResponse,
-                      TokenTable, check_finished, cumulative_logprob, log_ignored, make_sampling_params,
-                      resolve_max_new_tokens, sse, token_table, tokenize)
+from .context import ServerContext
+from .params import log_ignored, make_sampling_params, resolve_max_new_tokens, tokenize
+from .streaming import (KEEP_ALIVE, SSE_KEEP_ALIVE, ClientDisconnected, GenerationStream, SSEResponse, check_finished,
+                        sse)
+from .tokens import TokenTable, cumulative_logprob, token_table
 from .tools import plan_tools
 
 logger = logging.getLogger("tgi_nb.server")
@@ -82,7 +85,7 @@ async def _prepare(ctx: ServerContext, req: GenerateRequest, *, stream: bool):
                            getattr(p, name))
     if not req.inputs:
         raise BadRequest("`inputs` cannot be empty", param="inputs")
-    engine = ctx.engine()
+    engine = ctx.require_engine()
     ids = tokenize(engine, req.inputs, "inputs", add_special_tokens=True)
     if p.truncate is not None:
         ids = ids[-p.truncate:]
@@ -116,8 +119,8 @@ def _top_tokens(table: TokenTable, result: CompletionResult) -> list[list[TGITok
     return [[_token(table, t.token_id, t.logprob, t.token) for t in lp.top] for lp in result.logprobs or []]
 
 
-def _compute_type(engine: Any) -> str:
-    return engine.config.device if hasattr(engine, "config") else "cpu"
+def _compute_type(engine: GenerationEngine) -> str:
+    return engine.config.device
 
 
 def _headers(stream: GenerationStream, generated: int) -> dict[str, str]:
@@ -248,7 +251,7 @@ def tokenize_route(ctx: ServerContext, req: TokenizeRequest) -> Any:
     """POST /tokenize: TGI's ``{"inputs"}`` -> ``[{id, text, start, stop}]``; vLLM's ``{"prompt"}`` or
     ``{"messages"}`` -> ``{count, max_model_len, tokens, token_strs}``."""
     log_ignored("/tokenize", ignored_fields(req))
-    engine = ctx.engine()
+    engine = ctx.require_engine()
     if req.inputs is not None:
         # As /generate sees them (special tokens added), which is what TGI's /tokenize reports.
         return [t.model_dump() for t in _simple_tokens(engine.tokenizer, req.inputs, True)]
@@ -268,7 +271,7 @@ def tokenize_route(ctx: ServerContext, req: TokenizeRequest) -> Any:
 
 def detokenize_route(ctx: ServerContext, req: DetokenizeRequest) -> DetokenizeResponse:
     """POST /detokenize: ``{"tokens": [...]}`` -> ``{"prompt": text}``."""
-    engine = ctx.engine()
+    engine = ctx.require_engine()
     ids = tokenize(engine, req.tokens, "tokens") if req.tokens else []
     return DetokenizeResponse(prompt=engine.tokenizer.decode(ids))
 
@@ -276,7 +279,7 @@ def detokenize_route(ctx: ServerContext, req: DetokenizeRequest) -> DetokenizeRe
 def chat_tokenize_route(ctx: ServerContext, req: ChatCompletionRequest) -> ChatTokenizeResponse:
     """POST /chat_tokenize: the templated prompt of a chat request and its tokens (TGI's route), tools included
     as /v1/chat/completions would show them."""
-    engine = ctx.engine()
+    engine = ctx.require_engine()
     tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
     text = render_chat_request(engine.tokenizer, req, tools, ctx.chat_template)
     return ChatTokenizeResponse(tokenize_response=_simple_tokens(engine.tokenizer, text, False), templated_text=text)
