@@ -46,8 +46,8 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_serve import ServeResult, _one, wait_healthy  # noqa: E402
-from workload import BenchRequest, describe, log, make_workload  # noqa: E402
+from bench_serve import ServeResult, _one  # noqa: E402
+from workload import BenchRequest, describe, log, make_workload, wait_healthy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1 << 30

@@ -39,7 +39,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workload import log, percentile  # noqa: E402
+from workload import log, percentile, wait_healthy  # noqa: E402
 
 SUBJECTS = ["a lighthouse keeper", "a robot gardener", "a lost dragon", "a young detective", "an old sailor",
             "a clockmaker", "a brave mouse", "a space pilot"]
@@ -149,28 +149,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} was not healthy within {timeout}s")
-
-
 def run_server(system: str, command: list[str], url: str, prompts, levels, args) -> list[LevelResult]:
     log(f"[{system}] starting: {' '.join(command)}")
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if args.quiet else None,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        wait_healthy(url, proc)
+        wait_healthy(url, proc, timeout=900)
         return asyncio.run(run_levels(url, prompts, levels, args.max_tokens, args.single_repeats, system, proc.pid))
     finally:
         proc.terminate()

@@ -39,7 +39,8 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workload import BenchRequest, add_workload_arguments, describe, log, make_workload, percentile  # noqa: E402
+from workload import (BenchRequest, add_workload_arguments, describe, log, make_workload, percentile,  # noqa: E402
+                      wait_healthy)
 
 TARGET_RATIO = 0.9
 
@@ -176,22 +177,6 @@ async def run_http_async(url: str, workload: list[BenchRequest]) -> ServeResult:
         await asyncio.gather(*(_one(client, i, r, t0, result) for i, r in enumerate(workload)))
         result.wall_s = time.perf_counter() - t0
     return result
-
-
-def wait_healthy(url: str, proc: Optional[subprocess.Popen], timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} was not healthy within {timeout}s")
 
 
 def run_http(args, model_path: Path, workload: list[BenchRequest]) -> ServeResult:

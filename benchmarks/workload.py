@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import random
 import re
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -158,3 +160,20 @@ def describe(workload: list[BenchRequest]) -> str:
     o = [r.max_new_tokens for r in workload]
     return (f"{len(workload)} requests, prompts {min(p)}-{max(p)} tokens ({sum(p)} in all), "
             f"outputs {min(o)}-{max(o)} tokens ({sum(o)} in all)")
+
+
+def wait_healthy(url: str, proc: Optional["subprocess.Popen"] = None, timeout: float = 600) -> None:
+    """Return once ``url``/health answers 200; raise if ``proc`` (the server) exits or ``timeout`` passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} was not healthy within {timeout}s")

@@ -31,6 +31,9 @@ from typing import Callable
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from workload import wait_healthy  # noqa: E402  (benchmarks/workload.py: one health wait for every script)
+
 CHAT = "/v1/chat/completions"
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Count to five.",
              "Translate 'good morning' to Spanish.", "Name three colors.", "Qu'est-ce qu'un chat ? 猫 😀"]
@@ -38,21 +41,6 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    """Return once ``url``/health answers 200; raise if the server exits or the timeout passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} was not healthy within {timeout}s")
 
 
 def rss_mib(pid: int) -> float:
