@@ -412,10 +412,10 @@ def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str,
     opts["api_key"] = api_key
     choose_device(opts, accelerator, notes)
     # Validates every option now; the engine's capacity planner fits the limits to the model and memory.
-    settings = plan_from_options(opts).settings
+    settings = plan_from_options(opts, fit_limits=True).settings
 
     def load_engine() -> Any:
-        engine = plan_from_options(opts).engine_factory()
+        engine = plan_from_options(opts, fit_limits=True).engine_factory()
         note_capacity(engine, notes, env=env, args=args)
         return engine
 

@@ -52,6 +52,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 }
 
 StatusCallback = Callable[[Any, str, str], None]
+_LAST_UNSUBSCRIBED = object()  # queued when the last subscriber leaves: the notifier thread may end
 
 
 def as_status(value: Union[str, Status]) -> str:
@@ -139,6 +140,10 @@ class StatusMachine:
             self._status, self._message, self._changed_at = status, message, time.monotonic()
             if self._subscribers:
                 self._events.put((previous, status))
+            if status == DELETED and self._notifier is not None:
+                # Final: nothing follows, so the subscribers are let go once they have heard it.
+                self._subscribers.clear()
+                self._events.put(_LAST_UNSUBSCRIBED)
         logger.debug("endpoint %s: %s -> %s", self.owner, previous, status)
         return True
 
@@ -157,6 +162,8 @@ class StatusMachine:
             with self._lock:
                 if callback in self._subscribers:
                     self._subscribers.remove(callback)
+                if not self._subscribers and self._notifier is not None:
+                    self._events.put(_LAST_UNSUBSCRIBED)  # the notifier ends once it has delivered what came before
 
         return unsubscribe
 
@@ -166,10 +173,11 @@ class StatusMachine:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every change made so far was delivered (tests, and ``delete()``); True when it was."""
-        if self._notifier is None:
-            return True
         done = threading.Event()
-        self._events.put(done)
+        with self._lock:  # the notifier ends under this lock: an event put here is always set
+            if self._notifier is None:
+                return True
+            self._events.put(done)
         return done.wait(timeout)
 
     def _notify_loop(self) -> None:
@@ -177,6 +185,17 @@ class StatusMachine:
             event = self._events.get()
             if isinstance(event, threading.Event):
                 event.set()
+                continue
+            if event is _LAST_UNSUBSCRIBED:
+                with self._lock:
+                    # A subscribe() since then keeps this thread; else it ends and the next one starts another.
+                    if not self._subscribers:
+                        self._notifier = None
+                        while not self._events.empty():  # flush() waiters queued behind the sentinel
+                            pending = self._events.get_nowait()
+                            if isinstance(pending, threading.Event):
+                                pending.set()
+                        return
                 continue
             previous, new = event
             with self._lock:

@@ -113,8 +113,10 @@ def resolve_options(args: argparse.Namespace, environ: Optional[dict] = None) ->
     return out
 
 
-def check_limits(opts: dict[str, Any]) -> None:
-    """Reject limits that contradict each other, naming both values.
+def check_limits(opts: dict[str, Any], *, pairs: bool = True) -> None:
+    """Reject limits that contradict each other, naming both values. ``pairs=False`` checks each value alone
+    and leaves the relations between limits to the engine's capacity planner, which lowers what it can
+    (what endpoints do, as Hugging Face's do when a limit exceeds the model).
 
     Example:
         >>> check_limits({"max_input_tokens": 4096, "max_total_tokens": 2048})
@@ -133,12 +135,12 @@ def check_limits(opts: dict[str, Any]) -> None:
         raise LaunchError(f"port ({get('port')}) must be in [0, 65535]")
     if get("max_top_n_tokens") is not None and not 0 <= get("max_top_n_tokens") <= 20:
         raise LaunchError(f"max_top_n_tokens ({get('max_top_n_tokens')}) must be in [0, 20]")
-    pairs = (
+    related = (
         ("max_input_tokens", "max_total_tokens", lambda a, b: a < b, "<"),
         ("max_total_tokens", "max_batch_total_tokens", lambda a, b: a <= b, "<="),
         ("max_batch_prefill_tokens", "max_batch_total_tokens", lambda a, b: a <= b, "<="),
-    )
-    for a, b, ok, op in pairs:
+    ) if pairs else ()
+    for a, b, ok, op in related:
         if get(a) is not None and get(b) is not None and not ok(get(a), get(b)):
             raise LaunchError(f"{a} ({get(a)}) must be {op} {b} ({get(b)})")
     if opts.get("dtype") not in (None, "float32", "bfloat16", "float16", "float64"):
@@ -164,8 +166,11 @@ class ServePlan:
     model_id: str
 
 
-def plan_from_options(opts: dict[str, Any]) -> ServePlan:
+def plan_from_options(opts: dict[str, Any], *, fit_limits: bool = False) -> ServePlan:
     """Turn resolved options into an engine factory and :class:`~tgi_nb.server.ServerSettings`.
+
+    ``fit_limits``: limits that contradict each other are fitted by the capacity planner (lowered, with its
+    reasons) instead of refused here, as endpoints do; ``tgi-nb serve`` refuses them, as TGI's launcher does.
 
     Example:
         >>> plan = plan_from_options(resolve_options(argparse.Namespace(), {"API_KEY": "k"}))
@@ -177,7 +182,7 @@ def plan_from_options(opts: dict[str, Any]) -> ServePlan:
     from .chat import load_chat_template
     from .settings import ServerSettings, SettingsError
 
-    check_limits(opts)
+    check_limits(opts, pairs=not fit_limits)
     model_id = opts["model_id"] or DEFAULT_MODEL_ID
     try:
         chat_template = load_chat_template(opts["chat_template"])
