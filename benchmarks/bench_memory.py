@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_serve import ServeResult, _one  # noqa: E402
-from workload import BenchRequest, describe, log, make_workload, wait_healthy  # noqa: E402
+from workload import BenchRequest, describe, log, make_workload, stop_process, wait_healthy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -157,16 +157,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def run_serve(system: str, pythonpath: Path, workload: Optional[list[BenchRequest]], *, chats: int = 0,
               extra_env: Optional[dict] = None) -> tuple[MemoryResult, dict]:
     import httpx
@@ -184,7 +174,7 @@ def run_serve(system: str, pythonpath: Path, workload: Optional[list[BenchReques
         measure(result, proc.pid, url, workload, chats)
         return result, info
     finally:
-        stop(proc)
+        stop_process(proc, 60)
 
 
 def run_endpoint(workload: Optional[list[BenchRequest]]) -> MemoryResult:
@@ -202,7 +192,7 @@ def run_endpoint(workload: Optional[list[BenchRequest]]) -> MemoryResult:
         return result
     finally:
         proc.stdin.close()
-        stop(proc)
+        stop_process(proc, 60)
 
 
 def run_llama(capacity: int, parallel: int, workload: Optional[list[BenchRequest]], threads: int
@@ -228,7 +218,7 @@ def run_llama(capacity: int, parallel: int, workload: Optional[list[BenchRequest
         measure(result, proc.pid, url, workload)
         return result
     finally:
-        stop(proc)
+        stop_process(proc, 60)
 
 
 def fake_cgroup(root: Path, limit: int) -> Path:

@@ -39,7 +39,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workload import log, percentile, wait_healthy  # noqa: E402
+from workload import log, percentile, stop_process, wait_healthy  # noqa: E402
 
 SUBJECTS = ["a lighthouse keeper", "a robot gardener", "a lost dragon", "a young detective", "an old sailor",
             "a clockmaker", "a brave mouse", "a space pilot"]
@@ -157,12 +157,7 @@ def run_server(system: str, command: list[str], url: str, prompts, levels, args)
         wait_healthy(url, proc, timeout=900)
         return asyncio.run(run_levels(url, prompts, levels, args.max_tokens, args.single_repeats, system, proc.pid))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
 
 
 def run_transformers(model_dir: Path, prompt: str, max_tokens: int, threads: int) -> LevelResult:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workload import (BenchRequest, add_workload_arguments, describe, log, make_workload, percentile,  # noqa: E402
-                      wait_healthy)
+                      stop_process, wait_healthy)
 
 TARGET_RATIO = 0.9
 
@@ -211,11 +211,7 @@ def run_http(args, model_path: Path, workload: list[BenchRequest]) -> ServeResul
         wait_healthy(url, proc)
         return asyncio.run(run_http_async(url, workload))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)
 
 
 # ------------------------------------------------------------------------------------------------- report

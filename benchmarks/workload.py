@@ -177,3 +177,14 @@ def wait_healthy(url: str, proc: Optional["subprocess.Popen"] = None, timeout: f
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} was not healthy within {timeout}s")
+
+
+def stop_process(proc: "subprocess.Popen", timeout: float = 30) -> None:
+    """Terminate a server started by a benchmark, then kill it if it has not exited within ``timeout`` s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

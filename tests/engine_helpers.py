@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Prompts of varied length (after tokenization: a handful to a few hundred tokens).
 PROMPTS = [
@@ -67,3 +68,19 @@ def assert_same_greedy(ours: list[int], ref: list[int], margins: list[float], cl
         if margins[i] <= clear_margin:
             return
     assert len(ours) == len(ref), f"{label}: {len(ours)} tokens vs {len(ref)}"
+
+
+def reference_linear(x, w, bias=None, residual=None, norm=None, silu_mul=False):
+    """What every native linear kernel (and its fusions) computes, in float64: the tests' reference."""
+    x, w = x.double(), w.double()
+    if norm is not None:
+        x = F.rms_norm(x, (x.shape[-1],), norm[0].double(), norm[1])
+    out = x @ w.T
+    if bias is not None:
+        out = out + bias.double()
+    if residual is not None:
+        out = out + residual.double()
+    if silu_mul:
+        gate, up = out.chunk(2, dim=-1)
+        out = F.silu(gate) * up
+    return out

@@ -32,7 +32,7 @@ from typing import Callable
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from workload import wait_healthy  # noqa: E402  (benchmarks/workload.py: one health wait for every script)
+from workload import stop_process, wait_healthy  # noqa: E402  (benchmarks/workload.py: one health wait for every script)
 
 CHAT = "/v1/chat/completions"
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Count to five.",
@@ -201,11 +201,7 @@ def main(argv=None) -> int:
                                              "max_tokens": 4}).status_code
         rss_end = rss_mib(proc.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)
         tmp.cleanup()
 
     rss_warm = rss_warm if rss_warm is not None else rss_start

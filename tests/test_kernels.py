@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from engine_helpers import reference_linear
 from tgi_nb.models import linear as linear_module
 from tgi_nb.models import rope as rope_module
 from tgi_nb.models.linear import linear, native_linear_available
@@ -14,21 +14,6 @@ from tgi_nb.models.rope import native_rope_available, rope_and_write_kv
 
 needs_native_linear = pytest.mark.skipif(not native_linear_available(), reason="native linear kernel not built")
 needs_native_rope = pytest.mark.skipif(not native_rope_available(), reason="native rope kernel not built")
-
-
-def reference_linear(x, w, bias=None, residual=None, norm=None, silu_mul=False):
-    x, w = x.double(), w.double()
-    if norm is not None:
-        x = F.rms_norm(x, (x.shape[-1],), norm[0].double(), norm[1])
-    out = x @ w.T
-    if bias is not None:
-        out = out + bias.double()
-    if residual is not None:
-        out = out + residual.double()
-    if silu_mul:
-        gate, up = out.chunk(2, dim=-1)
-        out = F.silu(gate) * up
-    return out
 
 
 # rows: 1 (decode), odd and even counts (the kernel pairs rows), the most it takes.

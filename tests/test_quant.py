@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 
-from engine_helpers import PROMPTS, TransformersReference, assert_same_greedy
+from engine_helpers import PROMPTS, TransformersReference, assert_same_greedy, reference_linear
 from tgi_nb.engine import EngineConfig, LLMEngine, SamplingParams
 from tgi_nb.engine.sampling_params import ValidationError
 from tgi_nb.models import quant
@@ -30,21 +28,6 @@ GREEDY = dict(temperature=0, ignore_eos=True)
 def gguf_dequantize(q: QuantizedTensor) -> torch.Tensor:
     """gguf's own numpy dequantizer: the reference every path must equal bit for bit."""
     return torch.from_numpy(quants.dequantize(q.data.numpy(), GGMLQuantizationType[q.qtype.upper()]))
-
-
-def reference(x, w, bias=None, residual=None, norm=None, silu_mul=False):
-    x, w = x.double(), w.double()
-    if norm is not None:
-        x = F.rms_norm(x, (x.shape[-1],), norm[0].double(), norm[1])
-    out = x @ w.T
-    if bias is not None:
-        out = out + bias.double()
-    if residual is not None:
-        out = out + residual.double()
-    if silu_mul:
-        gate, up = out.chunk(2, dim=-1)
-        out = F.silu(gate) * up
-    return out
 
 
 @pytest.fixture(params=VARIANTS)
@@ -73,7 +56,7 @@ def test_kernel_matches_float64(variant, qtype, rows, out_features, in_features)
     x = torch.randn(rows, in_features, generator=g) * 3
     bias, residual = torch.randn(out_features, generator=g), torch.randn(rows, out_features, generator=g)
     out = quantized_linear(x, w, bias, residual, variant=variant)
-    torch.testing.assert_close(out.double(), reference(x, gguf_dequantize(w), bias, residual), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.double(), reference_linear(x, gguf_dequantize(w), bias, residual), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -85,11 +68,11 @@ def test_kernel_fusions_match_float64(variant, qtype, rows):
     x = torch.randn(rows, k, generator=g) * 3
     w = QuantizedTensor.quantize(torch.randn(2 * intermediate, k, generator=g) / k ** 0.5, qtype)
     dense = gguf_dequantize(w)
-    torch.testing.assert_close(quantized_linear(x, w, norm=norm).double(), reference(x, dense, norm=norm),
+    torch.testing.assert_close(quantized_linear(x, w, norm=norm).double(), reference_linear(x, dense, norm=norm),
                                rtol=1e-4, atol=1e-4)
     out = quantized_linear(x, w, norm=norm, silu_mul=True)
     assert out.shape == (rows, intermediate)
-    torch.testing.assert_close(out.double(), reference(x, dense, norm=norm, silu_mul=True), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.double(), reference_linear(x, dense, norm=norm, silu_mul=True), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -112,14 +95,14 @@ def test_torch_fallback_without_kernels(monkeypatch, qtype):
     w = QuantizedTensor.quantize(torch.randn(10, 64, generator=g), qtype)
     assert torch.equal(w.dequantize(), gguf_dequantize(w))
     x = torch.randn(2, 64, generator=g)
-    torch.testing.assert_close(linear(x, w).double(), reference(x, gguf_dequantize(w)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(linear(x, w).double(), reference_linear(x, gguf_dequantize(w)), rtol=1e-4, atol=1e-4)
 
 
 def test_large_batches_dequantize_then_take_the_library_path():
     g = torch.Generator().manual_seed(5)
     w = QuantizedTensor.quantize(torch.randn(48, 64, generator=g), "q4_1")
     x = torch.randn(100, 64, generator=g)
-    torch.testing.assert_close(linear(x, w).double(), reference(x, gguf_dequantize(w)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(linear(x, w).double(), reference_linear(x, gguf_dequantize(w)), rtol=1e-4, atol=1e-4)
 
 
 def test_kernel_variant_switch_names_the_allowed_values(monkeypatch):
