@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -239,3 +240,26 @@ def test_docs_link_goes_through_jupyter_server_proxy(page, lab):
     assert href.startswith("/proxy/") and href.endswith("/docs")
     response = page.request.get(base + href)  # the page's cookies: the user's Jupyter session
     assert response.status == 200 and "swagger" in response.text().lower()
+
+
+def test_rag_tab_indexes_pasted_text_and_answers_with_sources(page, shots):
+    """The RAG tab of the same workbench: paste a document, index it, ask, read the answer and its sources."""
+    open_tab(page, "RAG")
+    rag = page.locator(".tgi-workbench .tgi-rag")
+    expect(rag).to_be_visible()  # built in a background thread once the embedding model loaded
+    rag.locator(".tgi-rag-text textarea").fill(
+        "The Eiffel Tower is in Paris. It was finished in 1889 for the World's Fair.\n\n"
+        "Mount Fuji is the highest mountain in Japan, 3,776 metres high.")
+    rag.locator(".tgi-rag-add-text").click()
+    indexed = re.compile(r"\b[1-9][0-9]* chunks? indexed")  # not the "0 chunks indexed" shown before
+    expect(rag.locator(".tgi-rag-status")).to_contain_text(indexed)
+    rag.locator(".tgi-rag-question textarea, .tgi-rag-question input").first.fill("When was the Eiffel Tower finished?")
+    rag.locator(".tgi-rag-ask").click()
+    # The kernel sends its updates in order: the sources come after "answering...", the status line's
+    # "N chunks indexed" again only once the answer ended (an error would show there instead).
+    sources = rag.locator(".tgi-rag-sources .tgi-rag-source")
+    expect(sources.first).to_contain_text("[1]")
+    expect(rag.locator(".tgi-rag-sources")).to_contain_text("Eiffel Tower")  # the closest chunk is cited
+    expect(rag.locator(".tgi-rag-status")).to_contain_text(indexed)
+    assert rag.locator(".tgi-rag-answer").inner_text().strip()  # the model's answer (random words: tiny model)
+    page.screenshot(path=shots / "workbench_rag.png")

@@ -53,7 +53,7 @@ def test_paste_upload_folder_then_ask(server, embeddings, tmp_path):
     widget.add_text_button.click()
     settle(widget)
     assert widget.text.value == "" and len(widget.pipeline) == 1
-    assert "1 chunks indexed" in widget.status.value and widget.progress.value == widget.progress.max == 1
+    assert "1 chunk indexed" in widget.status.value and widget.progress.value == widget.progress.max == 1
 
     widget.upload.value = ({"name": "bees.md", "type": "text/markdown", "size": 40,
                             "content": memoryview(b"Honey bees communicate with a waggle dance."),

@@ -90,7 +90,8 @@ class RagWidget(w.VBox):
                                  w.VBox([w.HTML("<b>Retrieved chunks</b>"), self.sources],
                                         layout=w.Layout(width="45%"))]),
                          self.code])
-        accordion = w.Accordion(children=[documents, settings], titles=("Documents", "Settings"))
+        # Documents open: adding some is the first thing to do; Settings (k, chunking) stay folded.
+        accordion = w.Accordion(children=[documents, settings], titles=("Documents", "Settings"), selected_index=0)
         super().__init__([accordion, answer])
         self.add_class("tgi-rag")
         self._show_status()
@@ -252,7 +253,8 @@ class RagWidget(w.VBox):
         self.status.value = f'<span style="color: {color}">{message}</span>'
 
     def _show_status(self) -> None:
-        self._say(f"{len(self.pipeline)} chunks indexed")
+        count = len(self.pipeline)
+        self._say(f"{count} chunk{'' if count == 1 else 's'} indexed")
 
     def _show_code(self, question: str) -> None:
         rag = self.pipeline

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import threading
+import time
 from typing import Any, Optional
 
 import ipywidgets as w
@@ -70,6 +71,11 @@ class Workbench(w.Tab):
     def _build_rag(self, endpoint: Any) -> None:
         # In a thread: importing LangChain and chromadb and loading the embedding model take seconds, and this
         # runs from the Endpoint tab's handlers, which must return at once.
+        # A local endpoint made from the form has no URL until its server listens: wait for it here.
+        while getattr(endpoint, "url", None) is None:
+            if self.comm is None or self.endpoint_widget.endpoint is not endpoint:
+                return
+            time.sleep(0.2)
         try:
             from .rag import RagWidget
 
