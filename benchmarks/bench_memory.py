@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_serve import ServeResult, _one  # noqa: E402
-from workload import BenchRequest, describe, log, make_workload, stop_process, wait_healthy  # noqa: E402
+from workload import (BenchRequest, describe, log, make_workload, markdown_table, stop_process,  # noqa: E402
+                      wait_healthy)
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -329,10 +330,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(line)
     if args.markdown:
         print()
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
+        print(markdown_table(header, rows))
         print()
         print(f"CPU flags: {m.get('Flags')}")
     return 0

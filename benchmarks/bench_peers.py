@@ -39,7 +39,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workload import log, percentile, stop_process, wait_healthy  # noqa: E402
+from workload import log, percentile, stop_process, stream_completion, wait_healthy  # noqa: E402
 
 SUBJECTS = ["a lighthouse keeper", "a robot gardener", "a lost dragon", "a young detective", "an old sailor",
             "a clockmaker", "a brave mouse", "a space pilot"]
@@ -72,35 +72,12 @@ class LevelResult:
 
 
 async def stream_one(client, prompt: str, max_tokens: int, t0: float, result: LevelResult) -> None:
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    stamps: list[float] = []
-    usage_tokens = None
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                result.errors.append(f"{response.status_code}: {(await response.aread())[:200]!r}")
-                return
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line[6:].strip() == "[DONE]":
-                    break
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    result.errors.append(str(chunk["error"])[:200])
-                    return
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    stamps.append(time.perf_counter())
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"].get("completion_tokens")
-    except Exception as exc:  # noqa: BLE001 - counted and reported; the other streams go on
-        result.errors.append(f"{type(exc).__name__}: {exc}")
+    done = await stream_completion(client, prompt, max_tokens)
+    if done.error:
+        result.errors.append(done.error)
         return
-    if not stamps:
-        result.errors.append("no tokens")
-        return
-    result.output_tokens += usage_tokens if usage_tokens is not None else len(stamps)
+    stamps = done.stamps
+    result.output_tokens += done.completion_tokens if done.completion_tokens is not None else len(stamps)
     result.ttft.append(stamps[0] - t0)
     result.itl.extend(b - a for a, b in zip(stamps, stamps[1:]))
 

@@ -39,8 +39,8 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workload import (BenchRequest, add_workload_arguments, describe, log, make_workload, percentile,  # noqa: E402
-                      stop_process, wait_healthy)
+from workload import (BenchRequest, add_workload_arguments, describe, log, make_workload, markdown_table,  # noqa: E402
+                      percentile, stop_process, stream_completion, wait_healthy)
 
 TARGET_RATIO = 0.9
 
@@ -126,35 +126,11 @@ def run_engine(engine, workload: list[BenchRequest]) -> ServeResult:
 
 # ------------------------------------------------------------------------------------------------- http
 async def _one(client, index: int, request: BenchRequest, t0: float, result: ServeResult) -> None:
-    body = {"model": "bench", "prompt": request.prompt, "max_tokens": request.max_new_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    stamps: list[float] = []
-    tokens = 0
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                result.errors.append(f"{response.status_code}: {(await response.aread())[:200]!r}")
-                return
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.errors.append(str(chunk["error"]))
-                    return
-                if chunk["choices"] and chunk["choices"][0]["text"]:
-                    stamps.append(time.perf_counter())
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-    except Exception as exc:  # noqa: BLE001 - counted, reported, not fatal for the other requests
-        result.errors.append(f"{type(exc).__name__}: {exc}")
+    done = await stream_completion(client, request.prompt, request.max_new_tokens)
+    if done.error:
+        result.errors.append(f"request {index}: {done.error}")
         return
-    if not stamps:
-        result.errors.append(f"request {index}: no tokens")
-        return
+    stamps, tokens = done.stamps, done.completion_tokens or 0
     result.output_tokens += tokens
     result.ttft.append(stamps[0] - t0)
     result.e2el.append(stamps[-1] - t0)
@@ -307,10 +283,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{args.threads} threads), torch {machine['torch']}, {args.device} {args.dtype}, server: {args.server}. "
               f"Workload: {describe(workload)}. Times in ms.")
         print()
-        print("| " + " | ".join(HEADER) + " |")
-        print("|" + "---|" * len(HEADER))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
+        print(markdown_table(HEADER, rows))
         print()
         print(f"HTTP / in-process output tok/s: **{ratio:.3f}** (target >= {TARGET_RATIO}).")
     if args.json:

@@ -30,6 +30,7 @@ Example (from benchmarks/, or with the repository root on sys.path: ``from bench
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import subprocess
@@ -188,3 +189,60 @@ def stop_process(proc: "subprocess.Popen", timeout: float = 30) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@dataclass
+class StreamedCompletion:
+    """One streamed ``/v1/completions`` request as a benchmark sees it: when each text chunk arrived
+    (``time.perf_counter()``), the server's completion token count (None without a usage chunk), or an error."""
+
+    stamps: list[float]
+    completion_tokens: Optional[int] = None
+    error: Optional[str] = None
+
+
+async def stream_completion(client, prompt: str, max_tokens: int) -> StreamedCompletion:
+    """POST a greedy, ``ignore_eos`` streaming completion through an ``httpx.AsyncClient`` on the server's base
+    URL and time its chunks; every failure (HTTP status, an SSE error event, a dropped connection, no text at
+    all) comes back as ``error`` so the other requests of a benchmark go on."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    result = StreamedCompletion(stamps=[])
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"{response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line[6:].strip() == "[DONE]":
+                    break
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    result.error = str(chunk["error"])[:200]
+                    return result
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    result.stamps.append(time.perf_counter())
+                if chunk.get("usage"):
+                    result.completion_tokens = chunk["usage"].get("completion_tokens")
+    except Exception as exc:  # noqa: BLE001 - reported by the caller; the other streams go on
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    if not result.stamps:
+        result.error = "no tokens"
+    return result
+
+
+def markdown_table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
+    """A GitHub markdown table, as docs/benchmarks.md holds them.
+
+    >>> print(markdown_table(["system", "tok/s"], [["tgi_nb", "82.3"]]))
+    | system | tok/s |
+    |---|---|
+    | tgi_nb | 82.3 |
+    """
+    header = list(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
