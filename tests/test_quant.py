@@ -22,6 +22,7 @@ from tgi_nb.models.quant import QuantizedTensor, quantized_linear, read_gguf_qua
 
 QTYPES = list(quant.QTYPE_IDS)
 VARIANTS = quant.runnable_variants()
+LAYOUTS = list(quant.LAYOUTS)
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
@@ -47,27 +48,33 @@ def test_each_variant_is_built_for_its_instruction_set():
     assert quant.kernel_variant() == VARIANTS[0]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 17, 64])
-@pytest.mark.parametrize("out_features,in_features", [(67, 576), (130, 1536), (4, 32)])
-def test_kernel_matches_float64(variant, qtype, rows, out_features, in_features):
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11, 17, 64])
+@pytest.mark.parametrize("out_features,in_features", [(67, 576), (130, 1536), (4, 32), (48, 96)])
+def test_kernel_matches_float64(variant, layout, qtype, rows, out_features, in_features):
     g = torch.Generator().manual_seed(rows * 100 + out_features)
-    w = QuantizedTensor.quantize(torch.randn(out_features, in_features, generator=g) / in_features ** 0.5, qtype)
+    ggml = QuantizedTensor.quantize(torch.randn(out_features, in_features, generator=g) / in_features ** 0.5, qtype)
+    w = ggml.to_layout(layout)
     x = torch.randn(rows, in_features, generator=g) * 3
     bias, residual = torch.randn(out_features, generator=g), torch.randn(rows, out_features, generator=g)
     out = quantized_linear(x, w, bias, residual, variant=variant)
-    torch.testing.assert_close(out.double(), reference_linear(x, gguf_dequantize(w), bias, residual), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.double(), reference_linear(x, gguf_dequantize(ggml), bias, residual), rtol=1e-4,
+                               atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize("rows", [1, 3, 64])
-def test_kernel_fusions_match_float64(variant, qtype, rows):
+@pytest.mark.parametrize("rows", [1, 3, 9, 64])
+@pytest.mark.parametrize("intermediate", [70, 96])    # rows16 computes 96 in whole groups; 70 goes back to ggml
+def test_kernel_fusions_match_float64(variant, layout, qtype, rows, intermediate):
     g = torch.Generator().manual_seed(rows)
-    k, intermediate = 576, 70
+    k = 576
     norm = (torch.rand(k, generator=g) + 0.5, 1e-5)
     x = torch.randn(rows, k, generator=g) * 3
     w = QuantizedTensor.quantize(torch.randn(2 * intermediate, k, generator=g) / k ** 0.5, qtype)
     dense = gguf_dequantize(w)
+    w = w.to_layout(layout)
     torch.testing.assert_close(quantized_linear(x, w, norm=norm).double(), reference_linear(x, dense, norm=norm),
                                rtol=1e-4, atol=1e-4)
     out = quantized_linear(x, w, norm=norm, silu_mul=True)
@@ -75,11 +82,13 @@ def test_kernel_fusions_match_float64(variant, qtype, rows):
     torch.testing.assert_close(out.double(), reference_linear(x, dense, norm=norm, silu_mul=True), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_dequantize_is_bit_equal_to_gguf(variant, qtype):
+def test_dequantize_is_bit_equal_to_gguf(variant, layout, qtype):
     g = torch.Generator().manual_seed(3)
     w = QuantizedTensor.quantize(torch.randn(37, 96, generator=g), qtype)
     expected = gguf_dequantize(w)
+    w = w.to_layout(layout)
     assert torch.equal(w.dequantize(), expected)
     ids = torch.tensor([36, 0, 5, 5])
     assert torch.equal(w.dequantize(ids), expected[ids])
@@ -87,22 +96,53 @@ def test_dequantize_is_bit_equal_to_gguf(variant, qtype):
         w.dequantize(torch.tensor([37]))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_torch_fallback_without_kernels(monkeypatch, qtype):
+def test_torch_fallback_without_kernels(monkeypatch, layout, qtype):
     monkeypatch.setenv("TGI_NB_QUANT_KERNEL", "0")
     assert quant.kernel_variant() is None
     g = torch.Generator().manual_seed(4)
-    w = QuantizedTensor.quantize(torch.randn(10, 64, generator=g), qtype)
-    assert torch.equal(w.dequantize(), gguf_dequantize(w))
+    ggml = QuantizedTensor.quantize(torch.randn(10, 64, generator=g), qtype)
+    w = ggml.to_layout(layout)
+    assert torch.equal(w.dequantize(), gguf_dequantize(ggml))
     x = torch.randn(2, 64, generator=g)
-    torch.testing.assert_close(linear(x, w).double(), reference_linear(x, gguf_dequantize(w)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(linear(x, w).double(), reference_linear(x, gguf_dequantize(ggml)), rtol=1e-4,
+                               atol=1e-4)
 
 
-def test_large_batches_dequantize_then_take_the_library_path():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_batches_dequantize_then_take_the_library_path(layout):
     g = torch.Generator().manual_seed(5)
-    w = QuantizedTensor.quantize(torch.randn(48, 64, generator=g), "q4_1")
+    ggml = QuantizedTensor.quantize(torch.randn(48, 64, generator=g), "q4_1")
     x = torch.randn(100, 64, generator=g)
-    torch.testing.assert_close(linear(x, w).double(), reference_linear(x, gguf_dequantize(w)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(linear(x, ggml.to_layout(layout)).double(), reference_linear(x, gguf_dequantize(ggml)),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 40])
+def test_rows16_layout_round_trips_bit_for_bit(qtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    ggml = QuantizedTensor.quantize(torch.randn(rows, 96, generator=g), qtype)
+    packed = ggml.to_layout("rows16")
+    assert packed.layout == "rows16" and packed.data.shape == (-(-rows // 16), 16 * ggml.data.shape[1])
+    assert packed.nbytes == QuantizedTensor.layout_nbytes(qtype, (rows, 96), "rows16")
+    assert torch.equal(packed.to_layout("ggml").data, ggml.data)
+    assert packed.to_layout("rows16") is packed
+    # One row's scale sits in lane (row % 16) of its group's first 32 bytes.
+    assert torch.equal(packed.data[0, 2 * (rows - 1) % 32:2 * (rows - 1) % 32 + 2], ggml.data[(rows - 1) % 16, :2]) \
+        if rows <= 16 else True
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_rows16_rows_do_not_depend_on_the_rest_of_the_batch(variant, qtype):
+    """Each sequence's logits are the same alone or in a batch of any size (the engine's determinism)."""
+    g = torch.Generator().manual_seed(6)
+    w = QuantizedTensor.quantize(torch.randn(64, 576, generator=g), qtype).to_layout("rows16")
+    x = torch.randn(64, 576, generator=g)
+    whole = quantized_linear(x, w)
+    for rows in (1, 2, 3, 7, 8, 13, 33):
+        assert torch.equal(quantized_linear(x[:rows], w), whole[:rows]), rows
 
 
 def test_kernel_variant_switch_names_the_allowed_values(monkeypatch):
@@ -118,6 +158,10 @@ def test_quantized_tensor_checks_its_fields():
         QuantizedTensor(torch.zeros(1, 18, dtype=torch.uint8), "q4_0", (1, 33))
     with pytest.raises(ValueError, match=r"data: must be contiguous uint8 \(2, 18\)"):
         QuantizedTensor(torch.zeros(1, 18, dtype=torch.uint8), "q4_0", (2, 32))
+    with pytest.raises(ValueError, match="layout: must be one of ggml, rows16"):
+        QuantizedTensor(torch.zeros(1, 18, dtype=torch.uint8), "q4_0", (1, 32), "cols8")
+    with pytest.raises(ValueError, match=r"data: must be contiguous uint8 \(1, 288\) for q4_0 \(2, 32\) \(rows16\)"):
+        QuantizedTensor(torch.zeros(2, 18, dtype=torch.uint8), "q4_0", (2, 32), "rows16")
 
 
 # ------------------------------------------------------------------------------------------- GGUF files

@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from .attention import AttentionBatch, attend
 from .linear import linear
+from . import quant
 from .quant import QuantizedTensor, read_gguf_quantized
 from .rope import rope_and_write_kv
 
@@ -171,6 +172,8 @@ class LlamaModel:
         self.config = config
         # GGUF blocks are computed with by the CPU float32 kernels only; anywhere else they are dequantized.
         keep_quantized = device.type == "cpu" and dtype == torch.float32
+        # In the kernels' rows16 layout when they are there (the torch fallback converts back on each use).
+        pack_rows = keep_quantized and quant.kernel_variant() is not None
 
         def arena_bytes(w) -> int:
             if isinstance(w, QuantizedTensor):
@@ -189,10 +192,16 @@ class LlamaModel:
             parts = [weights.pop(name) for name in names]
             qtypes = {p.qtype if isinstance(p, QuantizedTensor) else None for p in parts}
             if keep_quantized and len(qtypes) == 1 and None not in qtypes:
-                data = [p.data for p in parts]
-                out = arena.empty((sum(d.shape[0] for d in data), data[0].shape[1]), torch.uint8)
+                qtype, shape = qtypes.pop(), (sum(p.shape[0] for p in parts), parts[0].shape[1])
+                data = [p.to_layout("ggml").data for p in parts]
+                if pack_rows and all(p.shape[0] % quant.GROUP == 0 for p in parts):
+                    # Regrouped for the kernels (vector lanes = rows); each part on whole groups, so that the
+                    # up half of gate|up starts on one.
+                    whole = QuantizedTensor(torch.cat(data), qtype, shape)
+                    return whole.to_layout("rows16", out=arena.empty((whole.nbytes,), torch.uint8))
+                out = arena.empty((shape[0], data[0].shape[1]), torch.uint8)
                 torch.cat(data, out=out)
-                return QuantizedTensor(out, qtypes.pop(), (out.shape[0], parts[0].shape[1]))
+                return QuantizedTensor(out, qtype, shape)
             parts = [p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts]
             shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
             out = arena.empty(shape, dtype) if arena else torch.empty(shape, dtype=dtype, device=device)

@@ -74,17 +74,29 @@ def runnable_variants() -> list[str]:
 
 def _build_flags(variant: str) -> list[str]:
     # -fopenmp: libgomp resolves to torch's copy, so the kernel shares torch's thread pool.
-    return ["-fopenmp", "-Wno-psabi", *(VARIANTS[variant][0] if _X86 else [])]
+    # -fno-associative-math (after the base -ffast-math): the sums are written in the order they must run, and the
+    # compiler may not regroup them differently in the tiles of 8, 4, 2 or 1 rows, which would make a sequence's
+    # logits depend on how many others share its step.
+    return ["-fopenmp", "-Wno-psabi", "-fno-associative-math", "-ffp-contract=off", *(VARIANTS[variant][0] if _X86 else [])]
 
 
 _GEMM_ARGS = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3
               + [ctypes.c_int] * 4 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
 _DEQUANT_ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                  ctypes.c_void_p, ctypes.c_int]
-_KERNELS = {name: (native.NativeFunction("quant_gemm", "tgi_nb_quant_gemm", _GEMM_ARGS, _build_flags(name)),
-                   native.NativeFunction("quant_gemm", "tgi_nb_dequantize", _DEQUANT_ARGS, _build_flags(name)),
-                   native.NativeFunction("quant_gemm", "tgi_nb_quant_vector_width", [], _build_flags(name)))
+# Per variant: the product and the dequantizer for each layout, and the vector width.
+_KERNELS = {name: {"ggml": (native.NativeFunction("quant_gemm", "tgi_nb_quant_gemm", _GEMM_ARGS, _build_flags(name)),
+                            native.NativeFunction("quant_gemm", "tgi_nb_dequantize", _DEQUANT_ARGS,
+                                                  _build_flags(name))),
+                   "rows16": (native.NativeFunction("quant_gemm", "tgi_nb_quant_gemm_rows16", _GEMM_ARGS,
+                                                    _build_flags(name)),
+                              native.NativeFunction("quant_gemm", "tgi_nb_dequantize_rows16", _DEQUANT_ARGS,
+                                                    _build_flags(name))),
+                   "width": native.NativeFunction("quant_gemm", "tgi_nb_quant_vector_width", [],
+                                                  _build_flags(name))}
             for name in VARIANTS}
+LAYOUTS = ("ggml", "rows16")
+GROUP = 16   # weight rows per group of the rows16 layout
 
 
 def kernel_variant() -> Optional[str]:
@@ -97,7 +109,16 @@ def kernel_variant() -> Optional[str]:
         >>> kernel_variant() in (None, "avx512", "avx2", "generic")
         True
     """
-    wanted = os.environ.get(_SWITCH, "").strip().lower()
+    raw = os.environ.get(_SWITCH, "")
+    if raw not in _RESOLVED:      # a dict lookup per product; resolving (and building) once per setting
+        _RESOLVED[raw] = _resolve_variant(raw.strip().lower())
+    return _RESOLVED[raw]
+
+
+_RESOLVED: dict[str, Optional[str]] = {}
+
+
+def _resolve_variant(wanted: str) -> Optional[str]:
     if wanted in _DISABLE_VALUES:
         return None
     if wanted:
@@ -105,9 +126,9 @@ def kernel_variant() -> Optional[str]:
             raise ValueError(f"{_SWITCH}: must be one of {', '.join(VARIANTS)} or 0, got {wanted!r}")
         if wanted not in runnable_variants():
             raise ValueError(f"{_SWITCH}={wanted}: this CPU cannot run it; it runs {', '.join(runnable_variants())}")
-        return wanted if _KERNELS[wanted][0].get() is not None else None
+        return wanted if _KERNELS[wanted]["width"].get() is not None else None
     for name in runnable_variants():
-        if _KERNELS[name][0].get() is not None:
+        if _KERNELS[name]["width"].get() is not None:
             return name
     return None
 
@@ -119,41 +140,61 @@ def vector_width(variant: str) -> Optional[int]:
         >>> vector_width("generic") in (None, 4)
         True
     """
-    fn = _KERNELS[variant][2].get()
+    fn = _KERNELS[variant]["width"].get()
     return None if fn is None else fn()
 
 
 @dataclass(slots=True)
 class QuantizedTensor:
-    """A 2-D weight ``[rows, cols]`` held as GGML blocks: ``data`` is uint8 ``[rows, cols // 32 * block bytes]``.
+    """A 2-D weight ``[rows, cols]`` held as GGML blocks of 32 weights.
 
-    ``qtype`` is ``"q4_0"``, ``"q4_1"`` or ``"q8_0"``; ``cols`` is a multiple of 32.
+    ``qtype`` is ``"q4_0"``, ``"q4_1"`` or ``"q8_0"``; ``cols`` is a multiple of 32. ``layout`` says how the blocks
+    are arranged in ``data`` (uint8, contiguous):
+
+    - ``"ggml"``, as in the file: ``[rows, cols // 32 * block bytes]``;
+    - ``"rows16"``, what the native kernels compute with fastest: the same bytes regrouped 16 rows at a time so that
+      vector lanes are rows (``csrc/quant_gemm.c`` describes it), ``[ceil(rows / 16), cols // 32 * 16 * block
+      bytes]``, the last group padded with zero blocks. :meth:`to_layout` converts either way, bit for bit.
 
     Example:
         >>> w = torch.randn(4, 64)
         >>> q = QuantizedTensor.quantize(w, "q8_0")
         >>> q.shape, q.data.shape, (q.dequantize() - w).abs().max().item() < 0.05
         ((4, 64), torch.Size([4, 68]), True)
+        >>> p = q.to_layout("rows16")
+        >>> p.data.shape, torch.equal(p.dequantize(), q.dequantize()), torch.equal(p.to_layout("ggml").data, q.data)
+        (torch.Size([1, 1088]), True, True)
     """
 
     data: torch.Tensor
     qtype: str
     shape: tuple[int, int]
+    layout: str = "ggml"
 
     def __post_init__(self) -> None:
         if self.qtype not in QTYPE_IDS:
             raise ValueError(f"qtype: must be one of {', '.join(QTYPE_IDS)}, got {self.qtype!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout: must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         rows, cols = self.shape
         if cols % BLOCK:
             raise ValueError(f"shape: columns must be a multiple of {BLOCK}, got {cols}")
-        want = (rows, cols // BLOCK * BLOCK_BYTES[self.qtype])
+        row_bytes = cols // BLOCK * BLOCK_BYTES[self.qtype]
+        want = (rows, row_bytes) if self.layout == "ggml" else (-(-rows // GROUP), GROUP * row_bytes)
         if self.data.dtype != torch.uint8 or tuple(self.data.shape) != want or not self.data.is_contiguous():
-            raise ValueError(f"data: must be contiguous uint8 {want} for {self.qtype} {self.shape}, got "
-                             f"{self.data.dtype} {tuple(self.data.shape)}")
+            raise ValueError(f"data: must be contiguous uint8 {want} for {self.qtype} {self.shape} ({self.layout}), "
+                             f"got {self.data.dtype} {tuple(self.data.shape)}")
 
     @property
     def nbytes(self) -> int:
         return self.data.numel()
+
+    @staticmethod
+    def layout_nbytes(qtype: str, shape: tuple[int, int], layout: str) -> int:
+        """Bytes ``data`` takes for a ``qtype`` weight of ``shape`` in ``layout`` (rows16 pads to 16 rows)."""
+        rows, cols = shape
+        rows = rows if layout == "ggml" else -(-rows // GROUP) * GROUP
+        return rows * (cols // BLOCK) * BLOCK_BYTES[qtype]
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, qtype: str) -> "QuantizedTensor":
@@ -165,6 +206,50 @@ class QuantizedTensor:
         blocks = quants.quantize(weight.detach().float().cpu().numpy(), GGMLQuantizationType[qtype.upper()])
         return cls(torch.from_numpy(np.ascontiguousarray(blocks)), qtype, tuple(weight.shape))
 
+    def to_layout(self, layout: str, out: Optional[torch.Tensor] = None) -> "QuantizedTensor":
+        """The same blocks in ``layout`` (``self`` if already there); ``out``: where to write the new ``data``
+        (a uint8 tensor of :meth:`layout_nbytes` elements, e.g. in a weight arena)."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        if layout == self.layout:
+            return self
+        rows, cols = self.shape
+        blocks, bb = cols // BLOCK, BLOCK_BYTES[self.qtype]
+        groups = -(-rows // GROUP)
+        # A block's fields: the scale d (2 bytes), the min m (Q4_1, 2 bytes), the quants (16 or 32 bytes) taken
+        # as uint32 words; rows16 puts 16 rows' d side by side, then their m, then word w of each row in turn.
+        head = 4 if self.qtype == "q4_1" else 2
+        words = (bb - head) // 4
+        if layout == "rows16":
+            src = self.data
+            if groups * GROUP != rows:
+                src = torch.cat([src, src.new_zeros(groups * GROUP - rows, src.shape[1])])
+            per_block = src.view(groups, GROUP, blocks, bb).transpose(1, 2)          # [g, b, row, byte]
+            fields = [per_block[..., :2].reshape(groups, blocks, 2 * GROUP)]
+            if head == 4:
+                fields.append(per_block[..., 2:4].reshape(groups, blocks, 2 * GROUP))
+            fields.append(per_block[..., head:].reshape(groups, blocks, GROUP, words, 4).transpose(2, 3)
+                          .reshape(groups, blocks, GROUP * (bb - head)))
+            shape = (groups, blocks * GROUP * bb)
+        else:
+            packed = self.data.view(groups, blocks, GROUP * bb)
+            fields = [packed[..., :2 * GROUP].reshape(groups, blocks, GROUP, 2)]
+            if head == 4:
+                fields.append(packed[..., 2 * GROUP:4 * GROUP].reshape(groups, blocks, GROUP, 2))
+            fields.append(packed[..., head * GROUP:].reshape(groups, blocks, words, GROUP, 4).transpose(2, 3)
+                          .reshape(groups, blocks, GROUP, bb - head))
+            shape = (rows, blocks * bb)
+        data = torch.cat(fields, dim=-1)
+        if layout == "ggml":
+            data = data.transpose(1, 2).reshape(groups * GROUP, blocks * bb)[:rows]
+        data = data.reshape(shape)
+        if out is None:
+            out = torch.empty(shape, dtype=torch.uint8)
+        else:
+            out = out.view(shape)
+        out.copy_(data)
+        return QuantizedTensor(out, self.qtype, self.shape, layout)
+
     def dequantize(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """float32 ``[rows, cols]`` (or just the given row ids, an embedding lookup), bit-equal to gguf's
         ``quants.dequantize``."""
@@ -174,12 +259,14 @@ class QuantizedTensor:
         variant = kernel_variant()
         if variant is not None:
             ids = None if rows is None else rows.reshape(-1).to(torch.int64).contiguous()
-            rc = _KERNELS[variant][1].get()(self.data.data_ptr(), QTYPE_IDS[self.qtype], n, k,
-                                            None if ids is None else ids.data_ptr(), count, out.data_ptr(),
-                                            torch.get_num_threads())
+            rc = _KERNELS[variant][self.layout][1].get()(
+                self.data.data_ptr(), QTYPE_IDS[self.qtype], n, k, None if ids is None else ids.data_ptr(), count,
+                out.data_ptr(), torch.get_num_threads())
             if rc:
                 raise IndexError(f"row ids out of range [0, {n})")
             return out
+        if self.layout != "ggml":
+            return self.to_layout("ggml").dequantize(rows)
         data = self.data if rows is None else self.data[rows.reshape(-1)]
         return _torch_dequantize(data, self.qtype, k)
 
@@ -221,7 +308,9 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[to
     if residual is not None:
         residual = residual.contiguous()
     norm_weight, eps = norm if norm is not None else (None, 0.0)
-    rc = _KERNELS[variant][0].get()(
+    if weight.layout == "rows16" and silu_mul and n % (2 * GROUP):
+        weight = weight.to_layout("ggml")          # the up half must start on a group; the loader avoids this
+    rc = _KERNELS[variant][weight.layout][0].get()(
         x.data_ptr(), weight.data.data_ptr(), QTYPE_IDS[weight.qtype],
         bias.data_ptr() if bias is not None else None, residual.data_ptr() if residual is not None else None,
         out.data_ptr(), rows, n, k, torch.get_num_threads(),

@@ -64,6 +64,19 @@ static inline int block_bytes(int qtype) {
 
 static inline vf splat(float v) { return (vf){} + v; }
 
+/* a * b + c, fused where the instruction set has it. Written out rather than left to the compiler's contraction
+   (the build passes -ffp-contract=off -fno-associative-math): GCC contracted the same source differently in the
+   tiles of 1 and of 2+ rows, so a sequence's logits changed with the number of others in its step. */
+static inline vf fmadd(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__) && VW == 8
+    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+
 /* VW bytes widened to VW int32 lanes. GCC's __builtin_convertvector does this one lane at a time, so the
    widening instructions are spelled out where the instruction set has them. */
 static inline vi load_u8(const uint8_t *p) {
@@ -119,7 +132,7 @@ static inline void dequant_block(const uint8_t *blk, int qtype, vf out[NV]) {
         vi q = load_u8(qs + (j * VW) % 16);
         q = j * VW >= 16 ? q >> 4 : q & 15;
         const vf qf = __builtin_convertvector(q, vf);
-        if (qtype == Q4_1) out[j] = qf * d + m;
+        if (qtype == Q4_1) out[j] = fmadd(qf, d, m);     /* d * q is exact: fused or not, one rounding */
         else out[j] = (qf - 8.0f) * d;
     }
 }
@@ -153,7 +166,7 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *wr, size_t
             for (int j = 0; j < NV; j++) {
                 vf xv;
                 memcpy(&xv, xb + j * VW, sizeof xv);
-                for (int r = 0; r < R; r++) acc[r][i] += wv[r][j] * xv;
+                for (int r = 0; r < R; r++) acc[r][i] = fmadd(wv[r][j], xv, acc[r][i]);
             }
         }
     }
@@ -207,6 +220,18 @@ static void rms_norm_rows(const float *x, const float *weight, float eps, int M,
 #define CHUNK 64
 #define SILU_MAX_ROWS 64
 
+/* y[m * ldy + j] = silu(gate[m * ldg + j]) * up[m * ldg + j] for j < width. Its own function with fast-math on:
+   the build turns associative math off for the sums, which also stops GCC from vectorizing expf (libmvec), and
+   scalar expf made this epilogue a third of a decode step's gate|up product. */
+__attribute__((noinline, optimize("fast-math")))
+static void silu_mul_rows(const float *gate, const float *up, int ldg, int M, int width, float *y, int ldy) {
+    for (int m = 0; m < M; m++) {
+        const float *g = gate + (size_t)m * ldg, *u = up + (size_t)m * ldg;
+        float *out = y + (size_t)m * ldy;
+        for (int j = 0; j < width; j++) out[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    }
+}
+
 /* The vector width this build computes with (16: AVX-512, 8: AVX2, 4: SSE2 or other), for tests and logs. */
 int tgi_nb_quant_vector_width(void) { return VW; }
 
@@ -250,11 +275,7 @@ int tgi_nb_quant_gemm(const float *x, const uint8_t *w, int qtype, const float *
                     bias ? bias + n0 : NULL, NULL);
             columns(qtype, w + (size_t)(I + n0) * row_bytes, row_bytes, width, x, M, K, CHUNK, up,
                     bias ? bias + I + n0 : NULL, NULL);
-            for (int m = 0; m < M; m++)
-                for (int j = 0; j < width; j++) {
-                    const float g = gate[m * CHUNK + j];
-                    y[(size_t)m * I + n0 + j] = g / (1.0f + expf(-g)) * up[m * CHUNK + j];
-                }
+            silu_mul_rows(gate, up, CHUNK, M, width, y + n0, I);
         }
     }
     free(xn);
@@ -282,6 +303,231 @@ int tgi_nb_dequantize(const uint8_t *w, int qtype, int N, int K, const int64_t *
             vf v[NV];
             dequant_block(src + (size_t)b * bb, qtype, v);
             memcpy(dst + (size_t)b * QK, v, sizeof v);
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   The "rows16" layout: the same blocks, regrouped once at load (tgi_nb/models/quant.py, QuantizedTensor.to_layout)
+   so that vector lanes are weight rows. Rows go 16 to a group (the last group padded with zero blocks); each group
+   holds, for each block of 32 columns in order:
+     d[16]   the 16 rows' fp16 scales,
+     m[16]   their fp16 mins (Q4_1 only),
+     quants  Q4_0 / Q4_1: 4 chunks of 16 uint32: chunk c, lane j = bytes 4c..4c+3 of row j's 16 nibble bytes
+             (byte s: low nibble = column 4c+s, high nibble = column 4c+s+16, as GGML stores them);
+             Q8_0: 8 chunks of 16 uint32: chunk c, lane j = row j's int8 quants of columns 4c..4c+3.
+   The bytes are GGML's, only moved (Q4_1: 16 x 20 = 32 + 32 + 256 per group and block).
+
+   A chunk loaded as uint32 lanes gives, after a shift and a mask, one column of 16 rows per byte: no per-row
+   unpacking, no horizontal sums, one fp16 conversion per 16 scales. The scales come out of the block sum,
+       sum_k (d q_k + m) x_k = d * sum_k q_k x_k + m * sum_k x_k,
+   with sum_k x_k per row of x and block computed once per call: about half the instructions per weight of the
+   per-row kernel above, which decode at one token was bound by. Mathematically the same sum; only the rounding
+   differs (the "exact" numerics: no activation is quantized). Threads take contiguous ranges of groups, and every
+   output is summed by one thread in the same order whatever the thread count or the other rows of x. */
+#define GROUP 16
+#define NL (GROUP / VW)          /* vectors per group of rows */
+#if defined(__AVX512F__)
+#define MR 8                     /* rows of x per tile: MR * 2 sums + 5 temporaries of 32 vector registers */
+#else
+#define MR 2
+#endif
+
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+
+/* 16 fp16 values into NL vectors. */
+static inline void load_halves(const uint8_t *p, vf out[NL]) {
+#if defined(__AVX512F__)
+    out[0] = (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__F16C__)
+    for (int l = 0; l < NL; l++) out[l] = (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * l)));
+#else
+    for (int l = 0; l < NL; l++)
+        for (int i = 0; i < VW; i++) out[l][i] = half_to_float(p + 2 * (l * VW + i));
+#endif
+}
+
+/* One group of w (16 rows) against MM rows of x (MM constant where inlined): acc[i][l] = the 16 sums of row i. */
+static inline __attribute__((always_inline)) void group_tile(int qtype, const uint8_t *g, int blocks,
+                                                             const float *x, const float *sx, int K, int MM,
+                                                             vf acc[MR][NL]) {
+    const size_t gb = (size_t)GROUP * block_bytes(qtype);
+    for (int i = 0; i < MM; i++)
+        for (int l = 0; l < NL; l++) acc[i][l] = splat(0);
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *blk = g + (size_t)b * gb;
+        const float *xb = x + (size_t)b * QK;
+        vf part[MR][NL];
+        for (int i = 0; i < MM; i++)
+            for (int l = 0; l < NL; l++) part[i][l] = splat(0);
+        if (qtype == Q8_0) {
+            const uint8_t *qs = blk + 2 * GROUP;
+            for (int c = 0; c < 8; c++)
+                for (int l = 0; l < NL; l++) {
+                    vu v;
+                    memcpy(&v, qs + (size_t)(c * GROUP + l * VW) * 4, sizeof v);
+                    for (int s = 0; s < 4; s++) {
+                        const vf q = __builtin_convertvector((vi)(v << (24 - 8 * s)) >> 24, vf);
+                        for (int i = 0; i < MM; i++) part[i][l] = fmadd(q, splat(xb[(size_t)i * K + 4 * c + s]), part[i][l]);
+                    }
+                }
+        } else {
+            const uint8_t *qs = blk + (qtype == Q4_1 ? 4 : 2) * GROUP;
+            for (int c = 0; c < 4; c++)
+                for (int l = 0; l < NL; l++) {
+                    vu v;
+                    memcpy(&v, qs + (size_t)(c * GROUP + l * VW) * 4, sizeof v);
+                    for (int s = 0; s < 4; s++) {
+                        const vf lo = __builtin_convertvector((vi)((v >> (8 * s)) & 15), vf);
+                        const vf hi = __builtin_convertvector((vi)((v >> (8 * s + 4)) & 15), vf);
+                        for (int i = 0; i < MM; i++) {
+                            const float *xr = xb + (size_t)i * K + 4 * c + s;
+                            part[i][l] = fmadd(lo, splat(xr[0]), part[i][l]);
+                            part[i][l] = fmadd(hi, splat(xr[16]), part[i][l]);
+                        }
+                    }
+                }
+        }
+        vf d[NL], m[NL];
+        load_halves(blk, d);
+        if (qtype == Q4_1) load_halves(blk + 2 * GROUP, m);
+        for (int l = 0; l < NL; l++)
+            if (qtype == Q4_0) m[l] = d[l] * -8.0f;      /* d (q - 8) = d q + (-8 d), -8 d exact */
+        for (int i = 0; i < MM; i++)
+            for (int l = 0; l < NL; l++) {
+                acc[i][l] = fmadd(d[l], part[i][l], acc[i][l]);
+                if (qtype != Q8_0) acc[i][l] = fmadd(m[l], splat(sx[(size_t)i * blocks + b]), acc[i][l]);
+            }
+    }
+}
+
+/* Row i of acc to row m of y, columns col..col+valid-1, with bias / residual (offset like y). */
+static inline void store_group(const vf acc[NL], int valid, float *y, int ldy, int m, int col, const float *bias,
+                               const float *res) {
+    float v[GROUP];
+    memcpy(v, acc, sizeof v);
+    float *yr = y + (size_t)m * ldy + col;
+    const float *rr = res ? res + (size_t)m * ldy + col : NULL;
+    for (int j = 0; j < valid; j++) yr[j] = v[j] + (bias ? bias[col + j] : 0.0f) + (rr ? rr[j] : 0.0f);
+}
+
+/* Group g of w (rows 16 g .. 16 g + valid - 1) against all M rows of x, into columns col.. of y. */
+static inline __attribute__((always_inline)) void group_rows_of(
+        int qtype, const uint8_t *wg, int blocks, const float *x, const float *sx, int M, int K, int valid,
+        float *y, int ldy, int col, const float *bias, const float *res) {
+    vf acc[MR][NL];
+    int m = 0;
+#define TILE(T)                                                                                       \
+    for (; m + (T) <= M; m += (T)) {                                                                  \
+        group_tile(qtype, wg, blocks, x + (size_t)m * K, sx + (size_t)m * blocks, K, (T), acc);       \
+        for (int i = 0; i < (T); i++) store_group(acc[i], valid, y, ldy, m + i, col, bias, res);       \
+    }
+#if MR >= 8
+    TILE(8)
+    TILE(4)
+#endif
+    TILE(2)
+    TILE(1)
+#undef TILE
+}
+
+static void group_rows(int qtype, const uint8_t *wg, int blocks, const float *x, const float *sx, int M, int K,
+                       int valid, float *y, int ldy, int col, const float *bias, const float *res) {
+    switch (qtype) {
+    case Q4_0: group_rows_of(Q4_0, wg, blocks, x, sx, M, K, valid, y, ldy, col, bias, res); break;
+    case Q4_1: group_rows_of(Q4_1, wg, blocks, x, sx, M, K, valid, y, ldy, col, bias, res); break;
+    default: group_rows_of(Q8_0, wg, blocks, x, sx, M, K, valid, y, ldy, col, bias, res); break;
+    }
+}
+
+/* tgi_nb_quant_gemm's contract (the same fusions and return codes) for w in the rows16 layout: N rows in
+   ceil(N / 16) groups. With silu_mul, N / 2 must be a multiple of 16 (the up half starts on a group). */
+int tgi_nb_quant_gemm_rows16(const float *x, const uint8_t *w, int qtype, const float *bias, const float *res,
+                             float *y, int M, int N, int K, int nthreads, const float *norm_weight, float eps,
+                             int silu_mul) {
+    const int bb = block_bytes(qtype);
+    if (!bb || K % QK || M < 1 || N < 1) return 2;
+    if (silu_mul && (res || M > SILU_MAX_ROWS || N % (2 * GROUP))) return 2;
+    const int blocks = K / QK, groups = (N + GROUP - 1) / GROUP;
+    const size_t group_bytes = (size_t)blocks * GROUP * bb;
+    float *scratch = malloc(sizeof(float) * ((norm_weight ? (size_t)M * K : 0) + (size_t)M * blocks));
+    if (!scratch) return 1;
+    float *sx = scratch;
+    if (norm_weight) {
+        float *xn = scratch + (size_t)M * blocks;
+        rms_norm_rows(x, norm_weight, eps, M, K, xn);
+        x = xn;
+    }
+    for (int i = 0; i < M; i++)
+        for (int b = 0; b < blocks; b++) {
+            const float *xb = x + (size_t)i * K + (size_t)b * QK;
+            float s = 0;
+            for (int k = 0; k < QK; k++) s += xb[k];
+            sx[(size_t)i * blocks + b] = s;
+        }
+    if (!silu_mul) {
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int g = 0; g < groups; g++) {
+            const int n = g * GROUP, valid = N - n < GROUP ? N - n : GROUP;
+            group_rows(qtype, w + (size_t)g * group_bytes, blocks, x, sx, M, K, valid, y, N, n, bias, res);
+        }
+    } else {
+        const int I = N / 2, half = I / GROUP;
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int g = 0; g < half; g++) {
+            float gate[SILU_MAX_ROWS * GROUP], up[SILU_MAX_ROWS * GROUP];
+            const int n = g * GROUP;
+            group_rows(qtype, w + (size_t)g * group_bytes, blocks, x, sx, M, K, GROUP, gate, GROUP, 0,
+                       bias ? bias + n : NULL, NULL);
+            group_rows(qtype, w + (size_t)(g + half) * group_bytes, blocks, x, sx, M, K, GROUP, up, GROUP, 0,
+                       bias ? bias + I + n : NULL, NULL);
+            silu_mul_rows(gate, up, GROUP, M, GROUP, y + n, I);
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* tgi_nb_dequantize for w in the rows16 layout: bit-equal to the GGML layout's values. */
+int tgi_nb_dequantize_rows16(const uint8_t *w, int qtype, int N, int K, const int64_t *rows, int count,
+                             float *out, int nthreads) {
+    const int bb = block_bytes(qtype);
+    if (!bb || K % QK) return 2;
+    if (rows)
+        for (int i = 0; i < count; i++)
+            if (rows[i] < 0 || rows[i] >= N) return 2;
+    const int blocks = K / QK, total = rows ? count : N;
+    const size_t group_bytes = (size_t)blocks * GROUP * bb;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (total > 16)
+    for (int i = 0; i < total; i++) {
+        const int64_t r = rows ? rows[i] : i;
+        const int j = (int)(r % GROUP);
+        const uint8_t *g = w + (size_t)(r / GROUP) * group_bytes;
+        float *dst = out + (size_t)i * K;
+        for (int b = 0; b < blocks; b++) {
+            const uint8_t *blk = g + (size_t)b * GROUP * bb;
+            const float d = half_to_float(blk + 2 * j);
+            float *o = dst + (size_t)b * QK;
+            if (qtype == Q8_0) {
+                for (int c = 0; c < 8; c++)
+                    for (int s = 0; s < 4; s++)
+                        o[4 * c + s] = d * (float)(int8_t)blk[2 * GROUP + (c * GROUP + j) * 4 + s];
+                continue;
+            }
+            const float m = qtype == Q4_1 ? half_to_float(blk + 2 * GROUP + 2 * j) : 0.0f;
+            const uint8_t *qs = blk + (qtype == Q4_1 ? 4 : 2) * GROUP;
+            for (int c = 0; c < 4; c++)
+                for (int s = 0; s < 4; s++) {
+                    const uint8_t byte = qs[(c * GROUP + j) * 4 + s];
+                    if (qtype == Q4_1) {
+                        o[4 * c + s] = fmaf(d, (float)(byte & 15), m);      /* d * q exact: as gguf's d * q + m */
+                        o[4 * c + s + 16] = fmaf(d, (float)(byte >> 4), m);
+                    } else {
+                        o[4 * c + s] = d * (float)((byte & 15) - 8);
+                        o[4 * c + s + 16] = d * (float)((byte >> 4) - 8);
+                    }
+                }
         }
     }
     return 0;
