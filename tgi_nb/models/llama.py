@@ -236,6 +236,8 @@ class LlamaModel:
         self._inv_freq, self._rope_scaling = inv_freq, scaling
         self._cos = self._sin = torch.empty(0)
         self._ensure_rope(spec.max_position_embeddings)
+        self._fused = False          # the fused decode step: built on first use (None when it does not apply)
+        self._aranges = torch.arange(64)
 
     @classmethod
     def load(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
@@ -302,11 +304,49 @@ class LlamaModel:
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """Run the packed tokens through the model, writing their K/V into ``kv_caches``; return
         float32 logits for the rows in ``logits_indices`` only (the last token of each sequence that
-        samples this step)."""
+        samples this step).
+
+        Decode tokens (the batch's first ``num_decodes``, each its own logits row) take the fused native step
+        when it applies (:mod:`tgi_nb.models.decode_step`), always, whatever else shares the step, so that a
+        sequence's tokens never depend on its neighbours; prefill chunks take the per-layer path."""
+        self._ensure_rope(int(positions.max()) + 1)
+        nd = batch.num_decodes
+        fused = self._fused_decode() if nd else None
+        if fused is not None and fused.usable(kv_caches) and torch.equal(logits_indices[:nd], self._arange(nd)):
+            logits = fused.run(input_ids[:nd], positions[:nd], batch.slot_mapping[:nd], batch.decode_block_tables,
+                               batch.decode_context_lens, kv_caches)
+            if nd == input_ids.shape[0]:
+                return logits[:logits_indices.shape[0]]
+            rest = AttentionBatch(slot_mapping=batch.slot_mapping[nd:], num_decodes=0, decode_block_tables=None,
+                                  decode_context_lens=None,
+                                  prefills=[(start - nd, n, cached, table) for start, n, cached, table in batch.prefills])
+            prefill_logits = self._layered_forward(input_ids[nd:], positions[nd:], rest, kv_caches,
+                                                   logits_indices[nd:] - nd)
+            return torch.cat([logits, prefill_logits])
+        return self._layered_forward(input_ids, positions, batch, kv_caches, logits_indices)
+
+    def _fused_decode(self):
+        if self._fused is False:
+            from .decode_step import FusedDecode
+
+            self._fused = FusedDecode.for_model(self)
+        return self._fused
+
+    def _arange(self, n: int) -> torch.Tensor:
+        if self._aranges.shape[0] < n:
+            self._aranges = torch.arange(max(n, 2 * self._aranges.shape[0]))
+        return self._aranges[:n]
+
+    def _layered_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                         logits_indices: torch.Tensor) -> torch.Tensor:
         s = self.spec
         num_tokens = input_ids.shape[0]
         eps = s.rms_norm_eps
-        self._ensure_rope(int(positions.max()) + 1)
+        if logits_indices.numel() == 0:      # a prefill chunk that samples nothing: skip the lm_head
+            logits_out = torch.empty(0, s.vocab_size, dtype=torch.float32)
+        else:
+            logits_out = None
 
         # Per layer: RMSNorm fused into the q|k|v product, RoPE + KV-cache write in one call, attention, the
         # o product adding the residual, RMSNorm fused into gate|up with silu(gate) * up as its epilogue, the
@@ -320,6 +360,8 @@ class LlamaModel:
             x = linear(attn.view(num_tokens, -1), layer["o"], residual=x)
             mlp = linear(x, layer["gate_up"], norm=(layer["post_norm"], eps), silu_mul=True)
             x = linear(mlp, layer["down"], residual=x)
+        if logits_out is not None:
+            return logits_out
         return linear(x[logits_indices], self.lm_head, norm=(self.norm, eps)).float()
 
 

@@ -69,6 +69,22 @@ def _machine_id() -> str:
     return "\n".join(parts)
 
 
+def _source_with_includes(path: Path, seen: Optional[set] = None) -> bytes:
+    """The file's bytes followed by those of every ``#include "..."`` it pulls in (recursively): the cache key of a
+    library that includes another source must change when that source does."""
+    seen = seen if seen is not None else set()
+    seen.add(path)
+    text = path.read_bytes()
+    parts = [text]
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(b'#include "') and line.endswith(b'"'):
+            included = path.parent / line[len(b'#include "'):-1].decode()
+            if included not in seen and included.exists():
+                parts.append(_source_with_includes(included, seen))
+    return b"\0".join(parts)
+
+
 def compile_library(compiler: str, name: str, extra_flags: Sequence[str] = ()) -> Optional[Path]:
     """Build ``csrc/<name>.c`` into the cache (or find it there); None, with a warning, if it fails.
 
@@ -76,7 +92,7 @@ def compile_library(compiler: str, name: str, extra_flags: Sequence[str] = ()) -
         >>> path = compile_library(find_compiler(), "paged_attention")   # doctest: +SKIP
     """
     source_file = CSRC / f"{name}.c"
-    source = source_file.read_bytes()
+    source = _source_with_includes(source_file)
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     errors = []

@@ -30,7 +30,7 @@
 #define MT 2
 #endif
 #define QK 32          /* weights per block */
-#define NV (QK / VW)   /* vectors per block */
+#define NVB (QK / VW)   /* vectors per block */
 #define RT 4           /* w rows per tile */
 
 typedef float vf __attribute__((vector_size(VW * 4)));
@@ -117,18 +117,18 @@ static inline void block_scales(const uint8_t *blk, int qtype, vf *d, vf *m) {
 #endif
 }
 
-/* One block as NV vectors of floats (vector j: elements j*VW .. j*VW+VW-1), the values gguf's dequantize gives:
+/* One block as NVB vectors of floats (vector j: elements j*VW .. j*VW+VW-1), the values gguf's dequantize gives:
    d * q (Q8_0), d * (q - 8) (Q4_0), d * q + m (Q4_1; d * q is exact in float32, so fused or not the sum
    rounds once). GGML's 4-bit blocks hold element i in the low nibble of byte i, element i + 16 in the high. */
-static inline void dequant_block(const uint8_t *blk, int qtype, vf out[NV]) {
+static inline void dequant_block(const uint8_t *blk, int qtype, vf out[NVB]) {
     vf d, m;
     block_scales(blk, qtype, &d, &m);
     if (qtype == Q8_0) {
-        for (int j = 0; j < NV; j++) out[j] = __builtin_convertvector(load_s8(blk + 2 + j * VW), vf) * d;
+        for (int j = 0; j < NVB; j++) out[j] = __builtin_convertvector(load_s8(blk + 2 + j * VW), vf) * d;
         return;
     }
     const uint8_t *qs = blk + (qtype == Q4_1 ? 4 : 2);
-    for (int j = 0; j < NV; j++) {
+    for (int j = 0; j < NVB; j++) {
         vi q = load_u8(qs + (j * VW) % 16);
         q = j * VW >= 16 ? q >> 4 : q & 15;
         const vf qf = __builtin_convertvector(q, vf);
@@ -159,11 +159,11 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *wr, size_t
         for (int i = 0; i < MT; i++) acc[r][i] = splat(0);
     const int blocks = K / QK;
     for (int b = 0; b < blocks; b++) {
-        vf wv[RT][NV];
+        vf wv[RT][NVB];
         for (int r = 0; r < R; r++) dequant_block(wr + r * row_bytes + (size_t)b * bb, qtype, wv[r]);
         for (int i = 0; i < MM; i++) {
             const float *xb = x + (size_t)(m + i) * K + (size_t)b * QK;
-            for (int j = 0; j < NV; j++) {
+            for (int j = 0; j < NVB; j++) {
                 vf xv;
                 memcpy(&xv, xb + j * VW, sizeof xv);
                 for (int r = 0; r < R; r++) acc[r][i] = fmadd(wv[r][j], xv, acc[r][i]);
@@ -220,16 +220,17 @@ static void rms_norm_rows(const float *x, const float *weight, float eps, int M,
 #define CHUNK 64
 #define SILU_MAX_ROWS 64
 
-/* y[m * ldy + j] = silu(gate[m * ldg + j]) * up[m * ldg + j] for j < width. Its own function with fast-math on:
-   the build turns associative math off for the sums, which also stops GCC from vectorizing expf (libmvec), and
-   scalar expf made this epilogue a third of a decode step's gate|up product. */
+/* out[j] = silu(g[j]) * u[j] for j < width. Its own function with fast-math on: the build turns associative math
+   off for the sums, which also stops GCC from vectorizing expf (libmvec), and scalar expf made this epilogue a third
+   of a decode step's gate|up product. One row per call (noinline): vector and scalar expf differ in the last bit,
+   so which elements take the vector loop must depend on the width only, never on how many rows share the call. */
 __attribute__((noinline, optimize("fast-math")))
+static void silu_mul_row(const float *g, const float *u, int width, float *out) {
+    for (int j = 0; j < width; j++) out[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+}
+
 static void silu_mul_rows(const float *gate, const float *up, int ldg, int M, int width, float *y, int ldy) {
-    for (int m = 0; m < M; m++) {
-        const float *g = gate + (size_t)m * ldg, *u = up + (size_t)m * ldg;
-        float *out = y + (size_t)m * ldy;
-        for (int j = 0; j < width; j++) out[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-    }
+    for (int m = 0; m < M; m++) silu_mul_row(gate + (size_t)m * ldg, up + (size_t)m * ldg, width, y + (size_t)m * ldy);
 }
 
 /* The vector width this build computes with (16: AVX-512, 8: AVX2, 4: SSE2 or other), for tests and logs. */
@@ -300,7 +301,7 @@ int tgi_nb_dequantize(const uint8_t *w, int qtype, int N, int K, const int64_t *
         const uint8_t *src = w + (size_t)(rows ? rows[i] : i) * row_bytes;
         float *dst = out + (size_t)i * K;
         for (int b = 0; b < K / QK; b++) {
-            vf v[NV];
+            vf v[NVB];
             dequant_block(src + (size_t)b * bb, qtype, v);
             memcpy(dst + (size_t)b * QK, v, sizeof v);
         }

@@ -1,0 +1,146 @@
+"""The fused decode step (tgi_nb/models/decode_step.py, csrc/decode_step.c) against the per-layer path, on every
+quantized kernel variant this CPU runs: the same logits and cache writes within rounding, each sequence's logits
+independent of the rest of its step, mixed steps split correctly, bad input refused before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tgi_nb.models import quant
+from tgi_nb.models.attention import AttentionBatch
+from tgi_nb.models.decode_step import FusedDecode
+from tgi_nb.models.llama import LlamaModel
+
+BLOCK = 16
+
+
+@pytest.fixture(params=quant.runnable_variants())
+def variant(request, monkeypatch):
+    if quant.vector_width(request.param) is None:
+        pytest.skip(f"the {request.param} kernel did not build")
+    monkeypatch.setenv("TGI_NB_QUANT_KERNEL", request.param)
+    return request.param
+
+
+def caches(model: LlamaModel, num_blocks: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, BLOCK, model.spec.num_kv_heads, model.spec.head_dim)
+    return [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(model.spec.num_layers)]
+
+
+def clone(kv):
+    return [(k.clone(), v.clone()) for k, v in kv]
+
+
+def decode_batch(contexts: list[int], blocks_per_seq: int):
+    """One decode token per sequence at position ``contexts[i]``; sequence i owns blocks i * blocks_per_seq..."""
+    tables = torch.stack([torch.arange(blocks_per_seq, dtype=torch.int32) + i * blocks_per_seq
+                          for i in range(len(contexts))])
+    positions = torch.tensor(contexts)
+    slots = torch.tensor([int(tables[i, p // BLOCK]) * BLOCK + p % BLOCK for i, p in enumerate(contexts)])
+    batch = AttentionBatch(slot_mapping=slots, num_decodes=len(contexts), decode_block_tables=tables,
+                           decode_context_lens=(positions + 1).to(torch.int32), prefills=[])
+    return positions, batch
+
+
+def forward(model, ids, positions, batch, kv, logits_rows, monkeypatch, fused: bool):
+    monkeypatch.setenv("TGI_NB_FUSED_DECODE", "1" if fused else "0")
+    with torch.inference_mode():
+        return model.forward(ids, positions, batch, kv, logits_rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_model_dir):
+    """Llama, Qwen2 (q|k|v bias) and Qwen3 (per-head q/k norms) with q8_0 / q4_0 products, and a Qwen2 with a
+    sliding window of 24 tokens."""
+    def load(arch, qtype, **overrides):
+        return LlamaModel.load(tiny_model_dir(arch, **overrides), quantize=qtype)
+
+    return {"llama": load("llama", "q4_0"), "qwen2": load("qwen2", "q8_0"), "qwen3": load("qwen3", "q4_0"),
+            "qwen2-window": load("qwen2", "q8_0", use_sliding_window=True, sliding_window=24, max_window_layers=0)}
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "qwen2-window"])
+def test_fused_step_matches_the_per_layer_path(tiny_models, variant, name, monkeypatch):
+    model = tiny_models[name]
+    step = FusedDecode.for_model(model)
+    assert step is not None
+    contexts = [0, 5, 40, 600, 1100]                 # 600 and 1100: several 512-token parts, merged
+    positions, batch = decode_batch(contexts, 72)
+    kv = caches(model, 72 * len(contexts))
+    ids = torch.tensor([11, 300, 7, 4095, 123])
+    rows = torch.arange(len(contexts))
+    kv_layered = clone(kv)
+    fused = forward(model, ids, positions, batch, kv, rows, monkeypatch, fused=True)
+    layered = forward(model, ids, positions, batch, kv_layered, rows, monkeypatch, fused=False)
+    assert fused.shape == (5, model.spec.vocab_size) and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, layered, rtol=1e-4, atol=1e-4)
+    for (k, v), (k2, v2) in zip(kv, kv_layered):
+        torch.testing.assert_close(k, k2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, v2, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sequences_logits_do_not_depend_on_the_rest_of_the_step(tiny_models, variant, monkeypatch):
+    model = tiny_models["qwen3"]
+    contexts = [(37 * i) % 700 for i in range(70)]   # 70 sequences: two calls of 64 and 6
+    positions, batch = decode_batch(contexts, 45)
+    kv = caches(model, 45 * 70)
+    ids = torch.arange(70) * 13
+    together = forward(model, ids, positions, batch, clone(kv), torch.arange(70), monkeypatch, fused=True)
+    for i in (0, 1, 33, 63, 64, 69):
+        alone_pos, alone = decode_batch([contexts[i]], 45)
+        alone.decode_block_tables += 45 * i
+        alone.slot_mapping = batch.slot_mapping[i:i + 1]
+        logits = forward(model, ids[i:i + 1], alone_pos, alone, clone(kv), torch.arange(1), monkeypatch, fused=True)
+        assert torch.equal(logits[0], together[i]), i
+
+
+def test_a_mixed_step_runs_its_decodes_fused_and_its_prefill_per_layer(tiny_models, monkeypatch):
+    model = tiny_models["llama"]
+    positions, decodes = decode_batch([9, 30], 8)
+    kv = caches(model, 24)
+    ids = torch.tensor([5, 6])
+    prompt = torch.arange(100, 120)
+    table = torch.arange(16, 24)
+    slots = table[torch.arange(20) // BLOCK] * BLOCK + torch.arange(20) % BLOCK
+    mixed = AttentionBatch(slot_mapping=torch.cat([decodes.slot_mapping, slots]), num_decodes=2,
+                           decode_block_tables=decodes.decode_block_tables,
+                           decode_context_lens=decodes.decode_context_lens, prefills=[(2, 20, 0, None)])
+    kv_mixed = clone(kv)
+    both = forward(model, torch.cat([ids, prompt]), torch.cat([positions, torch.arange(20)]), mixed, kv_mixed,
+                   torch.tensor([0, 1, 21]), monkeypatch, fused=True)
+    only_decodes = forward(model, ids, positions, decodes, clone(kv), torch.arange(2), monkeypatch, fused=True)
+    prefill = AttentionBatch(slot_mapping=slots, num_decodes=0, decode_block_tables=None, decode_context_lens=None,
+                             prefills=[(0, 20, 0, None)])
+    only_prefill = forward(model, prompt, torch.arange(20), prefill, clone(kv), torch.tensor([19]), monkeypatch,
+                           fused=True)
+    assert torch.equal(both[:2], only_decodes) and torch.equal(both[2:], only_prefill)
+    # a chunk that samples nothing: no logits rows, no lm_head
+    none = forward(model, torch.cat([ids, prompt]), torch.cat([positions, torch.arange(20)]), mixed, clone(kv),
+                   torch.tensor([0, 1]), monkeypatch, fused=True)
+    assert torch.equal(none, only_decodes)
+
+
+def test_bad_positions_and_slots_are_refused_before_anything_is_written(tiny_models, monkeypatch):
+    model = tiny_models["llama"]
+    step = FusedDecode.for_model(model)
+    kv = caches(model, 8)
+    before = clone(kv)
+    positions, batch = decode_batch([3], 8)
+    tables, lens = batch.decode_block_tables, batch.decode_context_lens
+    for pos, slot, table, ctx in [(3, 8 * BLOCK, tables, lens),               # slot past the cache
+                                  (10 ** 6, 3, tables, lens),                 # position past the RoPE table
+                                  (3, 3, tables + 100, lens),                 # a block that does not exist
+                                  (3, 3, tables, lens + 1000)]:               # context past the block table
+        with pytest.raises(ValueError, match="out of range"):
+            step.run(torch.tensor([1]), torch.tensor([pos]), torch.tensor([slot]), table, ctx, kv)
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(kv, before))
+
+
+def test_which_models_and_caches_it_applies_to(tiny_model_dir, tiny_models):
+    assert FusedDecode.for_model(LlamaModel.load(tiny_model_dir("llama"))) is None       # float32 weights
+    step = FusedDecode.for_model(tiny_models["llama"])
+    kv = caches(tiny_models["llama"], 4)
+    assert step.usable(kv)
+    assert not step.usable([(k.half(), v.half()) for k, v in kv])                       # a float16 cache
