@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/bench_accuracy.py --max-tokens 512 --formats gguf q8_0    # quicker
 
 Formats (``EngineConfig.quantize``): ``gguf`` (the default: the bundled GGUF's Q4_1 / Q8_0 blocks as stored,
-exact numerics), ``q8_0`` and ``q4_0`` (the float32 model quantized at load, as ``--quantize``), each against
+exact numerics), ``fast`` (the same blocks with ``--numerics fast``: activations quantized to int8 per block, as
+llama.cpp computes), ``q8_0`` and ``q4_0`` (the float32 model quantized at load, as ``--quantize``), each against
 ``float`` (every weight float32; the GGUF dequantized). The text (default: the project's README.md, a file that
 ships with it) is cut into windows of ``--window`` tokens, each run as one sequence in chunks of 64 tokens so
 every product takes the small-batch kernels a decode step uses. Per format: perplexity ratio (format / float),
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
     parser.add_argument("--text", default=str(Path(__file__).resolve().parents[1] / "README.md"))
     parser.add_argument("--max-tokens", type=int, default=4096, help="text tokens scored (default: %(default)s)")
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--formats", nargs="+", default=["gguf", "q8_0", "q4_0"], choices=["gguf", "q8_0", "q4_0"])
+    parser.add_argument("--formats", nargs="+", default=["gguf", "fast", "q8_0", "q4_0"],
+                        choices=["gguf", "fast", "q8_0", "q4_0"])
     parser.add_argument("--greedy-tokens", type=int, default=64)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json")
@@ -69,8 +71,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     results, reference, ref_greedy = {}, None, None
     for fmt in ["float", *args.formats]:
-        quantize = None if fmt == "gguf" else fmt
-        with LLMEngine(EngineConfig(quantize=quantize, max_total_tokens=2048)) as engine:
+        quantize = None if fmt in ("gguf", "fast") else fmt
+        numerics = "fast" if fmt == "fast" else "exact"
+        with LLMEngine(EngineConfig(quantize=quantize, numerics=numerics, max_total_tokens=2048)) as engine:
             log(f"[{fmt}] weights: {engine.model.weight_formats()}")
             ids = engine.tokenizer.encode(Path(args.text).read_text(), add_special_tokens=False)[:args.max_tokens]
             with torch.inference_mode():

@@ -6,6 +6,8 @@
 Systems, one after the other, each a server in a child process on this machine's cores:
 - ``tgi_nb``: ``tgi-nb serve`` on the bundled SmolLM2-135M-Instruct GGUF, weights as stored (Q4_1 linears,
   Q8_0 embedding; exact numerics: quantized weights x float32 activations);
+- ``tgi_nb fast``: the same with ``--numerics fast`` (activations quantized to int8 per block and integer dot
+  products, llama.cpp's own numerics);
 - ``tgi_nb float``: the same with ``--quantize float`` (every weight dequantized to float32: tgi_nb before
   GGUF blocks were kept), the "nothing slower than today" baseline;
 - ``llama.cpp``: ``llama-server`` (found or built by benchmarks/llama_server.py) on the same GGUF file, ``-t``
@@ -203,17 +205,19 @@ def markdown(results: dict[str, list[LevelResult]], info: dict, args, loads: dic
         by = {r.streams: r.summary() for r in results[system]}
         lines.append(f"| {system} | " + " | ".join(
             f"{by[c]['cpu_ms_per_token']:.1f}" if by.get(c, {}).get("cpu_ms_per_token") else "-" for c in levels) + " |")
-    if "llama.cpp" in results and "tgi_nb" in results:
+    ours_systems = [s for s in ("tgi_nb", "tgi_nb fast") if s in results]
+    if "llama.cpp" in results and ours_systems:
         peer = {r.streams: r.summary() for r in results["llama.cpp"]}
-        ours = {r.streams: r.summary() for r in results["tgi_nb"]}
-        lines += ["", "| tgi_nb / llama.cpp | " + " | ".join(f"{c} stream{'s' if c > 1 else ''}" for c in levels)
-                  + " | TTFT p50 (lower is better) |", "|---|" + "---|" * (len(levels) + 1)]
-        ratios = [f"{ours[c]['output_tok_s'] / peer[c]['output_tok_s']:.2f}x"
-                  if c in ours and c in peer and peer[c]["output_tok_s"] else "-" for c in levels]
-        top = max(levels)
-        ttft = (f"{ours[top]['ttft']['p50'] / peer[top]['ttft']['p50']:.2f}x"
-                if "ttft" in ours.get(top, {}) and "ttft" in peer.get(top, {}) else "-")
-        lines.append("| output tok/s | " + " | ".join(ratios) + f" | {ttft} |")
+        lines += ["", "| output tok/s, x llama.cpp | " + " | ".join(f"{c} stream{'s' if c > 1 else ''}" for c in levels)
+                  + " | TTFT p50 at the most streams (lower is better) |", "|---|" + "---|" * (len(levels) + 1)]
+        for system in ours_systems:
+            ours = {r.streams: r.summary() for r in results[system]}
+            ratios = [f"{ours[c]['output_tok_s'] / peer[c]['output_tok_s']:.2f}x"
+                      if c in ours and c in peer and peer[c]["output_tok_s"] else "-" for c in levels]
+            top = max(levels)
+            ttft = (f"{ours[top]['ttft']['p50'] / peer[top]['ttft']['p50']:.2f}x"
+                    if "ttft" in ours.get(top, {}) and "ttft" in peer.get(top, {}) else "-")
+            lines.append(f"| {system} | " + " | ".join(ratios) + f" | {ttft} |")
     return "\n".join(lines)
 
 
@@ -223,7 +227,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--single-repeats", type=int, default=3, help="requests one after the other at 1 stream")
     parser.add_argument("--skip", action="append", default=[],
-                        choices=["tgi_nb", "tgi_nb float", "llama.cpp", "hf"], help="leave a system out")
+                        choices=["tgi_nb", "tgi_nb fast", "tgi_nb float", "llama.cpp", "hf"],
+                        help="leave a system out")
     parser.add_argument("--llama-repack", action="store_true", help="let llama-server repack its weights")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads per server (default: every core); tgi_nb is pinned to that many cores")
@@ -251,7 +256,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     results: dict[str, list[LevelResult]] = {}
     loads: dict[str, tuple] = {}
 
-    for system, extra in (("tgi_nb", []), ("tgi_nb float", ["--quantize", "float"])):
+    for system, extra in (("tgi_nb", []), ("tgi_nb fast", ["--numerics", "fast"]),
+                          ("tgi_nb float", ["--quantize", "float"])):
         if system in args.skip:
             continue
         port = free_port()

@@ -61,8 +61,17 @@ def tiny_models(tiny_model_dir):
             "qwen2-window": load("qwen2", "q8_0", use_sliding_window=True, sliding_window=24, max_window_layers=0)}
 
 
+@pytest.fixture(params=["exact", "fast"])
+def numerics(request, tiny_models):
+    for model in tiny_models.values():
+        model.set_numerics(request.param)
+    yield request.param
+    for model in tiny_models.values():
+        model.set_numerics("exact")
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "qwen2-window"])
-def test_fused_step_matches_the_per_layer_path(tiny_models, variant, name, monkeypatch):
+def test_fused_step_matches_the_per_layer_path(tiny_models, variant, numerics, name, monkeypatch):
     model = tiny_models[name]
     step = FusedDecode.for_model(model)
     assert step is not None
@@ -75,13 +84,15 @@ def test_fused_step_matches_the_per_layer_path(tiny_models, variant, name, monke
     fused = forward(model, ids, positions, batch, kv, rows, monkeypatch, fused=True)
     layered = forward(model, ids, positions, batch, kv_layered, rows, monkeypatch, fused=False)
     assert fused.shape == (5, model.spec.vocab_size) and fused.dtype == torch.float32
-    torch.testing.assert_close(fused, layered, rtol=1e-4, atol=1e-4)
+    # exact: rounding only; fast: an activation a rounding apart can land on the other side of an int8 step
+    tolerance = 1e-4 if numerics == "exact" else 2e-2
+    torch.testing.assert_close(fused, layered, rtol=tolerance, atol=tolerance)
     for (k, v), (k2, v2) in zip(kv, kv_layered):
-        torch.testing.assert_close(k, k2, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v, v2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k, k2, rtol=tolerance / 10, atol=tolerance / 10)
+        torch.testing.assert_close(v, v2, rtol=tolerance / 10, atol=tolerance / 10)
 
 
-def test_a_sequences_logits_do_not_depend_on_the_rest_of_the_step(tiny_models, variant, monkeypatch):
+def test_a_sequences_logits_do_not_depend_on_the_rest_of_the_step(tiny_models, variant, numerics, monkeypatch):
     model = tiny_models["qwen3"]
     contexts = [(37 * i) % 700 for i in range(70)]   # 70 sequences: two calls of 64 and 6
     positions, batch = decode_batch(contexts, 45)
@@ -144,3 +155,19 @@ def test_which_models_and_caches_it_applies_to(tiny_model_dir, tiny_models):
     kv = caches(tiny_models["llama"], 4)
     assert step.usable(kv)
     assert not step.usable([(k.half(), v.half()) for k, v in kv])                       # a float16 cache
+
+
+def test_fast_numerics_stay_close_to_exact(tiny_models, monkeypatch):
+    model = tiny_models["qwen3"]
+    positions, batch = decode_batch([3, 100, 700], 50)
+    kv = caches(model, 150)
+    ids = torch.tensor([10, 20, 30])
+    exact = forward(model, ids, positions, batch, clone(kv), torch.arange(3), monkeypatch, fused=True)
+    model.set_numerics("fast")
+    try:
+        fast = forward(model, ids, positions, batch, clone(kv), torch.arange(3), monkeypatch, fused=True)
+    finally:
+        model.set_numerics("exact")
+    assert not torch.equal(fast, exact)                       # int8 activations do change the numbers...
+    kld = torch.nn.functional.kl_div(fast.log_softmax(-1), exact.log_softmax(-1), log_target=True, reduction="none")
+    assert kld.sum(-1).max() < 0.01                            # ...but not the distribution

@@ -40,7 +40,7 @@ def variant(request, monkeypatch):
 
 
 def test_each_variant_is_built_for_its_instruction_set():
-    widths = {"avx512": 16, "avx2": 8, "generic": 4}
+    widths = {"avx512vnni": 16, "avx512": 16, "avx2": 8, "generic": 4}
     built = {v: quant.vector_width(v) for v in VARIANTS}
     assert "generic" in built and built["generic"] is not None
     for name, width in built.items():
@@ -147,7 +147,7 @@ def test_rows16_rows_do_not_depend_on_the_rest_of_the_batch(variant, qtype):
 
 def test_kernel_variant_switch_names_the_allowed_values(monkeypatch):
     monkeypatch.setenv("TGI_NB_QUANT_KERNEL", "sse9")
-    with pytest.raises(ValueError, match="TGI_NB_QUANT_KERNEL: must be one of avx512, avx2, generic or 0"):
+    with pytest.raises(ValueError, match="TGI_NB_QUANT_KERNEL: must be one of avx512vnni, avx512, avx2, generic or 0"):
         quant.kernel_variant()
 
 

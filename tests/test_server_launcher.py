@@ -58,6 +58,7 @@ def test_plan():
     assert plan.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert resolve_options(parse("--quantize", "q8_0"), {})["quantize"] == "q8_0"
     assert resolve_options(parse(), {"QUANTIZE": "float"})["quantize"] == "float"
+    assert resolve_options(parse("--numerics", "fast"), {})["numerics"] == "fast"
 
 
 @pytest.mark.parametrize("env,message", [
@@ -73,6 +74,7 @@ def test_plan():
     ({"PORT": "http"}, "PORT='http': must be an integer"),
     ({"DTYPE": "int8"}, "dtype ('int8') must be one of"),
     ({"QUANTIZE": "awq"}, "quantize ('awq') must be one of float, q8_0, q4_0"),
+    ({"NUMERICS": "turbo"}, "numerics ('turbo') must be one of exact, fast"),
 ])
 def test_inconsistent_limits_stop_start_up(env, message, capsys):
     with pytest.raises(LaunchError, match=re.escape(message)):

@@ -19,6 +19,12 @@ KV_CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 # - "q8_0", "q4_0": float linear weights quantized at load into those blocks (TGI's --quantize), the embedding
 #   into q8_0.
 QUANTIZE_CHOICES = (None, "float", "q8_0", "q4_0")
+# How products with quantized weights compute (CPU, float32):
+# - "exact": the weights' blocks x float32 activations; the dequantized model's numbers, only rounding differs;
+# - "fast": llama.cpp's numerics: activations quantized to int8 per block of 32, integer dot products (AVX-512 VNNI,
+#   AVX2); several times the arithmetic per cycle for batches and prompts, and a few greedy tokens differ
+#   (benchmarks/bench_accuracy.py).
+NUMERICS_CHOICES = ("exact", "fast")
 
 
 @dataclass(slots=True)
@@ -48,6 +54,7 @@ class EngineConfig:
     dtype: Optional[str] = None          # "float32" | "bfloat16" | "float16" | "float64"; None: by device
     device: Optional[str] = None         # "cpu" | "cuda"; None: cuda when available
     quantize: Optional[str] = None       # see QUANTIZE_CHOICES
+    numerics: str = "exact"              # see NUMERICS_CHOICES
     max_input_tokens: Optional[int] = None
     max_total_tokens: Optional[int] = None
     max_batch_prefill_tokens: int = 512
@@ -81,6 +88,9 @@ class EngineConfig:
         if self.quantize not in QUANTIZE_CHOICES:
             raise ValidationError("quantize", f"quantize: must be one of {', '.join(map(str, QUANTIZE_CHOICES))}, "
                                               f"got {self.quantize!r}")
+        if self.numerics not in NUMERICS_CHOICES:
+            raise ValidationError("numerics", f"numerics: must be one of {', '.join(NUMERICS_CHOICES)}, "
+                                              f"got {self.numerics!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16", "float64"):
             raise ValidationError("dtype", f"dtype: must be one of float32, bfloat16, float16, float64, "
                                            f"got {self.dtype!r}")

@@ -152,7 +152,8 @@ class LLMEngine:
             gguf_file = source_gguf(self.model_dir) if config.quantize is None else None
             self.model = LlamaModel.load(self.model_dir, dtype=dtype, device=device, config=hf_config,
                                          gguf_file=gguf_file,
-                                         quantize=config.quantize if config.quantize != "float" else None)
+                                         quantize=config.quantize if config.quantize != "float" else None,
+                                         numerics=config.numerics)
         else:  # transformers' own modules, our paged attention and cache
             self.model = TransformersModel.load(self.model_dir, dtype=dtype, device=device,
                                                 trust_remote_code=config.trust_remote_code)

@@ -9,7 +9,7 @@ kernels (the file includes ``quant_gemm.c``, ``rope_cache.c`` and ``paged_attent
 
 It applies when the model's products are all GGUF blocks in the rows16 layout (the bundled model, or
 ``--quantize``), the KV cache is float32 and a quantized kernel variant is available; otherwise the per-layer path
-runs. ``TGI_NB_FUSED_DECODE=0`` turns it off (to compare, or to rule it out).
+runs. It computes with the model's numerics (``LlamaModel.numerics``: exact float32 activations, or fast int8 ones). ``TGI_NB_FUSED_DECODE=0`` turns it off (to compare, or to rule it out).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ SWITCH = "TGI_NB_FUSED_DECODE"
 MAX_ROWS = 64          # sequences per call (the kernel's fused silu scratch); more are run in chunks
 
 _ARGS = ([ctypes.c_void_p] * 5 + [ctypes.c_int32, ctypes.c_void_p, ctypes.c_int]
-         + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int])
+         + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2)
 _KERNELS = {variant: native.NativeFunction("decode_step", "tgi_nb_decode_step", _ARGS, quant._build_flags(variant))
             for variant in quant.VARIANTS}
 
@@ -142,7 +142,7 @@ class FusedDecode:
                         self.layer_types.data_ptr(), self.model_ptrs.data_ptr(), self.lm_head_type,
                         x[start:].data_ptr(), end - start, positions[start:].data_ptr(), slots[start:].data_ptr(),
                         block_tables[start:].data_ptr(), block_tables.shape[1], context_lens[start:].data_ptr(),
-                        logits[start:].data_ptr(), torch.get_num_threads())
+                        logits[start:].data_ptr(), torch.get_num_threads(), int(model.numerics == "fast"))
             if rc == 1:
                 raise ValueError("decode step: a position, cache slot, context length or block table entry is out of "
                                  "range")

@@ -49,13 +49,16 @@ def native_linear_available() -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            residual: Optional[torch.Tensor] = None, *, norm: Optional[tuple[torch.Tensor, float]] = None,
-           silu_mul: bool = False) -> torch.Tensor:
+           silu_mul: bool = False, numerics: str = "exact") -> torch.Tensor:
     """``x @ weight.T + bias + residual`` for a 2-D ``x``; ``bias`` and ``residual`` are optional.
 
     Two fusions a transformer layer wants, done inside the native kernel (and by torch ops otherwise):
     - ``norm=(norm_weight, eps)``: RMS-normalize ``x`` first, as ``F.rms_norm(x, ..., norm_weight, eps)``;
     - ``silu_mul=True``: ``weight`` is a fused ``[gate; up]`` projection of ``2 * I`` rows and the result is
       ``silu(x @ gate.T) * (x @ up.T)``, ``[rows, I]`` (no ``residual``).
+
+    ``numerics="fast"`` (quantized weights only): int8 activations and integer dot products at any number of rows
+    (see :func:`tgi_nb.models.quant.quantized_linear`); ``"exact"`` computes with float32 activations.
 
     Example:
         >>> x, w, r = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 4)
@@ -71,8 +74,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         raise ValueError("linear(silu_mul=True) takes no residual")
     rows = x.shape[0]
     if isinstance(weight, QuantizedTensor):
-        if 0 < rows <= SMALL_GEMM_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
-            out = quantized_linear(x, weight, bias, residual, norm=norm, silu_mul=silu_mul)
+        if (0 < rows and (rows <= SMALL_GEMM_MAX_ROWS or numerics == "fast") and x.dtype == torch.float32
+                and x.device.type == "cpu"):
+            out = quantized_linear(x, weight, bias, residual, norm=norm, silu_mul=silu_mul, numerics=numerics)
             if out is not None:
                 return out
         weight = weight.dequantize().to(x.dtype)

@@ -237,19 +237,23 @@ class LlamaModel:
         self._cos = self._sin = torch.empty(0)
         self._ensure_rope(spec.max_position_embeddings)
         self._fused = False          # the fused decode step: built on first use (None when it does not apply)
+        self.numerics = "exact"
         self._aranges = torch.arange(64)
 
     @classmethod
     def load(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32,
              device: str | torch.device = "cpu", config=None,
-             gguf_file: Optional[str | Path] = None, quantize: Optional[str] = None) -> "LlamaModel":
+             gguf_file: Optional[str | Path] = None, quantize: Optional[str] = None,
+             numerics: str = "exact") -> "LlamaModel":
         """Load config and safetensors shards from a local Hugging Face layout directory.
 
         On CPU in float32 (elsewhere both are ignored):
         - ``gguf_file``: the GGUF file the folder was converted from; its Q4_0 / Q4_1 / Q8_0 tensors are used
           as stored (quantized) instead of their dequantized copies in the folder;
         - ``quantize``: ``"q8_0"`` or ``"q4_0"`` quantizes the float linear weights at load (the embedding
-          into q8_0), as TGI's ``--quantize``.
+          into q8_0), as TGI's ``--quantize``;
+        - ``numerics``: how products with those blocks compute: ``"exact"`` (float32 activations) or ``"fast"``
+          (int8 activations, llama.cpp's numerics; see ``tgi_nb.engine.config.NUMERICS_CHOICES``).
         """
         from transformers import AutoConfig
 
@@ -276,7 +280,17 @@ class LlamaModel:
                         weights[key] = f.get_tensor(key)
         if quantize is not None and device.type == "cpu" and dtype == torch.float32:
             weights = {name: _quantize_at_load(name, w, quantize) for name, w in weights.items()}
-        return cls(config, weights, dtype, device)
+        model = cls(config, weights, dtype, device)
+        model.set_numerics(numerics)
+        return model
+
+    def set_numerics(self, numerics: str) -> None:
+        """``"exact"`` or ``"fast"``: how products with quantized weights compute from now on."""
+        from tgi_nb.engine.config import NUMERICS_CHOICES
+
+        if numerics not in NUMERICS_CHOICES:
+            raise ValueError(f"numerics: must be one of {', '.join(NUMERICS_CHOICES)}, got {numerics!r}")
+        self.numerics = numerics
 
     def weight_formats(self) -> str:
         """How the weights are held, e.g. ``"q4_1 (210 tensors), q8_0 (1), float32 (62)"``, for logs."""
@@ -343,6 +357,7 @@ class LlamaModel:
         s = self.spec
         num_tokens = input_ids.shape[0]
         eps = s.rms_norm_eps
+        numerics = self.numerics
         if logits_indices.numel() == 0:      # a prefill chunk that samples nothing: skip the lm_head
             logits_out = torch.empty(0, s.vocab_size, dtype=torch.float32)
         else:
@@ -353,16 +368,16 @@ class LlamaModel:
         # down product adding the residual. On CPU float32 each of these is one native call.
         x = self.embed.dequantize(input_ids) if isinstance(self.embed, QuantizedTensor) else self.embed[input_ids]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            qkv = linear(x, layer["qkv"], layer["qkv_bias"], norm=(layer["input_norm"], eps))
+            qkv = linear(x, layer["qkv"], layer["qkv_bias"], norm=(layer["input_norm"], eps), numerics=numerics)
             q, k, v = rope_and_write_kv(qkv, positions, self._cos, self._sin, k_cache, v_cache, batch.slot_mapping,
                                         s.num_heads, layer["q_norm"], layer["k_norm"], eps)
             attn = attend(q, k, v, k_cache, v_cache, batch, s.head_dim ** -0.5, s.sliding_window, write_kv=False)
-            x = linear(attn.view(num_tokens, -1), layer["o"], residual=x)
-            mlp = linear(x, layer["gate_up"], norm=(layer["post_norm"], eps), silu_mul=True)
-            x = linear(mlp, layer["down"], residual=x)
+            x = linear(attn.view(num_tokens, -1), layer["o"], residual=x, numerics=numerics)
+            mlp = linear(x, layer["gate_up"], norm=(layer["post_norm"], eps), silu_mul=True, numerics=numerics)
+            x = linear(mlp, layer["down"], residual=x, numerics=numerics)
         if logits_out is not None:
             return logits_out
-        return linear(x[logits_indices], self.lm_head, norm=(self.norm, eps)).float()
+        return linear(x[logits_indices], self.lm_head, norm=(self.norm, eps), numerics=numerics).float()
 
 
 _QUANTIZABLE = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")

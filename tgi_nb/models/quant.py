@@ -7,7 +7,8 @@ each block into floats in registers and multiplies by float32 activations ("exac
 values are the float32 weights the converted model holds, bit for bit, so only the summation order differs).
 
 The kernel is built once per instruction set and the one this CPU runs best is picked at run time
-(:func:`kernel_variant`): ``avx512`` (``-march=x86-64-v4``), ``avx2`` (``-march=x86-64-v3``: AVX2, FMA, F16C) or
+(:func:`kernel_variant`): ``avx512vnni`` (``avx512`` plus VNNI, for the "fast" numerics of
+:func:`quantized_linear`), ``avx512`` (``-march=x86-64-v4``), ``avx2`` (``-march=x86-64-v3``: AVX2, FMA, F16C) or
 ``generic`` (plain x86-64 SSE2, software fp16; the native flags on other machines). ``TGI_NB_QUANT_KERNEL``
 forces one (a benchmark comparing them; a test running each), ``TGI_NB_QUANT_KERNEL=0`` turns the kernels off and
 weights are dequantized by torch ops instead.
@@ -37,8 +38,11 @@ BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 BLOCK = 32
 
 # Instruction sets the kernel is built for, best first: the flags, and the /proc/cpuinfo flags a CPU needs.
+_AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"}
 VARIANTS = {
-    "avx512": (["-march=x86-64-v4"], {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"}),
+    # The exact kernels are avx512's; the fast numerics' integer dot products take VNNI's dpbusd.
+    "avx512vnni": (["-march=x86-64-v4", "-mavx512vnni"], _AVX512 | {"avx512_vnni"}),
+    "avx512": (["-march=x86-64-v4"], _AVX512),
     "avx2": (["-march=x86-64-v3"], {"avx2", "fma", "f16c", "bmi2", "movbe"}),
     "generic": (["-march=x86-64"], set()),
 }
@@ -92,21 +96,26 @@ _KERNELS = {name: {"ggml": (native.NativeFunction("quant_gemm", "tgi_nb_quant_ge
                                                     _build_flags(name)),
                               native.NativeFunction("quant_gemm", "tgi_nb_dequantize_rows16", _DEQUANT_ARGS,
                                                     _build_flags(name))),
+                   "rows16_q8": native.NativeFunction("quant_gemm", "tgi_nb_quant_gemm_rows16_q8", _GEMM_ARGS,
+                                                      _build_flags(name)),
                    "width": native.NativeFunction("quant_gemm", "tgi_nb_quant_vector_width", [],
                                                   _build_flags(name))}
             for name in VARIANTS}
 LAYOUTS = ("ggml", "rows16")
+NUMERICS = ("exact", "fast")
+_SILU_MAX_ROWS = 64   # rows per call of a product with silu_mul (csrc/quant_gemm.c's SILU_MAX_ROWS)
 GROUP = 16   # weight rows per group of the rows16 layout
 
 
 def kernel_variant() -> Optional[str]:
     """The kernel variant quantized products run on, or None when they run on torch ops.
 
-    ``TGI_NB_QUANT_KERNEL`` names one (``avx512``, ``avx2``, ``generic``) or turns them off (``0``); otherwise the
-    best this CPU runs whose build succeeds. Read on every call, so a test or notebook can switch it.
+    ``TGI_NB_QUANT_KERNEL`` names one (``avx512vnni``, ``avx512``, ``avx2``, ``generic``) or turns them off
+    (``0``); otherwise the best this CPU runs whose build succeeds. Read on every call, so a test or notebook can
+    switch it.
 
     Example:
-        >>> kernel_variant() in (None, "avx512", "avx2", "generic")
+        >>> kernel_variant() in (None, "avx512vnni", "avx512", "avx2", "generic")
         True
     """
     raw = os.environ.get(_SWITCH, "")
@@ -286,10 +295,22 @@ def _torch_dequantize(data: torch.Tensor, qtype: str, cols: int) -> torch.Tensor
 
 def quantized_linear(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[torch.Tensor] = None,
                      residual: Optional[torch.Tensor] = None, *, norm: Optional[tuple[torch.Tensor, float]] = None,
-                     silu_mul: bool = False, variant: Optional[str] = None) -> Optional[torch.Tensor]:
+                     silu_mul: bool = False, variant: Optional[str] = None,
+                     numerics: str = "exact") -> Optional[torch.Tensor]:
     """``linear()``'s contract for a quantized weight and float32 CPU ``x`` of at most 64 rows, on the native
     kernel (``variant``, default :func:`kernel_variant`); None when no kernel is available (the caller then
     dequantizes). See :func:`tgi_nb.models.linear.linear` for ``norm`` and ``silu_mul``.
+
+    ``numerics``:
+
+    - ``"exact"``: quantized weights times float32 activations (each dequantized weight is the float32 value
+      gguf's dequantizer gives; only the summation order differs from a float matmul);
+    - ``"fast"``: llama.cpp's: each row of ``x`` (after ``norm``) is quantized to int8 per block of 32 (Q8_0, as
+      llama.cpp's ``quantize_row_q8_0``) and each block's product is an integer dot product (AVX-512 VNNI's
+      ``dpbusd``; ``maddubs`` on AVX2), scaled per block. Several times fewer instructions per weight; the cost
+      is the activations' rounding (about 1% relative error on the output of random data). Computed on the
+      rows16 layout (a ggml-layout weight is converted first: convert at load to avoid that per call), for any
+      number of rows (``silu_mul``: in chunks of 64). Each row's result does not depend on the others.
 
     Example:
         >>> w = QuantizedTensor.quantize(torch.randn(8, 64), "q4_1")
@@ -297,7 +318,12 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[to
         >>> out = quantized_linear(x, w)
         >>> out is None or torch.allclose(out, x @ w.dequantize().T, atol=1e-4)
         True
+        >>> fast = quantized_linear(x, w, numerics="fast")
+        >>> fast is None or ((fast - out).norm() / out.norm()).item() < 0.05
+        True
     """
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics: must be one of {', '.join(NUMERICS)}, got {numerics!r}")
     variant = variant or kernel_variant()
     if variant is None:
         return None
@@ -308,18 +334,41 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[to
     if residual is not None:
         residual = residual.contiguous()
     norm_weight, eps = norm if norm is not None else (None, 0.0)
-    if weight.layout == "rows16" and silu_mul and n % (2 * GROUP):
-        weight = weight.to_layout("ggml")          # the up half must start on a group; the loader avoids this
-    rc = _KERNELS[variant][weight.layout][0].get()(
+    if numerics == "exact":
+        if weight.layout == "rows16" and silu_mul and n % (2 * GROUP):
+            weight = weight.to_layout("ggml")          # the up half must start on a group; the loader avoids this
+        _run_kernel(_KERNELS[variant][weight.layout][0], x, weight, bias, residual, out, norm_weight, eps, silu_mul)
+        return out
+    weight = weight.to_layout("rows16")
+    fast = _KERNELS[variant]["rows16_q8"]
+    if silu_mul and n % (2 * GROUP):
+        # The up half does not start on a group: the whole product, then silu_mul in torch.
+        both = torch.empty(rows, n, dtype=torch.float32)
+        _run_kernel(fast, x, weight, bias, None, both, norm_weight, eps, False)
+        return torch.nn.functional.silu(both[:, :n // 2]) * both[:, n // 2:]
+    # Any number of rows, except with silu_mul, whose per-thread scratch holds 64.
+    step = _SILU_MAX_ROWS if silu_mul else max(rows, 1)
+    for start in range(0, max(rows, 1), step):
+        stop = min(start + step, rows)
+        _run_kernel(fast, x[start:stop], weight, bias, None if residual is None else residual[start:stop],
+                    out[start:stop], norm_weight, eps, silu_mul)
+    return out
+
+
+def _run_kernel(kernel: native.NativeFunction, x: torch.Tensor, weight: QuantizedTensor, bias: Optional[torch.Tensor],
+                residual: Optional[torch.Tensor], out: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float,
+                silu_mul: bool) -> None:
+    n, k = weight.shape
+    rc = kernel.get()(
         x.data_ptr(), weight.data.data_ptr(), QTYPE_IDS[weight.qtype],
         bias.data_ptr() if bias is not None else None, residual.data_ptr() if residual is not None else None,
-        out.data_ptr(), rows, n, k, torch.get_num_threads(),
+        out.data_ptr(), x.shape[0], n, k, torch.get_num_threads(),
         norm_weight.data_ptr() if norm_weight is not None else None, eps, int(silu_mul))
     if rc == 1:
         raise MemoryError("the quantized linear kernel could not allocate its scratch buffer")
     if rc:
-        raise ValueError(f"the quantized linear kernel refused rows={rows}, weight {weight.qtype} {weight.shape}")
-    return out
+        raise ValueError(f"the quantized linear kernel refused rows={x.shape[0]}, "
+                         f"weight {weight.qtype} {weight.shape}")
 
 
 # ---------------------------------------------------------------------------------------------- GGUF files

@@ -37,8 +37,18 @@ enum { P_QKV, P_O, P_GATE_UP, P_DOWN, P_QKV_BIAS, P_INPUT_NORM, P_POST_NORM, P_Q
 /* per-layer weight types (GGML ids) */
 enum { T_QKV, T_O, T_GATE_UP, T_DOWN, T_COUNT };
 
-/* The RMSNorm of x's rows (or a copy when norm is NULL) into xn, and the per-block sums of xn into sx. */
-static void prepare_input(const float *x, const float *norm, float eps, int M, int K, float *xn, float *sx) {
+/* What a product needs besides its float input xn: the per-block sums of xn (sx) and, with the fast numerics, xn
+   quantized to int8 per block (xq, scales xd, quant sums xs). prepare_input fills them. */
+typedef struct {
+    float *sx;
+    int8_t *xq;
+    float *xd;
+    int32_t *xs;
+    int fast;
+} input_t;
+
+/* xn = the RMSNorm of x's rows (x itself when norm is NULL), and the rest of a product's input. */
+static void prepare_input(const float *x, const float *norm, float eps, int M, int K, float *xn, const input_t *in) {
     if (norm) rms_norm_rows(x, norm, eps, M, K, xn);
     else if (xn != x) memcpy(xn, x, sizeof(float) * (size_t)M * K);
     const int blocks = K / QK;
@@ -47,33 +57,43 @@ static void prepare_input(const float *x, const float *norm, float eps, int M, i
             const float *xb = xn + (size_t)i * K + (size_t)b * QK;
             float s = 0;
             for (int k = 0; k < QK; k++) s += xb[k];
-            sx[(size_t)i * blocks + b] = s;
+            in->sx[(size_t)i * blocks + b] = s;
         }
+    if (in->fast) quantize_rows_q8(xn, M, K, in->xq, in->xd, in->xs);
+}
+
+/* One group of products, on the numerics asked for. */
+static inline void group_product(int qtype, const uint8_t *wg, int blocks, const float *x, const input_t *in, int M,
+                                 int K, int valid, float *y, int ldy, int col, const float *bias, const float *res) {
+    if (in->fast)
+        group_rows_q8(qtype, wg, blocks, in->xq, in->xd, in->xs, M, K, valid, y, ldy, col, bias, res);
+    else
+        group_rows(qtype, wg, blocks, x, in->sx, M, K, valid, y, ldy, col, bias, res);
 }
 
 /* y (+)= x @ w^T over groups [0, groups) split among the team's threads (call from inside the region). */
-static void product(int qtype, const uint8_t *w, int N, int K, const float *x, const float *sx, int M, float *y,
+static void product(int qtype, const uint8_t *w, int N, int K, const float *x, const input_t *in, int M, float *y,
                     const float *bias, const float *res) {
     const int blocks = K / QK, groups = (N + GROUP - 1) / GROUP;
     const size_t group_bytes = (size_t)blocks * GROUP * block_bytes(qtype);
     #pragma omp for schedule(static)
     for (int g = 0; g < groups; g++) {
         const int n = g * GROUP, valid = N - n < GROUP ? N - n : GROUP;
-        group_rows(qtype, w + (size_t)g * group_bytes, blocks, x, sx, M, K, valid, y, N, n, bias, res);
+        group_product(qtype, w + (size_t)g * group_bytes, blocks, x, in, M, K, valid, y, N, n, bias, res);
     }
 }
 
 /* silu(x @ gate^T) * (x @ up^T) for a fused [gate; up] weight of 2 * I rows (I a multiple of 16). */
-static void gated_product(int qtype, const uint8_t *w, int I, int K, const float *x, const float *sx, int M,
+static void gated_product(int qtype, const uint8_t *w, int I, int K, const float *x, const input_t *in, int M,
                           float *y) {
     const int blocks = K / QK, half = I / GROUP;
     const size_t group_bytes = (size_t)blocks * GROUP * block_bytes(qtype);
     #pragma omp for schedule(static)
     for (int g = 0; g < half; g++) {
         float gate[SILU_MAX_ROWS * GROUP], up[SILU_MAX_ROWS * GROUP];
-        group_rows(qtype, w + (size_t)g * group_bytes, blocks, x, sx, M, K, GROUP, gate, GROUP, 0, NULL, NULL);
-        group_rows(qtype, w + (size_t)(g + half) * group_bytes, blocks, x, sx, M, K, GROUP, up, GROUP, 0, NULL,
-                   NULL);
+        group_product(qtype, w + (size_t)g * group_bytes, blocks, x, in, M, K, GROUP, gate, GROUP, 0, NULL, NULL);
+        group_product(qtype, w + (size_t)(g + half) * group_bytes, blocks, x, in, M, K, GROUP, up, GROUP, 0, NULL,
+                      NULL);
         silu_mul_rows(gate, up, GROUP, M, GROUP, y + (size_t)g * GROUP, I);
     }
 }
@@ -82,11 +102,13 @@ static void gated_product(int qtype, const uint8_t *w, int I, int K, const float
    block_tables: [M, max_blocks]; context_lens: [M] (tokens including this one); logits: [M, vocab].
    dims, layer_ptrs ([layers, P_COUNT]), layer_types ([layers, T_COUNT]): the model (see tgi_nb/models/llama.py
    DecodeStep); model_ptrs: cos, sin ([max_pos, head_dim]), final norm, lm_head; fparams: eps, attention scale.
+   fast: the fast numerics (activations quantized to int8 per block, integer dot products: quantize_rows_q8,
+   group_rows_q8) instead of the exact ones.
    Returns 0, 1 for arguments out of range (nothing computed), 2 when out of memory. */
 int tgi_nb_decode_step(const int64_t *dims, const float *fparams, const int64_t *layer_ptrs,
                        const int32_t *layer_types, const int64_t *model_ptrs, int32_t lm_head_type, float *x, int M,
                        const int64_t *positions, const int64_t *slots, const int32_t *block_tables,
-                       int64_t max_blocks, const int32_t *context_lens, float *logits, int nthreads) {
+                       int64_t max_blocks, const int32_t *context_lens, float *logits, int nthreads, int fast) {
     const int L = (int)dims[D_LAYERS], Hd = (int)dims[D_HIDDEN], I = (int)dims[D_INTER];
     const int64_t NH = dims[D_HEADS], KVH = dims[D_KV_HEADS], D = dims[D_HEAD_DIM];
     const int V = (int)dims[D_VOCAB];
@@ -141,10 +163,16 @@ int tgi_nb_decode_step(const int64_t *dims, const float *fparams, const int64_t 
                           + (multi ? (size_t)n_parts * NH * (D + 2) : 0)
                           + att_scratch * nthreads + 16;
     int64_t *part_index = malloc(sizeof(int64_t) * (size_t)(n_parts + M + 1));
+    int8_t *xq = fast ? malloc((size_t)M * maxK) : NULL;
+    float *xd = fast ? malloc(sizeof(float) * (size_t)M * (maxK / QK)) : NULL;
+    int32_t *xs = fast ? malloc(sizeof(int32_t) * (size_t)M * (maxK / QK)) : NULL;
     float *mem = aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64);
-    if (!part_index || !mem) {
+    if (!part_index || !mem || (fast && (!xq || !xd || !xs))) {
         free(part_index);
         free(mem);
+        free(xq);
+        free(xd);
+        free(xs);
         return 2;
     }
     float *xn = mem, *sx = xn + (size_t)M * maxK, *qkv = sx + (size_t)M * (maxK / QK), *q = qkv + (size_t)M * NQKV;
@@ -163,6 +191,7 @@ int tgi_nb_decode_step(const int64_t *dims, const float *fparams, const int64_t 
     attn.partials = partials;
     attn.q = q;
     attn.out = att;
+    const input_t in = {sx, xq, xd, xs, fast};
 
     #pragma omp parallel num_threads(nthreads)
     {
@@ -172,8 +201,8 @@ int tgi_nb_decode_step(const int64_t *dims, const float *fparams, const int64_t 
             const int64_t *ptr = layer_ptrs + (size_t)l * P_COUNT;
             const int32_t *type = layer_types + (size_t)l * T_COUNT;
             #pragma omp single
-            prepare_input(x, (const float *)ptr[P_INPUT_NORM], eps, M, Hd, xn, sx);
-            product(type[T_QKV], (const uint8_t *)ptr[P_QKV], NQKV, Hd, xn, sx, M, qkv,
+            prepare_input(x, (const float *)ptr[P_INPUT_NORM], eps, M, Hd, xn, &in);
+            product(type[T_QKV], (const uint8_t *)ptr[P_QKV], NQKV, Hd, xn, &in, M, qkv,
                     (const float *)ptr[P_QKV_BIAS], NULL);
             #pragma omp for schedule(static)
             for (int t = 0; t < M; t++) {
@@ -192,20 +221,23 @@ int tgi_nb_decode_step(const int64_t *dims, const float *fparams, const int64_t 
                     if (first_part[b + 1] - first_part[b] > 1) merge_parts(&p, b);
             }
             #pragma omp single
-            prepare_input(att, NULL, eps, M, QD, att, sx);
-            product(type[T_O], (const uint8_t *)ptr[P_O], Hd, QD, att, sx, M, x, NULL, x);
+            prepare_input(att, NULL, eps, M, QD, att, &in);
+            product(type[T_O], (const uint8_t *)ptr[P_O], Hd, QD, att, &in, M, x, NULL, x);
             #pragma omp single
-            prepare_input(x, (const float *)ptr[P_POST_NORM], eps, M, Hd, xn, sx);
-            gated_product(type[T_GATE_UP], (const uint8_t *)ptr[P_GATE_UP], I, Hd, xn, sx, M, mlp);
+            prepare_input(x, (const float *)ptr[P_POST_NORM], eps, M, Hd, xn, &in);
+            gated_product(type[T_GATE_UP], (const uint8_t *)ptr[P_GATE_UP], I, Hd, xn, &in, M, mlp);
             #pragma omp single
-            prepare_input(mlp, NULL, eps, M, I, mlp, sx);
-            product(type[T_DOWN], (const uint8_t *)ptr[P_DOWN], Hd, I, mlp, sx, M, x, NULL, x);
+            prepare_input(mlp, NULL, eps, M, I, mlp, &in);
+            product(type[T_DOWN], (const uint8_t *)ptr[P_DOWN], Hd, I, mlp, &in, M, x, NULL, x);
         }
         #pragma omp single
-        prepare_input(x, final_norm, eps, M, Hd, xn, sx);
-        product(lm_head_type, lm_head, V, Hd, xn, sx, M, logits, NULL, NULL);
+        prepare_input(x, final_norm, eps, M, Hd, xn, &in);
+        product(lm_head_type, lm_head, V, Hd, xn, &in, M, logits, NULL, NULL);
     }
     free(part_index);
     free(mem);
+    free(xq);
+    free(xd);
+    free(xs);
     return 0;
 }
