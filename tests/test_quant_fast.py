@@ -4,7 +4,6 @@ quantize_row_q8_0, bit for bit), per block integer dot products in int64, scaled
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
