@@ -10,7 +10,10 @@
 - ``torch ops``: also ``TGI_NB_NATIVE_LINEAR=0``, every product through oneDNN and the norms and silu as torch ops;
 - ``gguf blocks``: the engine's default for the bundled model: the GGUF's Q4_1 / Q8_0 blocks as stored, on the
   best quantized kernel variant this CPU runs (96 MB read per token instead of 538 MB); ``gguf blocks avx2``: the
-  same forced onto the AVX2 build (``TGI_NB_QUANT_KERNEL=avx2``), where the CPU runs it.
+  same forced onto the AVX2 build (``TGI_NB_QUANT_KERNEL=avx2``), where the CPU runs it; ``gguf blocks fast``: the
+  GGUF blocks with the fast numerics (``--numerics fast``: int8 activations, integer dot products);
+  ``gguf per layer``: the GGUF blocks with the fused decode step off (``TGI_NB_FUSED_DECODE=0``: six calls per
+  layer from Python, as before the fused step).
 
 The variants run interleaved, ``--calls`` forwards each per round, in one process, so a change of the host's
 load hits them all alike; the table gives the best and the median round (ms per forward) and the decode rate
@@ -44,6 +47,8 @@ VARIANTS = {
     "torch ops": {"TGI_NB_NATIVE_ROPE": "0", "TGI_NB_NATIVE_LINEAR": "0"},
     "gguf blocks": {},
     "gguf blocks avx2": {"TGI_NB_QUANT_KERNEL": "avx2"},
+    "gguf blocks fast": {},
+    "gguf per layer": {"TGI_NB_FUSED_DECODE": "0"},
 }
 
 
@@ -71,10 +76,15 @@ def main() -> None:
     models = {"tgi_nb": model, "4k pages": out_of_arena(model)}
     if source_gguf(path) is not None:
         models["gguf blocks"] = models["gguf blocks avx2"] = LlamaModel.load(path, gguf_file=source_gguf(path))
+        models["gguf per layer"] = models["gguf blocks"]
+        fast = models["gguf blocks fast"] = copy.copy(models["gguf blocks"])
+        fast._fused = False          # its own fused step, reading its own numerics
+        fast.set_numerics("fast")
     if "avx2" not in quant.runnable_variants() or "gguf blocks" not in models:
         del VARIANTS["gguf blocks avx2"]
     if "gguf blocks" not in models:
-        del VARIANTS["gguf blocks"]
+        for name in ("gguf blocks", "gguf blocks fast", "gguf per layer"):
+            del VARIANTS[name]
     spec, block_size = model.spec, 16
     num_blocks = args.context // block_size + 2
     shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)

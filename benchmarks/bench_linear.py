@@ -6,9 +6,10 @@ MKL (torch's default for F.linear on CPU), oneDNN (torch.ops.mkldnn._linear_poin
 small-batch kernel (csrc/small_gemm.c), same weights, same process, 2 threads. Prints ms per pass, GFLOPS and
 GB/s of weights read. tgi_nb.models.linear picks between them by row count from these numbers.
 
-``--quantized``: the same layers as the bundled GGUF holds them (Q4_1, the lm_head Q8_0), on each quantized
-kernel variant this CPU runs (csrc/quant_gemm.c) and as "dequantize the layer to a float32 scratch, then
-oneDNN" (the path for more than 64 rows), beside the float32 native kernel. ``--cpu-time`` reports the
+``--quantized``: the same layers as the bundled GGUF holds them (Q4_1, the lm_head Q8_0; rows16 layout, as the
+engine keeps them), on each quantized kernel variant this CPU runs (csrc/quant_gemm.c, exact numerics), with the
+fast numerics on the best variant (int8 activations, integer dot products), and as "dequantize the layer to a
+float32 scratch, then oneDNN" (the exact path for more than 64 rows), beside the float32 native kernel. ``--cpu-time`` reports the
 calling thread's CPU time instead of wall time (use with ``--threads 1``): on a machine shared with other jobs
 it stays comparable while wall time does not.
 """
@@ -47,10 +48,12 @@ def main() -> None:
         "native": lambda x, w: lin.linear(x, w),
     }
     if args.quantized:
-        blocks = {id(w): quant.QuantizedTensor.quantize(w, "q8_0" if w.shape[0] == 49152 else "q4_1") for w in weights}
+        blocks = {id(w): quant.QuantizedTensor.quantize(w, "q8_0" if w.shape[0] == 49152 else "q4_1").to_layout("rows16")
+                  for w in weights}
         systems = {"native fp32": systems["native"]}
         for variant in quant.runnable_variants():
             systems[variant] = lambda x, w, v=variant: quant.quantized_linear(x, blocks[id(w)], variant=v)
+        systems["fast"] = lambda x, w: quant.quantized_linear(x, blocks[id(w)], numerics="fast")
         systems["dequant+onednn"] = lambda x, w: torch.ops.mkldnn._linear_pointwise(
             x, blocks[id(w)].dequantize(), None, "none", [], "")
         quant_bytes = sum(b.nbytes for b in blocks.values())

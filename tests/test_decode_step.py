@@ -171,3 +171,19 @@ def test_fast_numerics_stay_close_to_exact(tiny_models, monkeypatch):
     assert not torch.equal(fast, exact)                       # int8 activations do change the numbers...
     kld = torch.nn.functional.kl_div(fast.log_softmax(-1), exact.log_softmax(-1), log_target=True, reduction="none")
     assert kld.sum(-1).max() < 0.01                            # ...but not the distribution
+
+
+def test_each_call_writes_the_caches_it_is_given(tiny_models, monkeypatch):
+    """A regression: cache pointers were kept between calls when the list's id and its first tensor's address
+    matched, which a freshly built list can reuse while the other layers' tensors moved (garbage, NaN)."""
+    model = tiny_models["qwen3"]
+    positions, batch = decode_batch([3, 100, 700], 50)
+    kv = caches(model, 150)
+    ids = torch.tensor([10, 20, 30])
+    first = forward(model, ids, positions, batch, clone(kv), torch.arange(3), monkeypatch, fused=True)
+    for _ in range(30):   # each list freed after its call, as the next one is made: ids and addresses get reused
+        assert torch.equal(forward(model, ids, positions, batch, clone(kv), torch.arange(3), monkeypatch, fused=True),
+                           first)
+    fresh = clone(kv)
+    forward(model, ids, positions, batch, fresh, torch.arange(3), monkeypatch, fused=True)
+    assert all(not torch.equal(k, k0) for (k, _), (k0, _) in zip(fresh, kv))     # every layer's cache written

@@ -93,28 +93,25 @@ class FusedDecode:
         self.model_ptrs[2] = model.norm.data_ptr()
         self.model_ptrs[3] = model.lm_head.data.data_ptr()
         self.lm_head_type = quant.QTYPE_IDS[model.lm_head.qtype]
-        self._caches_key: Optional[tuple] = None
 
     def usable(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         """Whether this step can run now: the switch is on, a kernel is built, the cache is float32 on the CPU."""
         if os.environ.get(SWITCH, "1").strip().lower() in native._DISABLE_VALUES:
             return False
         k = kv_caches[0][0]
-        if k.dtype != torch.float32 or k.device.type != "cpu" or not k.is_contiguous():
+        if (k.dtype != torch.float32 or k.device.type != "cpu" or not k.is_contiguous()
+                or len(kv_caches) != self.model.spec.num_layers):
             return False
         variant = quant.kernel_variant()
         return variant is not None and _KERNELS[variant].get() is not None
 
     def _bind_caches(self, kv_caches) -> None:
-        key = (id(kv_caches), kv_caches[0][0].data_ptr(), tuple(kv_caches[0][0].shape))
-        if key == self._caches_key:
-            return
-        for i, (k, v) in enumerate(kv_caches):
-            self.layer_ptrs[i, _K_CACHE] = k.data_ptr()
-            self.layer_ptrs[i, _V_CACHE] = v.data_ptr()
+        # Every call, every layer (~10 us): a cache list built anew can reuse a freed list's id and its first
+        # tensor's address while the other layers' tensors moved, so no cheap key proves the pointers current.
+        self.layer_ptrs[:, _K_CACHE] = torch.tensor([k.data_ptr() for k, _ in kv_caches], dtype=torch.int64)
+        self.layer_ptrs[:, _V_CACHE] = torch.tensor([v.data_ptr() for _, v in kv_caches], dtype=torch.int64)
         self.dims[_DIMS.index("num_blocks")] = kv_caches[0][0].shape[0]
         self.dims[_DIMS.index("block_size")] = kv_caches[0][0].shape[1]
-        self._caches_key = key
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
             context_lens: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
