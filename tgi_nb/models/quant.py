@@ -297,9 +297,9 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[to
                      residual: Optional[torch.Tensor] = None, *, norm: Optional[tuple[torch.Tensor, float]] = None,
                      silu_mul: bool = False, variant: Optional[str] = None,
                      numerics: str = "exact") -> Optional[torch.Tensor]:
-    """``linear()``'s contract for a quantized weight and float32 CPU ``x`` of at most 64 rows, on the native
-    kernel (``variant``, default :func:`kernel_variant`); None when no kernel is available (the caller then
-    dequantizes). See :func:`tgi_nb.models.linear.linear` for ``norm`` and ``silu_mul``.
+    """``linear()``'s contract for a quantized weight and float32 CPU ``x``, on the native kernel (``variant``,
+    default :func:`kernel_variant`); None when no kernel is available (the caller then dequantizes). Any number of
+    rows (``silu_mul`` in chunks of 64); :func:`kernel_takes_large_batches` says when more than 64 pay. See :func:`tgi_nb.models.linear.linear` for ``norm`` and ``silu_mul``.
 
     ``numerics``:
 
@@ -337,22 +337,38 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedTensor, bias: Optional[to
     if numerics == "exact":
         if weight.layout == "rows16" and silu_mul and n % (2 * GROUP):
             weight = weight.to_layout("ggml")          # the up half must start on a group; the loader avoids this
-        _run_kernel(_KERNELS[variant][weight.layout][0], x, weight, bias, residual, out, norm_weight, eps, silu_mul)
-        return out
-    weight = weight.to_layout("rows16")
-    fast = _KERNELS[variant]["rows16_q8"]
-    if silu_mul and n % (2 * GROUP):
-        # The up half does not start on a group: the whole product, then silu_mul in torch.
-        both = torch.empty(rows, n, dtype=torch.float32)
-        _run_kernel(fast, x, weight, bias, None, both, norm_weight, eps, False)
-        return torch.nn.functional.silu(both[:, :n // 2]) * both[:, n // 2:]
+        kernel = _KERNELS[variant][weight.layout][0]
+    else:
+        weight = weight.to_layout("rows16")
+        kernel = _KERNELS[variant]["rows16_q8"]
+        if silu_mul and n % (2 * GROUP):
+            # The up half does not start on a group: the whole product, then silu_mul in torch.
+            both = torch.empty(rows, n, dtype=torch.float32)
+            _run_kernel(kernel, x, weight, bias, None, both, norm_weight, eps, False)
+            return torch.nn.functional.silu(both[:, :n // 2]) * both[:, n // 2:]
     # Any number of rows, except with silu_mul, whose per-thread scratch holds 64.
     step = _SILU_MAX_ROWS if silu_mul else max(rows, 1)
     for start in range(0, max(rows, 1), step):
         stop = min(start + step, rows)
-        _run_kernel(fast, x[start:stop], weight, bias, None if residual is None else residual[start:stop],
+        _run_kernel(kernel, x[start:stop], weight, bias, None if residual is None else residual[start:stop],
                     out[start:stop], norm_weight, eps, silu_mul)
     return out
+
+
+def kernel_takes_large_batches(weight: QuantizedTensor, numerics: str = "exact") -> bool:
+    """Whether products of more than 64 rows should stay on the quantized kernel rather than dequantize the weight
+    and take oneDNN: always with the fast numerics; with the exact ones on rows16 blocks and an AVX-512 build, which
+    measured faster there (benchmarks/bench_linear.py --quantized, all of SmolLM2's layers at 256 rows: 369 ms
+    against 425 ms), while the AVX2 build measured slower (804 ms).
+
+    Example:
+        >>> kernel_takes_large_batches(QuantizedTensor.quantize(torch.randn(16, 32), "q8_0"), "fast")
+        True
+    """
+    if numerics == "fast":
+        return True
+    variant = kernel_variant()
+    return weight.layout == "rows16" and variant is not None and vector_width(variant) == 16
 
 
 def _run_kernel(kernel: native.NativeFunction, x: torch.Tensor, weight: QuantizedTensor, bias: Optional[torch.Tensor],
