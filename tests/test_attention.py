@@ -145,6 +145,33 @@ def test_batch_invariance_alone_vs_in_batch_of_16(threads, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("build", ["native", "avx2"])
+def test_batch_invariance_small_heads_on_each_build(build, monkeypatch):
+    """head_dim 16 (the test models' heads), 2 threads, with the kernel also built for AVX2 (x86-64-v3) where the
+    CPU runs it: that build once vectorized the output normalisation over all heads of a work item and gave a lone
+    sequence (one kv head per item) other bits than the same sequence in a batch (all kv heads per item)."""
+    from tgi_nb.models import quant
+
+    if build == "avx2":
+        if "avx2" not in quant.runnable_variants():
+            pytest.skip("this CPU does not run AVX2 code")
+        monkeypatch.setattr(attention, "_KERNEL", native.NativeFunction(
+            "paged_attention", attention._SYMBOL, attention._ARGTYPES, extra_flags=["-march=x86-64-v3"]))
+    monkeypatch.setattr(attention, "_MIN_ROWS_PER_THREAD", 1)
+    lens = [700, 1, 16, 17, 33, 64, 129, 1300, 3, 90, 500, 48, 15, 31, 200, 77]
+    q, k, v, tables, lens_t = make_case(lens, num_heads=4, kv_heads=2, head_dim=16, seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        batched = paged_decode_attention(q, k, v, tables, lens_t, 0.125)
+        for b in range(len(lens)):
+            alone = paged_decode_attention(q[b:b + 1], k, v, tables[b:b + 1], lens_t[b:b + 1], 0.125)
+            assert torch.equal(alone[0], batched[b]), f"sequence {b} changed with the batch"
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
 def test_bit_identical_with_1_and_2_threads(monkeypatch):
     monkeypatch.setattr(attention, "_MIN_ROWS_PER_THREAD", 1)  # make sure threads really start
     q, k, v, tables, lens = make_case(LENS * 4, seed=5)

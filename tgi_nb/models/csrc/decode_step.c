@@ -132,18 +132,17 @@ int tgi_nb_decode_step(const int64_t *dims, const float *fparams, const int64_t 
             if (block_tables[b * max_blocks + j] < 0 || block_tables[b * max_blocks + j] >= NB) return 1;
     }
 
-    /* The attention's work items, as paged_attention.c cuts them: parts of PART tokens. */
+    /* The attention's work items: parts of PART tokens of each sequence. */
     int64_t n_parts = 0, multi = 0;
     for (int b = 0; b < M; b++) {
         const int64_t ctx = context_lens[b], start = (window > 0 && ctx > window) ? ctx - window : 0;
         n_parts += (ctx - start + PART - 1) / PART;
         multi |= ctx - start > PART;
     }
-    /* Items take all kv heads of a part (rows read contiguously). Unlike paged_attention.c, never one kv head per
-       item when parts are few: the GCC build for AVX2 gave different bits for the two splits, and a sequence's
-       logits must not change with the size of its step. A lone short sequence leaves the other threads idle for
-       its attention, a few microseconds per layer. */
-    const int64_t heads_per_item = KVH;
+    /* Whole rows of kv heads per item (read contiguously) when there are plenty of parts, one kv head per item
+       otherwise, so that both threads share a lone sequence's attention (as paged_attention.c cuts them; the cut
+       never changes a sequence's bits). */
+    const int64_t heads_per_item = (nthreads == 1 || n_parts >= 4 * nthreads) ? KVH : 1;
     params_t attn = {0};
     attn.block_tables = block_tables;
     attn.context_lens = context_lens;

@@ -242,6 +242,16 @@ static void tile_scalar(item_state_t *s, const kv_t *restrict kc, const kv_t *re
     }
 }
 
+/* out = acc / sum for one head. Its own function, one head per call: inlined, GCC's AVX2 build vectorized the loop
+ * over all of a work item's heads at once and rounded differently with 1 and with 3 heads per item, so a
+ * sequence's output changed with how the batch was cut into items (head_dim 16, 2 threads). */
+static __attribute__((noinline)) void normalize_head(float *restrict out, const float *restrict acc, float sum,
+                                                     int64_t D)
+{
+    const float inv = 1.0f / sum;
+    for (int64_t d = 0; d < D; d++) out[d] = acc[d] * inv;
+}
+
 static inline __attribute__((always_inline)) void
 attend_item(const params_t *p, int64_t item, float *restrict scratch, const int NV)
 {
@@ -290,10 +300,7 @@ attend_item(const params_t *p, int64_t item, float *restrict scratch, const int 
 
     if (single) {
         float *restrict out = p->out + (b * p->H + g0 * G) * D;
-        for (int64_t h = 0; h < nh; h++) {
-            const float inv = 1.0f / s.sum[h];
-            for (int64_t d = 0; d < D; d++) out[h * D + d] = s.acc[h * D + d] * inv;
-        }
+        for (int64_t h = 0; h < nh; h++) normalize_head(out + h * D, s.acc + h * D, s.sum[h], D);
     } else {
         float *restrict dst = p->partials + (part * p->H + g0 * G) * (D + 2);
         for (int64_t h = 0; h < nh; h++) {
