@@ -19,6 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+from tgi_nb.models import quant  # noqa: E402  (after HF_HUB_OFFLINE: it imports nothing of huggingface_hub)
+
 TINY_ARCHS = ("llama", "qwen2", "qwen3")
 
 # Files that make up a tokenizer in a model folder (as the Hub and our GGUF conversion write them).
@@ -134,3 +136,13 @@ def build_tiny_model(out: Path, arch: str = "llama", dtype=None, tokenizer_dir=N
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, out / name)
     return out
+
+
+@pytest.fixture(params=quant.runnable_variants())
+def quant_variant(request, monkeypatch):
+    """Each quantized-kernel variant this CPU runs (avx512vnni, avx512, avx2, generic), forced through
+    ``TGI_NB_QUANT_KERNEL`` for the test; skipped where that build failed."""
+    if quant.vector_width(request.param) is None:
+        pytest.skip(f"the {request.param} kernel did not build")
+    monkeypatch.setenv("TGI_NB_QUANT_KERNEL", request.param)
+    return request.param

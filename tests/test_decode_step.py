@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tgi_nb.models import quant
 from tgi_nb.models.attention import AttentionBatch
 from tgi_nb.models.decode_step import FusedDecode
 from tgi_nb.models.llama import LlamaModel
@@ -15,12 +14,6 @@ from tgi_nb.models.llama import LlamaModel
 BLOCK = 16
 
 
-@pytest.fixture(params=quant.runnable_variants())
-def variant(request, monkeypatch):
-    if quant.vector_width(request.param) is None:
-        pytest.skip(f"the {request.param} kernel did not build")
-    monkeypatch.setenv("TGI_NB_QUANT_KERNEL", request.param)
-    return request.param
 
 
 def caches(model: LlamaModel, num_blocks: int, seed: int = 0):
@@ -71,7 +64,7 @@ def numerics(request, tiny_models):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "qwen2-window"])
-def test_fused_step_matches_the_per_layer_path(tiny_models, variant, numerics, name, monkeypatch):
+def test_fused_step_matches_the_per_layer_path(tiny_models, quant_variant, numerics, name, monkeypatch):
     model = tiny_models[name]
     step = FusedDecode.for_model(model)
     assert step is not None
@@ -92,7 +85,7 @@ def test_fused_step_matches_the_per_layer_path(tiny_models, variant, numerics, n
         torch.testing.assert_close(v, v2, rtol=tolerance / 10, atol=tolerance / 10)
 
 
-def test_a_sequences_logits_do_not_depend_on_the_rest_of_the_step(tiny_models, variant, numerics, monkeypatch):
+def test_a_sequences_logits_do_not_depend_on_the_rest_of_the_step(tiny_models, quant_variant, numerics, monkeypatch):
     model = tiny_models["qwen3"]
     contexts = [(37 * i) % 700 for i in range(70)]   # 70 sequences: two calls of 64 and 6
     positions, batch = decode_batch(contexts, 45)

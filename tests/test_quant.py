@@ -31,12 +31,6 @@ def gguf_dequantize(q: QuantizedTensor) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(q.data.numpy(), GGMLQuantizationType[q.qtype.upper()]))
 
 
-@pytest.fixture(params=VARIANTS)
-def variant(request, monkeypatch):
-    if quant.vector_width(request.param) is None:
-        pytest.skip(f"the {request.param} kernel did not build")
-    monkeypatch.setenv("TGI_NB_QUANT_KERNEL", request.param)
-    return request.param
 
 
 def test_each_variant_is_built_for_its_instruction_set():
@@ -52,13 +46,13 @@ def test_each_variant_is_built_for_its_instruction_set():
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11, 17, 64])
 @pytest.mark.parametrize("out_features,in_features", [(67, 576), (130, 1536), (4, 32), (48, 96)])
-def test_kernel_matches_float64(variant, layout, qtype, rows, out_features, in_features):
+def test_kernel_matches_float64(quant_variant, layout, qtype, rows, out_features, in_features):
     g = torch.Generator().manual_seed(rows * 100 + out_features)
     ggml = QuantizedTensor.quantize(torch.randn(out_features, in_features, generator=g) / in_features ** 0.5, qtype)
     w = ggml.to_layout(layout)
     x = torch.randn(rows, in_features, generator=g) * 3
     bias, residual = torch.randn(out_features, generator=g), torch.randn(rows, out_features, generator=g)
-    out = quantized_linear(x, w, bias, residual, variant=variant)
+    out = quantized_linear(x, w, bias, residual, variant=quant_variant)
     torch.testing.assert_close(out.double(), reference_linear(x, gguf_dequantize(ggml), bias, residual), rtol=1e-4,
                                atol=1e-4)
 
@@ -67,7 +61,7 @@ def test_kernel_matches_float64(variant, layout, qtype, rows, out_features, in_f
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 9, 64])
 @pytest.mark.parametrize("intermediate", [70, 96])    # rows16 computes 96 in whole groups; 70 goes back to ggml
-def test_kernel_fusions_match_float64(variant, layout, qtype, rows, intermediate):
+def test_kernel_fusions_match_float64(quant_variant, layout, qtype, rows, intermediate):
     g = torch.Generator().manual_seed(rows)
     k = 576
     norm = (torch.rand(k, generator=g) + 0.5, 1e-5)
@@ -84,7 +78,7 @@ def test_kernel_fusions_match_float64(variant, layout, qtype, rows, intermediate
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_dequantize_is_bit_equal_to_gguf(variant, layout, qtype):
+def test_dequantize_is_bit_equal_to_gguf(quant_variant, layout, qtype):
     g = torch.Generator().manual_seed(3)
     w = QuantizedTensor.quantize(torch.randn(37, 96, generator=g), qtype)
     expected = gguf_dequantize(w)
@@ -135,7 +129,7 @@ def test_rows16_layout_round_trips_bit_for_bit(qtype, rows):
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_rows16_rows_do_not_depend_on_the_rest_of_the_batch(variant, qtype):
+def test_rows16_rows_do_not_depend_on_the_rest_of_the_batch(quant_variant, qtype):
     """Each sequence's logits are the same alone or in a batch of any size (the engine's determinism)."""
     g = torch.Generator().manual_seed(6)
     w = QuantizedTensor.quantize(torch.randn(64, 576, generator=g), qtype).to_layout("rows16")

@@ -15,12 +15,6 @@ QTYPES = list(quant.QTYPE_IDS)
 VARIANTS = quant.runnable_variants()
 
 
-@pytest.fixture(params=VARIANTS)
-def variant(request, monkeypatch):
-    if quant.vector_width(request.param) is None:
-        pytest.skip(f"the {request.param} kernel did not build")
-    monkeypatch.setenv("TGI_NB_QUANT_KERNEL", request.param)
-    return request.param
 
 
 def fast(x, w, *args, **kwargs):
@@ -85,7 +79,7 @@ def random_weight(g, n, k, qtype, layout="rows16") -> QuantizedTensor:
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("out_features", [16, 48, 67])
 @pytest.mark.parametrize("in_features", [32, 576, 1536])
-def test_fast_matches_the_emulation(variant, qtype, out_features, in_features):
+def test_fast_matches_the_emulation(quant_variant, qtype, out_features, in_features):
     g = torch.Generator().manual_seed(out_features * 7 + in_features)
     w = random_weight(g, out_features, in_features, qtype)
     bias = torch.randn(out_features, generator=g)
@@ -96,7 +90,7 @@ def test_fast_matches_the_emulation(variant, qtype, out_features, in_features):
         assert_matches(fast(x, w), emulate(x, w))
 
 
-def test_activations_are_quantized_as_llama_cpp_bit_for_bit(variant):
+def test_activations_are_quantized_as_llama_cpp_bit_for_bit(quant_variant):
     """A Q8_0 identity weight (d = 1, q = 1 on the diagonal) returns d_x * q_x, each exact in float32: the kernel's
     activation quants and scales are gguf's, including ties (x / d = n + 0.5 rounds away from zero), fp16
     subnormal and zero scales, and blocks of zeros."""
@@ -116,7 +110,7 @@ def test_activations_are_quantized_as_llama_cpp_bit_for_bit(variant):
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_extreme_quants_do_not_saturate(variant, qtype):
+def test_extreme_quants_do_not_saturate(quant_variant, qtype):
     """maddubs sums pairs of u8 x s8 products into saturating int16: Q8_0 weights of -128..127 (gguf never writes
     -128, a file may) and Q4 nibbles of 15 against activations of +-127 give the exact integer dot products."""
     k, n = 64, 32
@@ -147,7 +141,7 @@ def test_extreme_quants_do_not_saturate(variant, qtype):
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_fast_fusions_match_the_emulation(variant, qtype):
+def test_fast_fusions_match_the_emulation(quant_variant, qtype):
     g = torch.Generator().manual_seed(13)
     k = 576
     norm = (torch.rand(k, generator=g) + 0.5, 1e-5)
@@ -177,7 +171,7 @@ def normalized(x: torch.Tensor, norm) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_fast_rows_do_not_depend_on_the_batch_or_threads(variant, qtype):
+def test_fast_rows_do_not_depend_on_the_batch_or_threads(quant_variant, qtype):
     g = torch.Generator().manual_seed(14)
     w = random_weight(g, 96, 576, qtype)
     x = torch.randn(100, 576, generator=g)
@@ -209,7 +203,7 @@ def test_fma_variants_agree_bit_for_bit():
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_fast_stays_close_to_exact(variant, qtype):
+def test_fast_stays_close_to_exact(quant_variant, qtype):
     g = torch.Generator().manual_seed(16)
     w = random_weight(g, 256, 576, qtype)
     x = torch.randn(8, 576, generator=g)

@@ -413,6 +413,14 @@ static inline void store_group(const vf acc[NL], int valid, float *y, int ldy, i
     for (int j = 0; j < valid; j++) yr[j] = v[j] + (bias ? bias[col + j] : 0.0f) + (rr ? rr[j] : 0.0f);
 }
 
+/* The rows of x go in tiles of 8, 4, 2 and 1 (AVX-512) or 2 and 1: TILE(T) is instantiated with each constant T, so
+   a tile's sums stay in registers; a row's arithmetic is the same in every tile size. */
+#if MR >= 8
+#define ROW_TILES(TILE) TILE(8) TILE(4) TILE(2) TILE(1)
+#else
+#define ROW_TILES(TILE) TILE(2) TILE(1)
+#endif
+
 /* Group g of w (rows 16 g .. 16 g + valid - 1) against all M rows of x, into columns col.. of y. */
 static inline __attribute__((always_inline)) void group_rows_of(
         int qtype, const uint8_t *wg, int blocks, const float *x, const float *sx, int M, int K, int valid,
@@ -424,12 +432,7 @@ static inline __attribute__((always_inline)) void group_rows_of(
         group_tile(qtype, wg, blocks, x + (size_t)m * K, sx + (size_t)m * blocks, K, (T), acc);       \
         for (int i = 0; i < (T); i++) store_group(acc[i], valid, y, ldy, m + i, col, bias, res);       \
     }
-#if MR >= 8
-    TILE(8)
-    TILE(4)
-#endif
-    TILE(2)
-    TILE(1)
+    ROW_TILES(TILE)
 #undef TILE
 }
 
@@ -775,12 +778,7 @@ static inline __attribute__((always_inline)) void group_rows_q8_of(
         group_tile_q8(qtype, wg, blocks, xq + (size_t)m * K, xd + ib, xs + ib, K, (T), acc);                      \
         for (int i = 0; i < (T); i++) store_group(acc[i], valid, y, ldy, m + i, col, bias, res);                 \
     }
-#if MR >= 8
-    TILE(8)
-    TILE(4)
-#endif
-    TILE(2)
-    TILE(1)
+    ROW_TILES(TILE)
 #undef TILE
 }
 
