@@ -31,7 +31,7 @@ MAX_ROWS = 64          # sequences per call (the kernel's fused silu scratch); m
 
 _ARGS = ([ctypes.c_void_p] * 5 + [ctypes.c_int32, ctypes.c_void_p, ctypes.c_int]
          + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2)
-_KERNELS = {variant: native.NativeFunction("decode_step", "tgi_nb_decode_step", _ARGS, quant._build_flags(variant))
+_KERNELS = {variant: native.NativeFunction("decode_step", "tgi_nb_decode_step", _ARGS, quant.build_flags(variant))
             for variant in quant.VARIANTS}
 
 # Indices into the kernel's arrays (the enums at the top of csrc/decode_step.c).

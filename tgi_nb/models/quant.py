@@ -76,12 +76,20 @@ def runnable_variants() -> list[str]:
     return [name for name, (_, needs) in VARIANTS.items() if needs <= flags]
 
 
-def _build_flags(variant: str) -> list[str]:
+def build_flags(variant: str) -> list[str]:
+    """Compiler flags of the ``variant`` build of the quantized kernels (and of the fused decode step, which
+    includes them), added to the base flags of :mod:`tgi_nb.models.native`.
+
+    Example:
+        >>> "-fopenmp" in build_flags("generic")
+        True
+    """
     # -fopenmp: libgomp resolves to torch's copy, so the kernel shares torch's thread pool.
-    # -fno-associative-math (after the base -ffast-math): the sums are written in the order they must run, and the
-    # compiler may not regroup them differently in the tiles of 8, 4, 2 or 1 rows, which would make a sequence's
-    # logits depend on how many others share its step.
-    return ["-fopenmp", "-Wno-psabi", "-fno-associative-math", "-ffp-contract=off", *(VARIANTS[variant][0] if _X86 else [])]
+    # -fno-associative-math -ffp-contract=off (after the base -ffast-math): the sums are written in the order they
+    # must run, FMAs explicitly, and the compiler may not regroup or fuse them differently in the tiles of 8, 4, 2
+    # or 1 rows, which would make a sequence's logits depend on how many others share its step.
+    return ["-fopenmp", "-Wno-psabi", "-fno-associative-math", "-ffp-contract=off",
+            *(VARIANTS[variant][0] if _X86 else [])]
 
 
 _GEMM_ARGS = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3
@@ -89,17 +97,17 @@ _GEMM_ARGS = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_
 _DEQUANT_ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                  ctypes.c_void_p, ctypes.c_int]
 # Per variant: the product and the dequantizer for each layout, and the vector width.
-_KERNELS = {name: {"ggml": (native.NativeFunction("quant_gemm", "tgi_nb_quant_gemm", _GEMM_ARGS, _build_flags(name)),
+_KERNELS = {name: {"ggml": (native.NativeFunction("quant_gemm", "tgi_nb_quant_gemm", _GEMM_ARGS, build_flags(name)),
                             native.NativeFunction("quant_gemm", "tgi_nb_dequantize", _DEQUANT_ARGS,
-                                                  _build_flags(name))),
+                                                  build_flags(name))),
                    "rows16": (native.NativeFunction("quant_gemm", "tgi_nb_quant_gemm_rows16", _GEMM_ARGS,
-                                                    _build_flags(name)),
+                                                    build_flags(name)),
                               native.NativeFunction("quant_gemm", "tgi_nb_dequantize_rows16", _DEQUANT_ARGS,
-                                                    _build_flags(name))),
+                                                    build_flags(name))),
                    "rows16_q8": native.NativeFunction("quant_gemm", "tgi_nb_quant_gemm_rows16_q8", _GEMM_ARGS,
-                                                      _build_flags(name)),
+                                                      build_flags(name)),
                    "width": native.NativeFunction("quant_gemm", "tgi_nb_quant_vector_width", [],
-                                                  _build_flags(name))}
+                                                  build_flags(name))}
             for name in VARIANTS}
 LAYOUTS = ("ggml", "rows16")
 NUMERICS = ("exact", "fast")
