@@ -147,7 +147,9 @@ def test_which_models_and_caches_it_applies_to(tiny_model_dir, tiny_models):
     step = FusedDecode.for_model(tiny_models["llama"])
     kv = caches(tiny_models["llama"], 4)
     assert step.usable(kv)
-    assert not step.usable([(k.half(), v.half()) for k, v in kv])                       # a float16 cache
+    assert step.usable([(k.half(), v.half()) for k, v in kv])                           # a float16 cache
+    assert not step.usable([(k.bfloat16(), v.bfloat16()) for k, v in kv])
+    assert not step.usable(kv[:1])                                                      # not one per layer
 
 
 def test_fast_numerics_stay_close_to_exact(tiny_models, monkeypatch):
@@ -180,3 +182,27 @@ def test_each_call_writes_the_caches_it_is_given(tiny_models, monkeypatch):
     fresh = clone(kv)
     forward(model, ids, positions, batch, fresh, torch.arange(3), monkeypatch, fused=True)
     assert all(not torch.equal(k, k0) for (k, _), (k0, _) in zip(fresh, kv))     # every layer's cache written
+
+
+def test_a_float16_cache_matches_the_per_layer_path(tiny_models, quant_variant, monkeypatch):
+    model = tiny_models["qwen2"]
+    contexts = [0, 40, 600]
+    positions, batch = decode_batch(contexts, 40)
+    kv = [(k.half(), v.half()) for k, v in caches(model, 120)]
+    ids = torch.tensor([11, 300, 7])
+    kv_layered = clone(kv)
+    fused = forward(model, ids, positions, batch, kv, torch.arange(3), monkeypatch, fused=True)
+    layered = forward(model, ids, positions, batch, kv_layered, torch.arange(3), monkeypatch, fused=False)
+    torch.testing.assert_close(fused, layered, rtol=1e-4, atol=1e-4)
+    for (k, v), (k2, v2) in zip(kv, kv_layered):
+        assert k.dtype == torch.float16
+        torch.testing.assert_close(k.float(), k2.float(), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(v.float(), v2.float(), rtol=1e-3, atol=1e-3)
+    for i in range(3):   # alone as in the batch, bit for bit
+        alone_pos, alone = decode_batch([contexts[i]], 40)
+        alone.decode_block_tables += 40 * i
+        alone.slot_mapping = batch.slot_mapping[i:i + 1]
+        one = forward(model, ids[i:i + 1], alone_pos, alone, clone(kv_layered), torch.arange(1), monkeypatch,
+                      fused=True)
+        two = forward(model, ids, positions, batch, clone(kv_layered), torch.arange(3), monkeypatch, fused=True)
+        assert torch.equal(one[0], two[i])

@@ -8,7 +8,7 @@ step (6.4 ms, of which 4.2 ms in the products, ``benchmarks/bench_decode_step.py
 kernels (the file includes ``quant_gemm.c``, ``rope_cache.c`` and ``paged_attention.c``) with barriers between them.
 
 It applies when the model's products are all GGUF blocks in the rows16 layout (the bundled model, or
-``--quantize``), the KV cache is float32 and a quantized kernel variant is available; otherwise the per-layer path
+``--quantize``), the KV cache is float32 or float16 and a quantized kernel variant is available; otherwise the per-layer path
 runs. It computes with the model's numerics (``LlamaModel.numerics``: exact float32 activations, or fast int8 ones). ``TGI_NB_FUSED_DECODE=0`` turns it off (to compare, or to rule it out).
 """
 
@@ -31,8 +31,11 @@ MAX_ROWS = 64          # sequences per call (the kernel's fused silu scratch); m
 
 _ARGS = ([ctypes.c_void_p] * 5 + [ctypes.c_int32, ctypes.c_void_p, ctypes.c_int]
          + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2)
-_KERNELS = {variant: native.NativeFunction("decode_step", "tgi_nb_decode_step", _ARGS, quant.build_flags(variant))
-            for variant in quant.VARIANTS}
+# Per variant and KV cache dtype (the float16 build reads and writes a half-size cache).
+_KERNELS = {(variant, dtype): native.NativeFunction("decode_step", symbol, _ARGS, quant.build_flags(variant) + extra)
+            for variant in quant.VARIANTS
+            for dtype, symbol, extra in ((torch.float32, "tgi_nb_decode_step", []),
+                                         (torch.float16, "tgi_nb_decode_step_f16kv", ["-DKV_HALF"]))}
 
 # Indices into the kernel's arrays (the enums at the top of csrc/decode_step.c).
 _DIMS = ("layers", "hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab", "window", "max_pos",
@@ -95,15 +98,16 @@ class FusedDecode:
         self.lm_head_type = quant.QTYPE_IDS[model.lm_head.qtype]
 
     def usable(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-        """Whether this step can run now: the switch is on, a kernel is built, the cache is float32 on the CPU."""
+        """Whether this step can run now: the switch is on, a kernel is built, the cache is float32 or float16 on the
+        CPU."""
         if os.environ.get(SWITCH, "1").strip().lower() in native._DISABLE_VALUES:
             return False
         k = kv_caches[0][0]
-        if (k.dtype != torch.float32 or k.device.type != "cpu" or not k.is_contiguous()
+        if (k.dtype not in (torch.float32, torch.float16) or k.device.type != "cpu" or not k.is_contiguous()
                 or len(kv_caches) != self.model.spec.num_layers):
             return False
         variant = quant.kernel_variant()
-        return variant is not None and _KERNELS[variant].get() is not None
+        return variant is not None and _KERNELS[variant, k.dtype].get() is not None
 
     def _bind_caches(self, kv_caches) -> None:
         # Every call, every layer (~10 us): a cache list built anew can reuse a freed list's id and its first
@@ -122,8 +126,7 @@ class FusedDecode:
         self._bind_caches(kv_caches)
         self.dims[_DIMS.index("max_pos")] = model._cos.shape[0]
         self.model_ptrs[0], self.model_ptrs[1] = model._cos.data_ptr(), model._sin.data_ptr()
-        variant = quant.kernel_variant()
-        kernel = _KERNELS[variant].get()
+        kernel = _KERNELS[quant.kernel_variant(), kv_caches[0][0].dtype].get()
         rows = input_ids.shape[0]
         positions = positions.to(torch.int64).contiguous()
         slots = slots.to(torch.int64).contiguous()

@@ -1,6 +1,7 @@
 /* A whole decode step of a Llama-family model in one call: every layer, then the final norm and the lm_head,
-   for up to 64 sequences of one token each, with GGUF weights in the rows16 layout (quant_gemm.c) and a float32
-   paged KV cache.
+   for up to 64 sequences of one token each, with GGUF weights in the rows16 layout (quant_gemm.c) and a paged KV
+   cache of float32, or of float16 when built with -DKV_HALF (tgi_nb_decode_step_f16kv: K/V rounded as they are
+   stored, widened as they are read, as paged_attention.c and rope_cache.c do for that cache).
 
    Why: at one token the arithmetic of a layer is a few tens of microseconds, and the per-layer path (six Python
    calls into torch and ctypes per layer, each starting its own parallel section) spent about a third of the
@@ -27,6 +28,14 @@
 #pragma GCC optimize("fp-contract=fast")
 #include "paged_attention.c"
 #pragma GCC pop_options
+
+#ifdef KV_HALF
+#define DECODE_STEP tgi_nb_decode_step_f16kv
+#define KV_IS_HALF 1
+#else
+#define DECODE_STEP tgi_nb_decode_step
+#define KV_IS_HALF 0
+#endif
 
 /* dims */
 enum { D_LAYERS, D_HIDDEN, D_INTER, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_VOCAB, D_WINDOW, D_MAX_POS, D_NUM_BLOCKS,
@@ -105,7 +114,7 @@ static void gated_product(int qtype, const uint8_t *w, int I, int K, const float
    fast: the fast numerics (activations quantized to int8 per block, integer dot products: quantize_rows_q8,
    group_rows_q8) instead of the exact ones.
    Returns 0, 1 for arguments out of range (nothing computed), 2 when out of memory. */
-int tgi_nb_decode_step(const int64_t *dims, const float *fparams, const int64_t *layer_ptrs,
+int DECODE_STEP(const int64_t *dims, const float *fparams, const int64_t *layer_ptrs,
                        const int32_t *layer_types, const int64_t *model_ptrs, int32_t lm_head_type, float *x, int M,
                        const int64_t *positions, const int64_t *slots, const int32_t *block_tables,
                        int64_t max_blocks, const int32_t *context_lens, float *logits, int nthreads, int fast) {
@@ -207,11 +216,11 @@ int tgi_nb_decode_step(const int64_t *dims, const float *fparams, const int64_t 
             for (int t = 0; t < M; t++) {
                 rope_write_kv(qkv + (size_t)t * NQKV, positions + t, cos_table, sin_table, slots + t,
                               (void *)ptr[P_K_CACHE], (void *)ptr[P_V_CACHE], (const float *)ptr[P_Q_NORM],
-                              (const float *)ptr[P_K_NORM], eps, 1, NH, KVH, D, NB * BS, max_pos, 0);
+                              (const float *)ptr[P_K_NORM], eps, 1, NH, KVH, D, NB * BS, max_pos, KV_IS_HALF);
                 memcpy(q + (size_t)t * QD, qkv + (size_t)t * NQKV, sizeof(float) * QD);
             }
-            p.k_cache = (const float *)ptr[P_K_CACHE];
-            p.v_cache = (const float *)ptr[P_V_CACHE];
+            p.k_cache = (const kv_t *)ptr[P_K_CACHE];
+            p.v_cache = (const kv_t *)ptr[P_V_CACHE];
             #pragma omp for schedule(static)
             for (int64_t item = 0; item < p.n_items; item++) attend_item_dispatch(&p, item, my_scratch);
             if (multi) {
