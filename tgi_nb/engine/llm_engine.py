@@ -196,10 +196,14 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, plan.max_batch_prefill_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, kv_dtype)
         reserve_kv_bytes(self, plan.kv_cache_bytes)
+        formats = getattr(self.model, "weight_formats", lambda: str(dtype))()
+        if any(q in formats for q in ("q4_0", "q4_1", "q8_0")):   # how quantized products compute, and on what
+            from tgi_nb.models.quant import kernel_variant
+
+            formats += f"; {config.numerics} numerics on the {kernel_variant() or 'torch'} kernels"
         logger.info("engine ready: %s (%s) on %s %s, weights %.0f MiB (%s), %d KV blocks x %d tokens (%.0f MiB %s, "
                     "resident as used), threads=%d, %.1fs",
-                    self.model_id, resolved.source, device, dtype, self.weights_bytes / 2**20,
-                    getattr(self.model, "weight_formats", lambda: str(dtype))(), num_blocks,
+                    self.model_id, resolved.source, device, dtype, self.weights_bytes / 2**20, formats, num_blocks,
                     config.block_size, plan.kv_cache_bytes / 2**20, str(kv_dtype).split(".")[-1],
                     torch.get_num_threads(), time.perf_counter() - started)
 
