@@ -264,6 +264,14 @@ def test_env_model_id_and_container_args(make, tiny, tiny_model_dir):
     assert endpoint.repository == tiny
 
 
+def test_env_quantize_and_numerics_reach_the_engine(make):
+    endpoint = make("fast", env={**SMALL_ENV, "QUANTIZE": "q8_0", "NUMERICS": "fast"})
+    endpoint.wait(timeout=120)
+    info = httpx.get(endpoint.url + "/info").json()
+    assert info["numerics"] == "fast" and "q8_0" in info["weight_formats"]
+    assert chat(endpoint.url)
+
+
 def test_failures_and_timeouts_raise_huggingface_hub_errors(make, tmp_path):
     missing = make("missing", repository=str(tmp_path / "no-such-model"))
     with pytest.raises(InferenceEndpointError, match="no-such-model"):

@@ -522,7 +522,9 @@ def create_inference_endpoint(
       ``HuggingFaceTB/SmolLM2-135M-Instruct``, works offline).
     - ``custom_image["env"]`` and ``env`` configure the server as TGI's launcher: MAX_INPUT_LENGTH /
       MAX_INPUT_TOKENS, MAX_TOTAL_TOKENS, MAX_BATCH_PREFILL_TOKENS, MAX_BATCH_TOTAL_TOKENS,
-      MAX_CONCURRENT_REQUESTS, MODEL_ID ("/repository" means ``repository``); ``container_args`` its flags.
+      MAX_CONCURRENT_REQUESTS, MODEL_ID ("/repository" means ``repository``), QUANTIZE, KV_CACHE_DTYPE, and
+      tgi_nb's NUMERICS ("fast": llama.cpp's int8-activation arithmetic for GGUF weights); ``container_args`` its
+      flags.
       Limits above the model's context or the memory for the KV cache are lowered, with an ``EndpointWarning``.
     - ``type``: "public" needs no token; "authenticated" (default), "protected" (the cookbook's older name) and
       "private" require ``Authorization: Bearer <token>`` with ``token`` or, when None, ``HF_TOKEN``.

@@ -429,6 +429,9 @@ class Info(BaseModel):
     kv_cache_dtype: Optional[str] = None
     num_threads: Optional[int] = None
     capacity_reasons: Optional[list[str]] = None
+    # how the weights are held and computed with, e.g. "q8_0 (1), float32 (61), q4_1 (120)" and "exact" | "fast"
+    weight_formats: Optional[str] = None
+    numerics: Optional[str] = None
 
 
 class TokenizeRequest(_Request):

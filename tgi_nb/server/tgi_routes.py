@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
@@ -75,7 +75,13 @@ def _capacity_fields(engine: GenerationEngine) -> dict[str, Any]:
                 kv_cache_bytes=plan.kv_cache_bytes if plan is not None else None,
                 kv_cache_dtype=getattr(config, "kv_cache_dtype", None),
                 num_threads=getattr(config, "num_threads", None),
-                capacity_reasons=plan.reasons() if plan is not None else None)
+                capacity_reasons=plan.reasons() if plan is not None else None,
+                weight_formats=_weight_formats(engine), numerics=getattr(config, "numerics", None))
+
+
+def _weight_formats(engine: GenerationEngine) -> Optional[str]:
+    formats = getattr(getattr(engine, "model", None), "weight_formats", None)
+    return formats() if callable(formats) else None
 
 
 @router.get("/health", responses={503: {"model": TGIError}})
