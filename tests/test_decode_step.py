@@ -206,3 +206,16 @@ def test_a_float16_cache_matches_the_per_layer_path(tiny_models, quant_variant, 
                       fused=True)
         two = forward(model, ids, positions, batch, clone(kv_layered), torch.arange(3), monkeypatch, fused=True)
         assert torch.equal(one[0], two[i])
+
+
+def test_numerics_choices_are_validated_and_agree(tiny_models):
+    from tgi_nb.engine import EngineConfig
+    from tgi_nb.engine.config import NUMERICS_CHOICES
+    from tgi_nb.engine.sampling_params import ValidationError
+
+    assert NUMERICS_CHOICES == quant.NUMERICS            # the engine's list is the kernels' list
+    with pytest.raises(ValidationError, match="numerics: must be one of exact, fast, got 'turbo'"):
+        EngineConfig(numerics="turbo")
+    with pytest.raises(ValueError, match="numerics: must be one of exact, fast, got 'int4'"):
+        tiny_models["llama"].set_numerics("int4")
+    assert tiny_models["llama"].numerics == "exact"

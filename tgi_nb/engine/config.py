@@ -24,7 +24,7 @@ QUANTIZE_CHOICES = (None, "float", "q8_0", "q4_0")
 # - "fast": llama.cpp's numerics: activations quantized to int8 per block of 32, integer dot products (AVX-512 VNNI,
 #   AVX2); several times the arithmetic per cycle for batches and prompts, and a few greedy tokens differ
 #   (benchmarks/bench_accuracy.py).
-NUMERICS_CHOICES = ("exact", "fast")
+NUMERICS_CHOICES = ("exact", "fast")      # tgi_nb.models.quant.NUMERICS (not imported here: it loads torch)
 
 
 @dataclass(slots=True)

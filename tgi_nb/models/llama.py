@@ -286,10 +286,8 @@ class LlamaModel:
 
     def set_numerics(self, numerics: str) -> None:
         """``"exact"`` or ``"fast"``: how products with quantized weights compute from now on."""
-        from tgi_nb.engine.config import NUMERICS_CHOICES
-
-        if numerics not in NUMERICS_CHOICES:
-            raise ValueError(f"numerics: must be one of {', '.join(NUMERICS_CHOICES)}, got {numerics!r}")
+        if numerics not in quant.NUMERICS:
+            raise ValueError(f"numerics: must be one of {', '.join(quant.NUMERICS)}, got {numerics!r}")
         self.numerics = numerics
 
     def weight_formats(self) -> str:
