@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tgi_nb.models import quant
 from tgi_nb.models.attention import AttentionBatch
 from tgi_nb.models.decode_step import FusedDecode
 from tgi_nb.models.llama import LlamaModel
