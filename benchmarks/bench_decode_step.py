@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--context", type=int, default=128, help="tokens already in the KV cache")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: every core)")
+    parser.add_argument("--kv-dtype", choices=["float32", "float16"], default="float32",
+                        help="the KV cache's type (float16: --kv-cache-dtype float16, half the bytes to read)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or choose_num_threads().count)
 
@@ -88,7 +90,8 @@ def main() -> None:
     spec, block_size = model.spec, 16
     num_blocks = args.context // block_size + 2
     shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-    kv = [(torch.randn(shape), torch.randn(shape)) for _ in range(spec.num_layers)]
+    kv_dtype = getattr(torch, args.kv_dtype)
+    kv = [(torch.randn(shape).to(kv_dtype), torch.randn(shape).to(kv_dtype)) for _ in range(spec.num_layers)]
     pos = args.context
     batch = AttentionBatch(slot_mapping=torch.tensor([pos]), num_decodes=1,
                            decode_block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
@@ -111,7 +114,7 @@ def main() -> None:
                     times[name].append(elapsed)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SmolLM2-135M, one token at "
-          f"context {args.context}; {args.rounds} rounds of {args.calls} forwards")
+          f"context {args.context}, {args.kv_dtype} KV cache; {args.rounds} rounds of {args.calls} forwards")
     print("| variant | best ms | median ms | tok/s at best | tok/s at median |")
     print("|---|---:|---:|---:|---:|")
     for name, values in times.items():

@@ -12,6 +12,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 static void rms_norm_head(float *x, const float *weight, float eps, int64_t D) {
     float sum = 0;
@@ -30,7 +33,13 @@ static void rotate(float *restrict x, const float *restrict c, const float *rest
 }
 
 static inline void store_half(_Float16 *restrict dst, const float *restrict src, int64_t n) {
-    for (int64_t i = 0; i < n; i++) dst[i] = (_Float16)src[i];   /* round to nearest even, as torch's .half() */
+    int64_t i = 0;
+#if defined(__F16C__)
+    /* 8 at a time with vcvtps2ph: GCC 12 converts each _Float16 through a library call otherwise */
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) dst[i] = (_Float16)src[i];   /* round to nearest even, as torch's .half() */
 }
 
 /* qkv: [T, (H + 2 KVH) D]; positions, slots: [T]; cos, sin: [max_pos, D]; k_cache, v_cache: [num_slots, KVH, D]
