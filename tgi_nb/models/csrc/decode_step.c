@@ -15,9 +15,11 @@
                    down product + residual     (groups)
        then:       final RMSNorm -> lm_head    (groups)
 
-   The stages are the per-layer path's own code, included here (so the products, the rotation and the attention
-   of a sequence do the same operations in the same order; each output is computed by one thread, so results do
-   not depend on the thread count or on the other sequences of the step). */
+   The stages are the per-layer path's own code, included here: the products and the rotation give the per-layer
+   path's bits; the attention is the same source under this file's build flags, so it can differ from the
+   standalone library in the last bits (the engine sends every decode token here, so a sequence never mixes the
+   two). Each output is computed by one thread in a fixed order: results do not depend on the thread count or on
+   the other sequences of the step. */
 #include <omp.h>
 
 #include "quant_gemm.c"
