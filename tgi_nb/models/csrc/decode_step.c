@@ -62,14 +62,7 @@ typedef struct {
 static void prepare_input(const float *x, const float *norm, float eps, int M, int K, float *xn, const input_t *in) {
     if (norm) rms_norm_rows(x, norm, eps, M, K, xn);
     else if (xn != x) memcpy(xn, x, sizeof(float) * (size_t)M * K);
-    const int blocks = K / QK;
-    for (int i = 0; i < M; i++)
-        for (int b = 0; b < blocks; b++) {
-            const float *xb = xn + (size_t)i * K + (size_t)b * QK;
-            float s = 0;
-            for (int k = 0; k < QK; k++) s += xb[k];
-            in->sx[(size_t)i * blocks + b] = s;
-        }
+    block_sums(xn, M, K, in->sx);
     if (in->fast) quantize_rows_q8(xn, M, K, in->xq, in->xd, in->xs);
 }
 

@@ -19,6 +19,8 @@
 #include <immintrin.h>
 #endif
 
+#include "rms_norm.h"
+
 #if defined(__AVX512F__)
 #define VW 16
 #define MT 4
@@ -205,17 +207,6 @@ static void columns(int qtype, const uint8_t *w, size_t row_bytes, int rows, con
     }
 }
 
-/* RMSNorm of each row of x into xn, as transformers' LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) * weight. */
-static void rms_norm_rows(const float *x, const float *weight, float eps, int M, int K, float *xn) {
-    for (int m = 0; m < M; m++) {
-        const float *xr = x + (size_t)m * K;
-        float *out = xn + (size_t)m * K;
-        float sum = 0;
-        for (int k = 0; k < K; k++) sum += xr[k] * xr[k];
-        const float r = 1.0f / sqrtf(sum / K + eps);
-        for (int k = 0; k < K; k++) out[k] = weight[k] * (xr[k] * r);
-    }
-}
 
 #define CHUNK 64
 #define SILU_MAX_ROWS 64
@@ -445,6 +436,19 @@ static void group_rows(int qtype, const uint8_t *wg, int blocks, const float *x,
     }
 }
 
+/* sx[i * K/32 + b] = the sum of block b of row i of x, in column order: the factor of a block's min (or Q4_0's
+   -8 d) in the rows16 products. */
+static void block_sums(const float *x, int M, int K, float *sx) {
+    const int blocks = K / QK;
+    for (int i = 0; i < M; i++)
+        for (int b = 0; b < blocks; b++) {
+            const float *xb = x + (size_t)i * K + (size_t)b * QK;
+            float s = 0;
+            for (int k = 0; k < QK; k++) s += xb[k];
+            sx[(size_t)i * blocks + b] = s;
+        }
+}
+
 /* tgi_nb_quant_gemm's contract (the same fusions and return codes) for w in the rows16 layout: N rows in
    ceil(N / 16) groups. With silu_mul, N / 2 must be a multiple of 16 (the up half starts on a group). */
 int tgi_nb_quant_gemm_rows16(const float *x, const uint8_t *w, int qtype, const float *bias, const float *res,
@@ -463,13 +467,7 @@ int tgi_nb_quant_gemm_rows16(const float *x, const uint8_t *w, int qtype, const 
         rms_norm_rows(x, norm_weight, eps, M, K, xn);
         x = xn;
     }
-    for (int i = 0; i < M; i++)
-        for (int b = 0; b < blocks; b++) {
-            const float *xb = x + (size_t)i * K + (size_t)b * QK;
-            float s = 0;
-            for (int k = 0; k < QK; k++) s += xb[k];
-            sx[(size_t)i * blocks + b] = s;
-        }
+    block_sums(x, M, K, sx);
     if (!silu_mul) {
         #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int g = 0; g < groups; g++) {

@@ -12,6 +12,8 @@
 #include <stddef.h>
 #include <stdlib.h>
 
+#include "rms_norm.h"
+
 static inline void store(float *y, const float *res, const float *bias, int ldy, int m, int n, float v) {
     if (bias) v += bias[n];
     if (res) v += res[(size_t)m * ldy + n];
@@ -60,17 +62,6 @@ static void columns(const float *w, const float *x, int M, int K, int ldy, int n
     for (; n < n1; n++) block1(w + (size_t)n * K, x, M, K, ldy, n, y, bias, res);
 }
 
-/* RMSNorm of each row of x into xn, as transformers' LlamaRMSNorm: x * rsqrt(mean(x^2) + eps) * weight. */
-static void rms_norm_rows(const float *x, const float *weight, float eps, int M, int K, float *xn) {
-    for (int m = 0; m < M; m++) {
-        const float *xr = x + (size_t)m * K;
-        float *out = xn + (size_t)m * K;
-        float sum = 0;
-        for (int k = 0; k < K; k++) sum += xr[k] * xr[k];
-        const float r = 1.0f / sqrtf(sum / K + eps);
-        for (int k = 0; k < K; k++) out[k] = weight[k] * (xr[k] * r);
-    }
-}
 
 #define SILU_CHUNK 64
 #define SILU_MAX_ROWS 64
