@@ -461,10 +461,10 @@ class InferenceEndpoint:
                 return
             (how or self._backend.close)()
             self._deleted = True
-            self._machine.observe(DELETED)
             self._updated = utcnow()
             self.raw["status"].update(state=DELETED, url=None, updatedAt=self._updated.isoformat())
             self._populate_from_raw()
+            self._machine.observe(DELETED)  # after the fields: subscribers see them deleted
 
 
 def _parse_datetime(text: str) -> datetime:

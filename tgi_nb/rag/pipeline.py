@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -259,10 +260,11 @@ class RagPipeline:
 
         # Telemetry off; the embedding function is always ours, so chromadb never downloads its ONNX default.
         settings = chromadb.config.Settings(anonymized_telemetry=False, allow_reset=False)
-        if self.persist_directory:
-            client = chromadb.PersistentClient(path=self.persist_directory, settings=settings)
-        else:
-            client = chromadb.EphemeralClient(settings=settings)
+        with _CLIENTS_LOCK:
+            if self.persist_directory:
+                client = chromadb.PersistentClient(path=self.persist_directory, settings=settings)
+            else:
+                client = chromadb.EphemeralClient(settings=settings)
         return Chroma(collection_name=self.collection_name, embedding_function=self.embeddings, client=client,
                       collection_configuration={"hnsw": {"space": "cosine"}})
 
@@ -424,6 +426,11 @@ class RagPipeline:
             return AnswerStream(question, iter(chain.stream(question)))
         out = chain.invoke(question)
         return Answer(question, out["answer"], _sources(out["context"]))
+
+
+# chromadb's clients share one registry of systems per process, which two threads creating clients at once
+# corrupt (a KeyError 'ephemeral'): the workbench builds its RAG tab in a background thread.
+_CLIENTS_LOCK = threading.Lock()
 
 
 def _check_chunking(chunk_size: Any, chunk_overlap: Any) -> None:
