@@ -192,7 +192,7 @@ def test_parameters_widget_values_and_code():
 
 
 @pytest.mark.parametrize("module", ["target", "transcript", "parameters", "chat", "lifecycle", "endpoint",
-                                    "monitor", "compare", "workbench"])
+                                    "monitor", "compare", "workbench", "streaming", "controls"])
 def test_docstring_examples(module):
     import doctest
     import importlib

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import threading
+import time
 
 import pytest
 from server_fixtures import engine, listening, server, wait_until  # noqa: F401
@@ -72,6 +73,40 @@ def test_form_creates_an_endpoint_and_follows_its_life_cycle(tiny):
         if form.endpoint is not None:
             form.endpoint.delete()
     assert wait_until(lambda: not widget_threads(), 60), widget_threads()
+
+
+def test_a_status_change_is_pushed_to_the_widget_and_nothing_polls(tiny, record_property):
+    """The badge follows a local endpoint by subscription: the status trait changes on the status machine's
+    notifier thread, right after the transition, and no thread polls the endpoint. The latency is recorded
+    (``status_latency_ms``), not asserted: the machine is a loaded 2-core one."""
+    endpoint = tgi_nb.create_inference_endpoint("widget-push", repository=tiny, type="public",
+                                                env={"MAX_TOTAL_TOKENS": "512", "MAX_BATCH_TOTAL_TOKENS": "4096"})
+    form = EndpointWidget(endpoint)
+    try:
+        assert form.wait_status("running", timeout=TIMEOUT) == "running"
+        drawn: list[tuple[float, str]] = []
+        paused = threading.Event()
+
+        def on_status(change):
+            if change["new"] == "paused":
+                drawn.append((time.monotonic(), threading.current_thread().name))
+                paused.set()
+
+        form.observe(on_status, "status")
+        threads = [t.name for t in threading.enumerate()]
+        assert not [name for name in threads if name.startswith(("tgi_nb-watch-", f"tgi_nb-endpoint-{endpoint.name}"))]
+        assert endpoint._backend.pushes
+        endpoint.pause()
+        assert paused.wait(TIMEOUT)
+        (at, thread), = drawn
+        assert thread == "tgi_nb-endpoint-status"  # pushed by the machine's notifier, not found by a poll
+        latency_ms = (at - endpoint._machine.changed_at) * 1000
+        record_property("status_latency_ms", round(latency_ms, 2))
+        print(f"\nstatus change to the widget's trait: {latency_ms:.2f} ms")
+        assert not form.action_buttons["resume"].disabled and form.action_buttons["pause"].disabled
+    finally:
+        form.close()
+        endpoint.delete()
 
 
 def test_form_errors_name_the_field(tiny):
