@@ -6,6 +6,7 @@ the monitor reads /metrics, compare runs prompts through several settings, and c
 from __future__ import annotations
 
 import html
+import logging
 import threading
 import time
 
@@ -107,6 +108,28 @@ def test_a_status_change_is_pushed_to_the_widget_and_nothing_polls(tiny, record_
     finally:
         form.close()
         endpoint.delete()
+
+
+def test_load_logs_lower_the_logger_level_once_and_restore_it():
+    """Two forms loading at once: the tgi_nb logger lets INFO through while either listens, and gets its own
+    level back when the last stops, whichever order they stop in and however often."""
+    from tgi_nb.widgets.endpoint import _LoadLog
+
+    logger = logging.getLogger("tgi_nb")
+    saved = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        first, second = _LoadLog(lambda: None).attach(), _LoadLog(lambda: None).attach()
+        assert logger.level == logging.INFO
+        first.detach()
+        first.detach()
+        assert logger.level == logging.INFO
+        logging.getLogger("tgi_nb.models").info("loading weights")
+        assert second.lines == ["loading weights"] and first.lines == []
+        second.detach()
+        assert logger.level == logging.WARNING
+    finally:
+        logger.setLevel(saved)
 
 
 def test_form_errors_name_the_field(tiny):

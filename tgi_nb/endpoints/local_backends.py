@@ -177,7 +177,8 @@ class ThreadBackend(LocalBackend):
                                   notes=app.controller.notes)
             self._port = server.port
             server.start()
-            if self._stopped:  # deleted while starting: stop() is waiting for this thread
+            if self._stopped:  # deleted or replaced while starting: stop() is waiting for this thread
+                app.controller.close()  # the machine may be a restarted server's by now
                 server.stop()
                 return
             self._app, self._server = app, server
