@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -189,6 +190,11 @@ def _connection(target: Any, api_key: Optional[str]) -> tuple[Optional[str], Opt
                     f"chat model, got {type(target).__name__}")
 
 
+# chromadb's clients share one registry of systems per process, which two threads creating clients at once
+# corrupt (a KeyError 'ephemeral'): the workbench builds its RAG tab in a background thread.
+_CLIENTS_LOCK = threading.Lock()
+
+
 def _chroma_client(persist_directory: Optional[str]) -> Any:
     """A chromadb client that lives beside the user's own Chroma code in the same kernel, in either order.
 
@@ -201,16 +207,17 @@ def _chroma_client(persist_directory: Optional[str]) -> Any:
     """
     import chromadb
 
-    if persist_directory:
-        return chromadb.PersistentClient(path=persist_directory)
-    try:
-        return chromadb.EphemeralClient()
-    except ValueError as exc:
-        if "different settings" not in str(exc):
-            raise
-    folder = tempfile.mkdtemp(prefix="tgi_nb_chroma_")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return chromadb.PersistentClient(path=folder)
+    with _CLIENTS_LOCK:
+        if persist_directory:
+            return chromadb.PersistentClient(path=persist_directory)
+        try:
+            return chromadb.EphemeralClient()
+        except ValueError as exc:
+            if "different settings" not in str(exc):
+                raise
+        folder = tempfile.mkdtemp(prefix="tgi_nb_chroma_")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return chromadb.PersistentClient(path=folder)
 
 
 class RagPipeline:
