@@ -10,14 +10,13 @@ streams themselves.
 from __future__ import annotations
 
 import html
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import ipywidgets as w
 
 from .controls import button, styled
-from .lifecycle import Job, Worker, replace_in_cell
+from .lifecycle import Job, Worker, replace_in_cell, start_thread
 from .parameters import ParametersWidget, split_openai_kwargs
 from .streaming import Reply, end_reason, stream_reply
 from .target import Target
@@ -122,10 +121,7 @@ class CompareWidget(w.VBox):
                                               split_openai_kwargs(self._params(column.overrides)), job,
                                               column.transcript.append)
 
-            streams = [threading.Thread(target=stream, args=(i, column), name="tgi_nb-compare-stream", daemon=True)
-                       for i, column in enumerate(self.chats)]
-            for thread in streams:
-                thread.start()
+            streams = [start_thread(stream, i, column, name="compare-stream") for i, column in enumerate(self.chats)]
             for thread in streams:
                 thread.join()
             for column, reply in zip(self.chats, replies):

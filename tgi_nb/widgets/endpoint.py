@@ -20,7 +20,7 @@ import traitlets
 from tgi_nb.endpoints.status import allowed_actions
 
 from .controls import button
-from .lifecycle import Worker, replace_in_cell
+from .lifecycle import Worker, replace_in_cell, request_parent, use_parent
 
 DEFAULT_REPOSITORY = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LIMITS = ("MAX_INPUT_TOKENS", "MAX_TOTAL_TOKENS", "MAX_BATCH_PREFILL_TOKENS", "MAX_BATCH_TOTAL_TOKENS",
@@ -308,6 +308,7 @@ class EndpointWidget(w.VBox):
             self._unsubscribe = endpoint.on_status_change(self._on_status)
 
     def _on_status(self, endpoint: Any, previous: str, new: str) -> None:
+        use_parent(request_parent())  # the status machine's notifier thread: publish outside any subshell
         if endpoint is self.endpoint:  # not a change that came in while another endpoint was picked
             self._show()
 
@@ -395,6 +396,7 @@ class EndpointWidget(w.VBox):
         self.warnings.value = "".join(f"<div style='color:#b45309'>&#9888; {html.escape(m)}</div>" for m in found)
 
     def _step_logged(self) -> None:
+        use_parent(request_parent())  # the loading thread, maybe the endpoint's own: publish outside any subshell
         with self._status_cond:  # not drawn over a change of status being drawn
             self._show_progress()
 
