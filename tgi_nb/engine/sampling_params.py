@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
-if TYPE_CHECKING:  # no torch at run time: the server's settings and the launcher import this module (limits)
-    import torch
+import torch
 
 # A logits processor sees the token ids generated so far for one sequence and its next-token
 # logits (1-D float tensor over the vocabulary) and returns the logits to sample from.
-LogitsProcessor = Callable[[list[int], "torch.Tensor"], "torch.Tensor"]
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 # Builds a fresh processor; called once per sample, so a stateful processor (a grammar matcher that
 # advances with the sample's tokens) is never shared by the ``n`` samples of a request.
 LogitsProcessorFactory = Callable[[], LogitsProcessor]

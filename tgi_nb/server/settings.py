@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from tgi_nb.engine.capacity import limit_conflict
 from tgi_nb.models.embedding import DEFAULT_EMBEDDING_MODEL_ID
 
 
@@ -67,6 +66,8 @@ class ServerSettings:
                 raise SettingsError(f"{name}: must be an integer >= 1, got {value!r}")
         if not isinstance(self.max_top_n_tokens, int) or not 0 <= self.max_top_n_tokens <= 20:
             raise SettingsError(f"max_top_n_tokens: must be an integer in [0, 20], got {self.max_top_n_tokens!r}")
+        from tgi_nb.engine.capacity import limit_conflict   # here: importing this module must not load torch
+
         conflict = limit_conflict(max_input_tokens=self.max_input_tokens, max_total_tokens=self.max_total_tokens)
         if conflict:
             raise SettingsError(conflict[1])
