@@ -91,8 +91,8 @@ class ModelRunner:
 
     Example:
         >>> runner = ModelRunner(model, num_blocks=256, block_size=16)    # doctest: +SKIP
-        >>> out = runner.run(scheduler.schedule())                        # doctest: +SKIP
-        >>> scheduler.update_from_output(step, out)                       # doctest: +SKIP
+        >>> step = scheduler.schedule()                                   # doctest: +SKIP
+        >>> outputs = scheduler.update_from_output(step, runner.run(step))  # doctest: +SKIP
     """
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: Optional[torch.dtype] = None):
