@@ -1,6 +1,7 @@
-"""The engine: a loop thread that schedules, runs and samples, and thread-safe ways in and out.
+"""The engine: a loop thread that schedules, runs and updates, and thread-safe ways in and out.
 
-Requests enter through a thread-safe inbox; the loop thread owns every scheduler, block manager and
+Loading is the loader's (:mod:`~tgi_nb.engine.model_loader`), the forward pass and sampling the runner's, the
+queues and what each sampled token means the scheduler's; :class:`LLMEngine` wires them. Requests enter through a thread-safe inbox; the loop thread owns every scheduler, block manager and
 model structure, so nothing else ever touches them. Outputs leave through a per-request callback:
 ``generate`` (async) hands them to the caller's event loop with ``call_soon_threadsafe``, ``stream``
 (blocking) through a ``queue.Queue``. No event loop ever waits on a forward pass.
