@@ -34,7 +34,8 @@ from .params import log_ignored, make_sampling_params, new_id, parse_logit_bias,
 from .streaming import (KEEP_ALIVE, SSE_DONE, SSE_KEEP_ALIVE, ClientDisconnected, GenerationStream, SSEResponse,
                         check_finished, sse)
 from .tokens import TokenTable, cumulative_logprob, token_table
-from .tools import ToolCallParser, parse_tool_calls, plan_tools
+from .tool_parser import ToolCallParser, parse_tool_calls
+from .tools import plan_tools
 
 logger = logging.getLogger("tgi_nb.server")
 
