@@ -65,6 +65,9 @@ def to_template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]
             item["name"] = message.name
         if message.tool_call_id is not None:
             item["tool_call_id"] = message.tool_call_id
+        thinking = message.reasoning_content or message.reasoning
+        if thinking:
+            item["reasoning_content"] = thinking
         if message.tool_calls:
             calls = []
             for call in message.tool_calls:
@@ -147,11 +150,13 @@ def render_chat(tokenizer, messages: Sequence[ChatMessage], *, chat_template: Op
 
 
 def render_chat_request(tokenizer, req: ChatCompletionRequest, tools: ToolPlan,
-                        chat_template: Optional[str] = None) -> str:
+                        chat_template: Optional[str] = None,
+                        template_kwargs: Optional[dict[str, Any]] = None) -> str:
     """:func:`render_chat` for a chat completion request and its planned ``tools``: the prompt
-    /v1/chat/completions generates from, and /chat_tokenize shows."""
+    /v1/chat/completions generates from, and /chat_tokenize shows. ``template_kwargs`` replace the
+    request's ``chat_template_kwargs`` (the generation path adds what the reasoning effort maps to)."""
     return render_chat(tokenizer, req.messages, chat_template=chat_template,
                        add_generation_prompt=req.add_generation_prompt,
                        continue_final_message=req.continue_final_message,
                        tools=tools.template_tools, tool_instructions=tools.instructions(),
-                       chat_template_kwargs=req.chat_template_kwargs)
+                       chat_template_kwargs=req.chat_template_kwargs if template_kwargs is None else template_kwargs)

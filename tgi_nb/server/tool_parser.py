@@ -77,11 +77,12 @@ class ToolCallGuard:
         [2]
     """
 
-    __slots__ = ("_inner", "_tokenizer", "_eos", "_single", "_ended")
+    __slots__ = ("_inner", "_tokenizer", "_eos", "_single", "_ended", "_answer")
 
     def __init__(self, inner: Optional[Callable[[list[int], torch.Tensor], torch.Tensor]], tokenizer: Any,
-                 eos_token_ids: list[int], single: bool):
+                 eos_token_ids: list[int], single: bool, answer: Optional[Callable[[str], str]] = None):
         self._inner = inner
+        self._answer = answer  # whole output -> its answer, for a reasoning model (calls while thinking are none)
         self._tokenizer = tokenizer
         self._eos = torch.tensor(eos_token_ids, dtype=torch.long)
         self._single = single
@@ -104,7 +105,8 @@ class ToolCallGuard:
         tail = self._tokenizer.decode(generated[-_CLOSE_TAIL_TOKENS:])
         if not tail.rstrip().endswith(TOOL_CALL_CLOSE):
             return False
-        blocks = _BLOCK_TEXT.findall(self._tokenizer.decode(generated))
+        text = self._tokenizer.decode(generated)
+        blocks = _BLOCK_TEXT.findall(self._answer(text) if self._answer is not None else text)
         if not blocks or not _is_call(blocks[-1]):  # e.g. "</tool_call>" written inside an argument string
             return False
         if self._single:

@@ -118,9 +118,11 @@ class ToolPlan:
         return GuideSpec(lark_grammar(lark), "tools", "tool parameters schema", parts)
 
     def processor_factory(self, grammar_factory: Optional[Callable[[], Any]], tokenizer: Any,
-                          eos_token_ids: Iterable[int]) -> Callable[[], ToolCallGuard]:
+                          eos_token_ids: Iterable[int], answer: Optional[Callable[[str], str]] = None
+                          ) -> Callable[[], ToolCallGuard]:
         """The per-sample logits processors of a request whose output is parsed for tool calls: the
-        forced-call grammar's (``grammar_factory``, None without one) inside a :class:`ToolCallGuard`.
+        forced-call grammar's (``grammar_factory``, None without one) inside a :class:`ToolCallGuard`;
+        ``answer`` cuts a whole output to its answer (calls written while thinking do not count).
 
         Example:
             >>> plan = plan_tools([{"type": "function", "function": {"name": "f"}}], "auto", False)
@@ -129,7 +131,7 @@ class ToolPlan:
         """
         eos = sorted(set(eos_token_ids))
         return lambda: ToolCallGuard(grammar_factory() if grammar_factory is not None else None, tokenizer,
-                                     eos, single=not self.parallel)
+                                     eos, single=not self.parallel, answer=answer)
 
 
 def _rebase_refs(schema: Any, base: str) -> Any:
