@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .errors import NotFound
 from .responses_protocol import ResponseObject
@@ -50,6 +50,11 @@ class ResponseStore:
         self.max_age_s = max_age_s
         self._clock = clock
         self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def __iter__(self) -> Iterator[StoredResponse]:
+        """The stored responses, oldest first."""
+        self._expire()
+        return iter(list(self._entries.values()))
 
     def __len__(self) -> int:
         self._expire()
