@@ -104,7 +104,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
         choices = []
         for o in result.outputs:
             parser = parsers[o.index]
-            reasoning = parser.reasoning if run.reasoning is not None else None
+            reasoning = parser.reasoning or None
             message = ChatResponseMessage(content=parser.content, tool_calls=parser.tool_calls or None,
                                           reasoning_content=reasoning, reasoning=reasoning)
             choices.append(ChatChoice(index=o.index, message=message,
