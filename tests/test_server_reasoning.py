@@ -107,7 +107,7 @@ def test_enable_thinking_false_and_effort(client):
                                          extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     # The template closed an empty block: after its "</think>" this model goes straight to the answer.
     message = off.choices[0].message
-    assert message.content == " " + ANSWER and getattr(message, "reasoning_content", None) is None
+    assert message.content == ANSWER and getattr(message, "reasoning_content", None) is None
     assert off.usage.completion_tokens_details.reasoning_tokens == 0
     effort_none = client.chat.completions.create(model="tgi", messages=MESSAGES, temperature=0, max_tokens=30,
                                                  reasoning_effort="none")

@@ -63,7 +63,7 @@ _OPTIONS: tuple = (
      "a Jinja chat template, inline or as a file path, replacing the model's"),
     ("reasoning_parser", ("--reasoning-parser",), ("REASONING_PARSER",), str, None,
      "split thinking (<think>...</think>) from answers: qwen3, deepseek_r1, glm45, deepseek_v3 or none "
-     "(default: qwen3 when the chat template writes think blocks, else none)"),
+     "(default: qwen3 when the chat template writes <think>, else none)"),
     ("served_model_name", ("--served-model-name",), ("SERVED_MODEL_NAME",), str, None,
      "the model name /v1/models reports and responses echo (default: the model id)"),
     ("cors_allow_origin", ("--cors-allow-origin",), ("CORS_ALLOW_ORIGIN",), str, None,

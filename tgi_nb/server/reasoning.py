@@ -1,9 +1,8 @@
 """Reasoning models: the one parser that splits a model's thinking (``<think>…</think>``) from its answer.
 
 Which parser runs: ``--reasoning-parser`` (vLLM's flag and names), else the chat template's say: a template
-that writes both ``<think>`` and ``</think>`` is a thinking model's (Qwen3, SmolLM3, QwQ, DeepSeek-R1
-distills, GLM-4.5) and gets ``qwen3``; any other template gets none, so an ordinary model's output is
-never touched.
+that writes ``<think>`` is a thinking model's (Qwen3, SmolLM3, QwQ, DeepSeek-R1 distills, GLM-4.5) and gets
+``qwen3``; any other template gets none, so an ordinary model's output is never touched.
 
 - ``qwen3`` (``glm45``, ``deepseek_v3`` behave the same): thinking is a ``<think>`` block that opens the
   output; an output without one is all answer.
@@ -68,7 +67,8 @@ def check_parser_name(name: Optional[str]) -> Optional[str]:
 
 def reasoning_parser(name: Optional[str], template: Optional[str]) -> Optional[str]:
     """The parser a server runs: ``name`` when set (``none`` turns splitting off), else ``qwen3`` for a chat
-    template that writes think blocks, else None.
+    template that writes ``<think>`` (to open the block for the model, or to render earlier turns' thinking),
+    else None.
 
     Example:
         >>> reasoning_parser(None, "{{ '<think>' }}...{{ '</think>' }}"), reasoning_parser(None, "{{ x }}")
@@ -76,7 +76,7 @@ def reasoning_parser(name: Optional[str], template: Optional[str]) -> Optional[s
     """
     if name is not None:
         return None if check_parser_name(name) == NONE else name
-    if template and THINK_OPEN in template and THINK_CLOSE in template:
+    if template and THINK_OPEN in template:
         return "qwen3"
     return None
 
@@ -189,7 +189,7 @@ class ReasoningSplitter:
 
     :meth:`feed` and :meth:`finish` return ``(reasoning, content)``, the text of each that is certain now: a
     piece that may begin a tag is held back until it is known. Whitespace just inside the block and between
-    ``</think>`` and the answer is dropped. :attr:`thinking` says whether the output is inside the block.
+    ``</think>`` and the answer (also the prompt's, for an output starting in :data:`ANSWER`) is dropped. :attr:`thinking` says whether the output is inside the block.
 
     Example:
         >>> s = ReasoningSplitter(THINKING)
@@ -203,7 +203,8 @@ class ReasoningSplitter:
         self.state = state
         self._buf = ""
         self._pending_ws = ""                 # the thinking's trailing whitespace, sent if more thinking follows
-        self._skip_ws = state == THINKING     # at the start of the block or of the answer after it
+        # At the start of the block, or of an answer after one (ANSWER: the prompt closed the block).
+        self._skip_ws = state in (THINKING, ANSWER)
 
     @property
     def thinking(self) -> bool:
