@@ -153,7 +153,13 @@ def engine(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(engine):
-    """A server on a free port in front of the module's ``engine``."""
-    with running_server(engine) as (server, _):
-        yield server
+def served(engine):
+    """``(server, app)``: a server on a free port in front of the module's ``engine``, and its app."""
+    with running_server(engine) as (server, app):
+        yield server, app
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    """The server of :func:`served`."""
+    return served[0]

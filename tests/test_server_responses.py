@@ -14,7 +14,8 @@ import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
 from pydantic import BaseModel
 
-from server_fixtures import kv_free, make_engine, running_server, wait_until
+from server_fixtures import kv_free, wait_until
+from server_fixtures import engine, served, server  # noqa: F401  (module-scoped fixtures)
 from tgi_nb.server.responses_store import ResponseStore
 
 WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
@@ -24,24 +25,6 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in
 ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
                  "additionalProperties": False}
 ANSWER_FORMAT = {"format": {"type": "json_schema", "name": "answer", "schema": ANSWER_SCHEMA, "strict": True}}
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = make_engine(tiny_model_dir("llama"), max_input_tokens=768, max_total_tokens=1024)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def served(engine):
-    with running_server(engine) as (server, app):
-        yield server, app
-
-
-@pytest.fixture(scope="module")
-def server(served):
-    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +186,7 @@ def test_delete_and_input_items_pages(client):
 
 def test_cancel_a_streaming_response(client, server, engine):
     stream = client.responses.create(model="tgi", input="Tell a long story", stream=True, temperature=0,
-                                     max_output_tokens=600)
+                                     max_output_tokens=400)
     events = iter(stream)
     created = next(events)
     assert created.type == "response.created"
@@ -234,7 +217,7 @@ def test_cancel_a_response_awaited_elsewhere(served, engine):
 
         def create() -> None:
             result["response"] = http.post("/v1/responses", json={
-                "model": "tgi", "input": "A long story", "max_output_tokens": 600, "metadata": {"tag": "await"}})
+                "model": "tgi", "input": "A long story", "max_output_tokens": 400, "metadata": {"tag": "await"}})
 
         thread = threading.Thread(target=create)
         thread.start()

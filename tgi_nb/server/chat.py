@@ -29,22 +29,33 @@ def load_chat_template(value: Optional[str]) -> Optional[str]:
     return value
 
 
-def _content_text(message: ChatMessage, index: int) -> Optional[str]:
-    content = message.content
-    if content is None or isinstance(content, str):
-        return content
+def parts_text(parts: list[Any], param: str) -> str:
+    """The text of content parts (``text`` / ``input_text`` / ``output_text`` / ``refusal``, the chat and
+    Responses kinds); any other part is a 400 naming ``param.j.type``.
+
+    Example:
+        >>> parts_text([{"type": "input_text", "text": "a"}, {"type": "text", "text": "b"}], "input.0.content")
+        'a\\nb'
+    """
     texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type")
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("text", "input_text", "output_text"):
             texts.append(str(part.get("text", "")))
         elif kind == "refusal":
             texts.append(str(part.get("refusal", "")))
         else:
-            raise BadRequest(f"messages[{index}].content[{j}].type: only 'text' parts are supported by this "
-                             f"text-only model, got {kind!r}", param=f"messages.{index}.content.{j}.type")
+            raise BadRequest(f"{param}.{j}.type: only text parts are supported by this text-only model, got "
+                             f"{kind!r}", param=f"{param}.{j}.type")
     # vLLM joins text parts with a newline; so do we, so that prompts match across servers.
     return "\n".join(texts)
+
+
+def _content_text(message: ChatMessage, index: int) -> Optional[str]:
+    content = message.content
+    if content is None or isinstance(content, str):
+        return content
+    return parts_text(content, f"messages.{index}.content")
 
 
 def to_template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:

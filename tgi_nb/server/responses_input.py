@@ -27,6 +27,7 @@ import re
 import uuid
 from typing import Any, Optional
 
+from .chat import parts_text
 from .errors import BadRequest
 from .protocol import ChatCompletionRequest
 from .responses_protocol import FunctionCallItem, OutputItem, OutputMessage, ReasoningItem, ResponsesRequest
@@ -72,17 +73,7 @@ def _parts_text(content: Any, param: str) -> str:
         return content
     if not isinstance(content, list):
         raise BadRequest(f"{param}: must be a string or a list of input_text parts", param=param)
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("input_text", "output_text", "text"):
-            texts.append(str(part.get("text", "")))
-        elif kind == "refusal":
-            texts.append(str(part.get("refusal", "")))
-        else:
-            raise BadRequest(f"{param}.{j}.type: only 'input_text' parts are supported by this text-only model, "
-                             f"got {kind!r}", param=f"{param}.{j}.type")
-    return "\n".join(texts)
+    return parts_text(content, param)
 
 
 def input_messages(value: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

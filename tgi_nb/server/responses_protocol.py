@@ -209,43 +209,43 @@ class OutputItemEvent(ResponseEvent):
     item: OutputItem
 
 
-class ContentPartEvent(ResponseEvent):
-    """response.content_part.added / done (an ``output_text`` or a ``reasoning_text`` part)."""
+class _ItemEvent(ResponseEvent):
+    """An event about one output item."""
 
     item_id: str
     output_index: int
+
+
+class _PartEvent(_ItemEvent):
+    """An event about one content part of an item (there is one per item here)."""
+
     content_index: int = 0
+
+
+class ContentPartEvent(_PartEvent):
+    """response.content_part.added / done (an ``output_text`` or a ``reasoning_text`` part)."""
+
     part: Union[OutputText, ReasoningText]
 
 
-class TextDeltaEvent(ResponseEvent):
+class TextDeltaEvent(_PartEvent):
     """response.output_text.delta and response.reasoning_text.delta (this one without ``logprobs``)."""
 
-    item_id: str
-    output_index: int
-    content_index: int = 0
     delta: str
     logprobs: Optional[list[Any]] = Field(default=None, exclude_if=lambda v: v is None)
 
 
-class TextDoneEvent(ResponseEvent):
+class TextDoneEvent(_PartEvent):
     """response.output_text.done and response.reasoning_text.done."""
 
-    item_id: str
-    output_index: int
-    content_index: int = 0
     text: str
     logprobs: Optional[list[Any]] = Field(default=None, exclude_if=lambda v: v is None)
 
 
-class ArgumentsDeltaEvent(ResponseEvent):
-    item_id: str
-    output_index: int
+class ArgumentsDeltaEvent(_ItemEvent):
     delta: str
 
 
-class ArgumentsDoneEvent(ResponseEvent):
-    item_id: str
-    output_index: int
+class ArgumentsDoneEvent(_ItemEvent):
     name: str
     arguments: str
