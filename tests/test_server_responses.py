@@ -14,7 +14,7 @@ import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
 from pydantic import BaseModel
 
-from server_fixtures import kv_free, wait_until
+from server_fixtures import SlowEngine, kv_free, running_server, wait_until
 from server_fixtures import engine, served, server  # noqa: F401  (module-scoped fixtures)
 from tgi_nb.server.responses_store import ResponseStore
 
@@ -86,7 +86,10 @@ def test_previous_response_id_continues(client):
                                      max_output_tokens=5, temperature=0)
     assert second.previous_response_id == first.id
     # The second prompt holds the first turn (its input and output) before the new input.
-    assert second.usage.input_tokens >= first.usage.input_tokens + first.usage.output_tokens
+    whole = client.responses.create(model="tgi", store=False, max_output_tokens=5, temperature=0, input=[
+        {"role": "user", "content": "Remember: blue."}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "What colour?"}])
+    assert whole.usage.input_tokens == second.usage.input_tokens and whole.output_text == second.output_text
     items = client.responses.input_items.list(second.id)
     assert [i.type for i in items.data] == ["message"] and items.data[0].content[0].text == "What colour?"
 
@@ -184,7 +187,15 @@ def test_delete_and_input_items_pages(client):
         client.responses.retrieve(response.id)
 
 
-def test_cancel_a_streaming_response(client, server, engine):
+@pytest.fixture(scope="module")
+def slow_served(engine):
+    """A second server whose outputs come 50 ms apart, so a response is surely still running when cancelled."""
+    with running_server(SlowEngine(engine, delay=0.05)) as (server, app):
+        yield server, app
+
+
+def test_cancel_a_streaming_response(slow_served, engine):
+    client = OpenAI(base_url=slow_served[0].url + "/v1/", api_key="-", max_retries=0)
     stream = client.responses.create(model="tgi", input="Tell a long story", stream=True, temperature=0,
                                      max_output_tokens=400)
     events = iter(stream)
@@ -197,6 +208,7 @@ def test_cancel_a_streaming_response(client, server, engine):
     assert cancelled.status == "cancelled"
     rest = list(events)
     assert rest[-1].type == "response.incomplete" and rest[-1].response.status == "cancelled"
+    assert rest[-2].type == "response.output_item.done" and rest[-2].item.status == "incomplete"
     assert client.responses.retrieve(response_id).status == "cancelled"
     assert wait_until(lambda: kv_free(engine))
     with pytest.raises(BadRequestError) as info:
@@ -204,12 +216,12 @@ def test_cancel_a_streaming_response(client, server, engine):
     assert "cancelled" in info.value.body["message"]
 
 
-def test_cancel_a_response_awaited_elsewhere(served, engine):
+def test_cancel_a_response_awaited_elsewhere(slow_served, engine):
     """A non-streamed response cancelled from another connection answers with status cancelled."""
-    server, app = served
+    server, app = slow_served
     store: ResponseStore = app.state.ctx.responses
 
-    def awaited():
+    def running():
         return [e for e in store if e.response.metadata.get("tag") == "await" and e.cancel is not None]
 
     with httpx.Client(base_url=server.url, timeout=60) as http:
@@ -221,11 +233,13 @@ def test_cancel_a_response_awaited_elsewhere(served, engine):
 
         thread = threading.Thread(target=create)
         thread.start()
-        assert wait_until(lambda: bool(awaited()))
-        entry = awaited()[0]
-        assert http.post(f"/v1/responses/{entry.response.id}/cancel").json()["status"] == "cancelled"
+        assert wait_until(lambda: bool(running()))
+        response_id = running()[0].response.id
+        assert http.post(f"/v1/responses/{response_id}/cancel").json()["status"] == "cancelled"
         thread.join(60)
         assert result["response"].status_code == 200 and result["response"].json()["status"] == "cancelled"
+        assert http.delete(f"/v1/responses/{response_id}").json() == {"id": response_id, "object": "response",
+                                                                       "deleted": True}
     assert wait_until(lambda: kv_free(engine))
 
 
