@@ -211,3 +211,14 @@ def test_think_grammar_wraps_the_answer(engine):
     assert may.matches('{"city": "Rome"}') and may.matches('<think>x {"city": "Oslo"}</think>\n\n{"city": "Rome"}')
     assert not may.matches('<think>x</think>{"city": "Oslo"}')
     assert must.matches('x</think>{"city": "Paris"}') and not must.matches('{"city": "Paris"}')
+
+
+def test_reasoning_parser_option():
+    import argparse
+
+    from tgi_nb.server.launcher import LaunchError, plan_from_options, resolve_options
+
+    plan = plan_from_options(resolve_options(argparse.Namespace(), {"REASONING_PARSER": "deepseek_r1"}))
+    assert plan.settings.reasoning_parser == "deepseek_r1"
+    with pytest.raises(LaunchError, match="reasoning_parser: must be one of 'qwen3'.*got 'granite'"):
+        plan_from_options(resolve_options(argparse.Namespace(), {"REASONING_PARSER": "granite"}))
