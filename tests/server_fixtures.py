@@ -160,6 +160,7 @@ def served(engine):
 
 
 @pytest.fixture(scope="module")
-def server(served):
-    """The server of :func:`served`."""
-    return served[0]
+def server(engine):
+    """A server on a free port in front of the module's ``engine`` (:func:`served` when the app is needed too)."""
+    with running_server(engine) as (server, _):
+        yield server

@@ -14,7 +14,7 @@ from openai import OpenAI
 from pydantic import BaseModel, Field
 
 from server_fixtures import client, kv_free, make_engine, running_server, sse_events, wait_until
-from server_fixtures import engine, served, server  # noqa: F401  (module-scoped fixtures)
+from server_fixtures import engine, server  # noqa: F401  (module-scoped fixtures)
 from tgi_nb.engine import SamplingParams, ValidationError
 from tgi_nb.engine.guided_decoding import (GrammarCompiler, GrammarError, choice_grammar, json_schema_grammar,
                                            lark_grammar, regex_grammar)

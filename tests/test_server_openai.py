@@ -12,7 +12,7 @@ from openai import AsyncOpenAI, OpenAI
 
 from server_fixtures import kv_free, wait_until
 from tgi_nb.engine import SamplingParams
-from server_fixtures import engine, served, server  # noqa: F401  (module-scoped fixtures)
+from server_fixtures import engine, server  # noqa: F401  (module-scoped fixtures)
 
 MESSAGES = [{"role": "system", "content": "You are a concise API assistant."},
             {"role": "user", "content": "What is TGI?"}]

@@ -15,7 +15,7 @@ from openai import BadRequestError, NotFoundError, OpenAI
 from pydantic import BaseModel
 
 from server_fixtures import SlowEngine, kv_free, running_server, wait_until
-from server_fixtures import engine, served, server  # noqa: F401  (module-scoped fixtures)
+from server_fixtures import engine, served  # noqa: F401  (module-scoped fixtures)
 from tgi_nb.server.responses_store import ResponseStore
 
 WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
@@ -25,6 +25,11 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in
 ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
                  "additionalProperties": False}
 ANSWER_FORMAT = {"format": {"type": "json_schema", "name": "answer", "schema": ANSWER_SCHEMA, "strict": True}}
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")

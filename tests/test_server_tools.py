@@ -12,7 +12,7 @@ from openai import OpenAI
 from pydantic import BaseModel, Field
 
 from server_fixtures import client, kv_free, make_engine, wait_until
-from server_fixtures import served, server  # noqa: F401  (module-scoped fixtures)
+from server_fixtures import server  # noqa: F401  (module-scoped fixtures)
 from tgi_nb.server.chat import render_chat
 from tgi_nb.server.protocol import ChatMessage
 from tgi_nb.server.tool_parser import ToolCallParser, parse_tool_calls
