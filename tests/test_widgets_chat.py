@@ -337,3 +337,40 @@ def test_enter_sends_and_the_conversation_exports_and_imports(server):
         assert "imported" in other.status.value
     other.importer.value = (uploaded("bad.json", b'[{"role": "robot", "content": "x"}]'),)
     assert "messages[0].role: must be one of system, user, assistant" in other.status.value
+
+
+def test_thinking_streams_folded_above_the_answer_and_compare_counts_it(tmp_path_factory, smollm2_dir):
+    """A model that thinks (test_server_reasoning's chain model: "Let me think</think> Paris is the capital."):
+    the thinking streams into the reply's reasoning field as it comes, the answer apart; CompareWidget counts
+    thinking tokens in a column of their own."""
+    from server_fixtures import make_engine, running_server
+    from test_server_reasoning import ANSWER, REASONING, TEMPLATE, THINKING_TOKENS, build_chain_model
+
+    from tgi_nb.widgets import CompareWidget
+
+    engine = make_engine(build_chain_model(tmp_path_factory.mktemp("chain"), smollm2_dir))
+    try:
+        with running_server(engine, chat_template=TEMPLATE) as (srv, _):
+            chat = ChatWidget(srv.url, parameters={"max_tokens": 30, "temperature": 0})
+            fields: list[tuple[str, str]] = []
+            original = chat.transcript.send
+            chat.transcript.send = lambda content, buffers=None: (
+                fields.append((content["field"], content["text"])), original(content, buffers))
+            chat.send("What is the capital of France?").wait(TIMEOUT)
+            entry = chat.transcript.entries[-1]
+            assert entry["reasoning"].strip() == REASONING and entry["text"].strip() == ANSWER
+            assert "".join(t for f, t in fields if f == "reasoning").strip() == REASONING
+            assert [f for f, _ in fields] == sorted(f for f, _ in fields)[::-1]  # thinking first, then the answer
+            assert chat.last_stats["thinking_tokens"] == THINKING_TOKENS
+            assert f"{THINKING_TOKENS} thinking" in entry["stats"]
+            assert chat.messages[-1]["content"].strip() == ANSWER  # the history holds the answer only
+
+            compare = CompareWidget([srv.url, (srv.url, {"temperature": 0})], prompts=["Capital of France?"],
+                                    parameters={"max_tokens": 30, "temperature": 0})
+            compare.run().wait(TIMEOUT)
+            assert [r["thinking_tokens"] for r in compare.results] == [THINKING_TOKENS] * 2
+            assert "<th>thinking</th>" in compare.table.value
+            assert compare.rows()[0]["thinking"].strip() == REASONING
+            compare.close()
+    finally:
+        engine.shutdown()

@@ -5,7 +5,9 @@ the monitor reads /metrics, compare runs prompts through several settings, and c
 
 from __future__ import annotations
 
+import csv
 import html
+import io
 import logging
 import threading
 import time
@@ -215,7 +217,15 @@ def test_compare_runs_prompts_through_each_setting(server):
     assert [(r["prompt"], r["tokens"]) for r in compare.results] == [("one", 5), ("one", 2), ("two", 5), ("two", 2)]
     assert all(r["answer"] and r["error"] is None and r["ttft_s"] is not None for r in compare.results)
     table = compare.table.value
-    assert table.count("<tr>") == 5 and "temperature=0.0" in table and "max_tokens=2" in table
+    # the prompt once above its answers (not in every row), answers in full in their tooltip
+    assert table.count("<tr>") == 5 and table.count("<tr class='tgi-compare-prompt'>") == 2 and table.count("Prompt:") == 2
+    assert "temperature=0.0" in table and "max_tokens=2" in table
+    # exports: CSV (a download link) and a DataFrame, a row per prompt and setting
+    rows = list(csv.DictReader(io.StringIO(compare.to_csv())))
+    assert [(r["prompt"], r["tokens"]) for r in rows] == [("one", "5"), ("one", "2"), ("two", "5"), ("two", "2")]
+    assert 'download="compare.csv"' in compare.exports.value
+    frame = compare.to_dataframe()
+    assert frame.shape == (4, len(CompareWidget.COLUMNS)) and list(frame["tokens"]) == [5, 2, 5, 2]
     # each column shows every prompt and its answer
     assert [e["role"] for e in compare.chats[0].transcript.entries] == ["user", "assistant"] * 2
     compare.close()
