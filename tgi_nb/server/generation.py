@@ -44,18 +44,22 @@ CHAT_NAMES = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs", "promp
 
 
 def sampling_params(req: Any, engine: GenerationEngine, max_new_tokens: int, logprobs: Optional[int], n: int,
-                    names: dict[str, str], logits_processor_factory: Any = None):
-    """The engine's ``SamplingParams`` for a chat or completion request (OpenAI's defaults and names)."""
-    temperature = 1.0 if req.temperature is None else req.temperature
-    top_p = 1.0 if req.top_p is None else req.top_p
-    top_k = 0 if req.top_k in (None, -1) else req.top_k
+                    names: dict[str, str], logits_processor_factory: Any = None,
+                    defaults: Optional[dict[str, float]] = None):
+    """The engine's ``SamplingParams`` for a chat or completion request (OpenAI's names); a field the request
+    leaves out takes the model's recommended value (``defaults``, generation_defaults.py), else OpenAI's."""
+    def pick(name: str, neutral: float) -> float:
+        value = getattr(req, name)
+        return value if value is not None else (defaults or {}).get(name, neutral)
+
+    temperature, top_p, top_k = pick("temperature", 1.0), pick("top_p", 1.0), pick("top_k", 0)
+    top_k = 0 if top_k == -1 else top_k
     if top_p == 0:  # OpenAI accepts 0: only the most likely token is left
         top_p, top_k = 1.0, 1
     return make_sampling_params(
         names,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        min_p=req.min_p or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        min_p=pick("min_p", 0.0), repetition_penalty=pick("repetition_penalty", 1.0),
         frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
         logit_bias=parse_logit_bias(req.logit_bias, engine.vocab_size), seed=req.seed,
         stop=stop_list(req.stop), stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
@@ -227,7 +231,7 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, route: str,
         processors = tools.processor_factory(processors, engine.tokenizer, engine.eos_token_ids,
                                              answer=lambda text: answer_text(text, state))
     params = sampling_params(req, engine, max_new, (req.top_logprobs or 0) if req.logprobs else None, req.n, names,
-                             processors)
+                             processors, defaults=ctx.sampling_defaults(engine))
     stream = GenerationStream(ctx, engine, route)
     stream.submit([ids], params, request_id, names)
     return ChatRun(stream, request_id, ids, req.n, tools, tool_names, state, token_table(engine))

@@ -7,6 +7,7 @@ from typing import Optional
 
 from tgi_nb.models.embedding import DEFAULT_EMBEDDING_MODEL_ID
 
+from .generation_defaults import check_generation_config
 from .reasoning import check_parser_name
 
 
@@ -24,7 +25,8 @@ class ServerSettings:
     ``embedding_model`` is the sentence-transformers model behind /v1/embeddings (a Hub id or a folder;
     None serves no embeddings); it loads on the first embedding request.
     ``reasoning_parser`` splits thinking from answers (reasoning.py's names; None: the chat template decides,
-    ``none``: never). ``keep_alive_interval`` is how long a stream may stay silent (a long prefill, a full queue)
+    ``none``: never). ``generation_config`` is where requests' missing sampling settings come from
+    (generation_defaults.py: ``auto``, ``vllm`` or a folder). ``keep_alive_interval`` is how long a stream may stay silent (a long prefill, a full queue)
     before an SSE comment is sent so that proxies and clients do not time out.
 
     Example:
@@ -50,6 +52,7 @@ class ServerSettings:
     max_stop_sequences: int = 4
     chat_template: Optional[str] = None
     reasoning_parser: Optional[str] = None
+    generation_config: str = "auto"
     keep_alive_interval: float = 10.0
     retry_after: int = 1
     cors_allow_origins: list[str] = field(default_factory=list)
@@ -79,6 +82,7 @@ class ServerSettings:
             raise SettingsError(f"keep_alive_interval: must be > 0 seconds, got {self.keep_alive_interval!r}")
         try:
             check_parser_name(self.reasoning_parser)
+            self.generation_config = check_generation_config(self.generation_config)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
         if self.api_key == "":
