@@ -171,6 +171,16 @@ def test_pick_a_running_endpoint_and_workbench_tabs(tiny):
         bench.parameters.set(max_tokens=4, temperature=0.0)
         bench.chat.send("Hello").wait(TIMEOUT)
         assert bench.chat.last_stats["tokens"] == 4
+        # Running: the Endpoint tab points to the Chat tab, the curl command names the endpoint's real URL, and
+        # the endpoint's defaults (none for this model) never undo a value the user set.
+        assert bench.next_step.layout.display == ""
+        bench.next_step.children[1].click()
+        assert bench.selected_index == 2
+        assert wait_until(lambda: bench.parameters.base_url == endpoint.url + "/v1", TIMEOUT)
+        assert f"curl {endpoint.url}/v1/chat/completions" in html.unescape(bench.parameters.code.value)
+        bench.parameters.use_endpoint_defaults({"temperature": 0.2, "top_p": 0.9})
+        assert bench.parameters.params == {"temperature": 0.0, "max_tokens": 4}  # top_p 0.9: the endpoint's own
+        assert bench.parameters.controls["top_p"].value == 0.9
         assert wait_until(lambda: (bench.monitor.latest.get("kv_free") or 0) > 0, TIMEOUT)
     finally:
         bench.close()
