@@ -40,6 +40,10 @@ def test_form_creates_an_endpoint_and_follows_its_life_cycle(tiny):
     code = html.unescape(form.code.value)
     assert "create_inference_endpoint(" in code and "'MAX_TOTAL_TOKENS': '100000'" in code
     assert "no endpoint" in form.badge.value
+    assert form.token.layout.display == "none"  # a public endpoint needs no token: the field shows for protected
+    form.type.value = "protected"
+    assert form.token.layout.display == ""
+    form.type.value = "public"
     form.create()
     try:
         assert form.wait_status("running", timeout=TIMEOUT) == "running"
@@ -47,7 +51,9 @@ def test_form_creates_an_endpoint_and_follows_its_life_cycle(tiny):
         assert endpoint is tgi_nb.get_inference_endpoint("widget-form")
         assert "data-status='running'" in form.badge.value
         assert f"{endpoint.url}/docs" in form.links.value and endpoint.url in form.links.value
-        assert "max_total_tokens=" in form.progress.value
+        # the limits in words, sizes in GiB / MiB rather than raw bytes
+        assert "Prompts up to " in form.progress.value and "KV cache " in form.progress.value
+        assert "kv_cache_bytes" not in form.progress.value and "iB" in form.progress.value
         assert wait_until(lambda: "MAX_TOTAL_TOKENS" in form.warnings.value, TIMEOUT), form.warnings.value
         chat = ChatWidget(endpoint, parameters={"max_tokens": 3})
         chat.send("Hi").wait(TIMEOUT)
