@@ -210,8 +210,8 @@ def test_stop_ends_a_long_answer(page, shots):
     # The server aborted the request: its monitor shows no running request and no KV block in use.
     open_tab(page, "Monitor")
     plots = page.locator(".tgi-workbench .tgi-monitor-plots")
-    expect(plots).to_contain_text("running requests: 0")
-    expect(plots).to_contain_text("KV blocks used: 0")
+    expect(plots).to_contain_text("running 0")
+    expect(plots).to_contain_text("KV cache in use: used 0%")
     page.screenshot(path=shots / "workbench_monitor.png")
 
 

@@ -203,7 +203,12 @@ def test_monitor_reads_metrics_and_stops_when_closed(server):
     assert wait_until(lambda: monitor.latest.get("ttft_p50") is not None and monitor.latest["running"] == 0,
                       TIMEOUT), monitor.latest
     assert monitor.latest["kv_free"] > 0 and max(v for _, v in monitor.series["tokens_per_s"]) > 0
-    assert "tgi-monitor-plot" in monitor.plots.value and "TTFT p50" in monitor.plots.value
+    assert monitor.latest["kv_percent"] == 0.0 and max(v for _, v in monitor.series["kv_percent"]) <= 100
+    # one request's speed from the inter-token latencies: the chat's own figure, measured by the server
+    assert monitor.latest["request_tokens_per_s"] > 0
+    plots = monitor.plots.value
+    assert "tgi-monitor-plot" in plots and "time to first token (1 min)" in plots and "KV cache in use" in plots
+    assert "-1 min" in plots and "now" in plots and "e+0" not in plots and "e-0" not in plots  # axes, no 1e-09
     assert monitor.polling
     monitor.close()
     assert not monitor.polling

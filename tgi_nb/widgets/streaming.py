@@ -39,7 +39,8 @@ TIPS = {
             "the prompt)",
     "tokens": "Tokens generated, as the server counted them (usage.completion_tokens)",
     "thinking": "Of those, tokens of the model's thinking (reasoning), shown folded above the answer",
-    "speed": "Tokens a second after the first one: the decoding speed this request got",
+    "speed": "Tokens a second after the first one (1 / mean inter-token latency): the decoding speed this request "
+             "got; the Monitor's 'one request' figure",
     "finish_reason": "Why the reply ended. stop: the model finished (or a stop string came); length: cut at "
                      "max_tokens or the context size; tool_calls: it called a tool; content_filter: filtered",
 }
@@ -115,6 +116,7 @@ class Reply:
     reasoning: str = ""
     reasoning_chunks: int = 0
     first_token: Optional[float] = None
+    last_token: Optional[float] = None
     finish_reason: Optional[str] = None
     usage: Any = None
     chunks: int = 0
@@ -130,11 +132,13 @@ class Reply:
         details = getattr(self.usage, "completion_tokens_details", None)
         thinking = getattr(details, "reasoning_tokens", None) or self.reasoning_chunks
         first = self.first_token
+        last = self.last_token if self.last_token is not None else end
         return {
             "ttft_s": None if first is None else first - self.started,
             "tokens": tokens,
             "thinking_tokens": thinking,
-            "tokens_per_s": tokens / (end - first) if first and tokens > 1 and end > first else None,
+            # the decoding speed: tokens after the first over the time they took (1 / mean inter-token latency)
+            "tokens_per_s": (tokens - 1) / (last - first) if first and tokens > 1 and last > first else None,
             "elapsed_s": end - self.started,
             "finish_reason": None if self.stopped else self.finish_reason,
             "stopped": self.stopped,
@@ -208,8 +212,10 @@ def stream_reply(target: Target, messages: list[dict[str, Any]], kwargs: dict[st
                 if choice.index != 0:
                     continue
                 thinking = reasoning_delta(choice.delta)
-                if (choice.delta.content or thinking) and reply.first_token is None:
-                    reply.first_token = time.monotonic()
+                if choice.delta.content or thinking:
+                    reply.last_token = time.monotonic()
+                    if reply.first_token is None:
+                        reply.first_token = reply.last_token
                 if thinking:
                     thought.add(thinking)
                     reply.reasoning_chunks += 1
