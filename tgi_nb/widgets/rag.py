@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import ipywidgets as w
 
 from tgi_nb.rag import RagPipeline, Source, load_file, load_paths
+from tgi_nb.rag.citations import not_found_warning
 
 from .controls import button, styled
 from .lifecycle import Coalescer, Job, Worker, replace_in_cell
@@ -203,15 +204,20 @@ class RagWidget(w.VBox):
         self.answer.start_reply()
         stream = self.pipeline.ask(question, stream=True)
         forget = job.on_stop(stream.close)  # Stop: the HTTP stream closes, the server stops generating
+        warning = not_found_warning(stream.sources)
         try:
-            self.sources.value = _sources_html(stream.sources)
+            self.sources.value = (f"<div class='tgi-rag-not-found' style='color:#b45309'>&#9888; {html.escape(warning)}"
+                                  "</div>" if warning else "") + _sources_html(stream.sources)
             shown = Coalescer(self.answer.append)
             for piece in stream:
                 shown.add(piece)
             shown.flush()
         finally:
             forget()
-        self.answer.end_reply(shown.text, stats="stopped" if job.stopping.is_set() else None)
+        stopped = job.stopping.is_set()
+        # Ended: the answer with the [n] markers the model left out (citations.cite); stopped: as far as it came.
+        self.answer.end_reply(shown.text if stopped else stream.answer.text, stats="stopped" if stopped else None,
+                              notice=warning)
 
     def stop(self) -> None:
         """Stop the answer being streamed (the server stops generating).
