@@ -41,6 +41,7 @@ def test_form_creates_an_endpoint_and_follows_its_life_cycle(tiny):
     assert "create_inference_endpoint(" in code and "'MAX_TOTAL_TOKENS': '100000'" in code
     assert "no endpoint" in form.badge.value
     assert form.token.layout.display == "none"  # a public endpoint needs no token: the field shows for protected
+    assert all(f.layout.display in (None, "") for f in (form.name, form.repository, form.url))  # only the token
     form.type.value = "protected"
     assert form.token.layout.display == ""
     form.type.value = "public"

@@ -204,6 +204,9 @@ class InferenceEndpoint:
             extra.update(backend=backend.kind, port=backend.port, limits=state.limits, server=self._server_kind,
                          warnings=list(state.warnings), **backend.details())
             self._populate_from_raw()
+            # Warned in the user's own thread only: from a widget's or the notifier's thread a warning has no cell
+            # to point at (Python names threading.py) and shows in whatever cell runs; widgets list them anyway.
+            show_warnings = show_warnings and threading.current_thread() is threading.main_thread()
             new = [w for w in state.warnings if w not in self._warned] if show_warnings else []
             self._warned.update(new)
         for message in new:

@@ -195,7 +195,7 @@ class EndpointWidget(w.VBox):
                                      style=style, layout=wide)
         self.type = w.ToggleButtons(options=TYPES, value=type, description="type", style=style)
         self.token = w.Password(description="token", placeholder="protected: any string locally", style=style,
-                                layout=wide)
+                                layout=w.Layout(width="460px"))  # its own layout: hidden for a public endpoint
         self.limits = {name_: w.Text(description=name_, placeholder="default (fitted to the machine)",
                                      style=style, layout=wide) for name_ in LIMITS}
         self.backend = w.ToggleButtons(options=BACKENDS, value=backend, description="backend", style=style)
