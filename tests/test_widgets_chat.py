@@ -320,8 +320,9 @@ def test_enter_sends_and_the_conversation_exports_and_imports(server):
     assert "Be brief." in chat.system_line.value  # the system prompt, visible in the chat
     chat.input.value = "Hel"  # what the browser synced so far; Enter sends what the box shows
     chat.input._front_end_message(chat.input, {"op": "submit", "text": "Hello"}, [])
+    assert not chat.input.ready  # Enter waits while the reply streams
     chat.wait(TIMEOUT)
-    assert chat.messages[0] == {"role": "user", "content": "Hello"} and chat.input.value == ""
+    assert chat.messages[0] == {"role": "user", "content": "Hello"} and chat.input.ready
     links = dict(re.findall(r'download="([^"]+)" href="data:[^;]+;base64,([^"]+)"', chat.exports.value))
     exported = json.loads(base64.b64decode(links["chat.json"]))
     assert [m["role"] for m in exported] == ["system", "user", "assistant"] and exported[1]["content"] == "Hello"

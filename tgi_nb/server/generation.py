@@ -30,12 +30,12 @@ from .errors import APIError
 from .guided import compile_guide, request_guide
 from .params import make_sampling_params, parse_logit_bias, resolve_max_new_tokens, stop_list, tokenize
 from .protocol import ChatCompletionRequest, CompletionTokensDetails, PromptTokensDetails, UsageInfo
-from .reasoning import (MAY_OPEN, THINKING, ReasoningSplitter, answer_text, effort_template_kwargs,
+from .reasoning import (ANSWER, MAY_OPEN, THINKING, ReasoningSplitter, answer_text, effort_template_kwargs,
                         reasoning_parser, start_state, think_grammar)
 from .streaming import GenerationStream
 from .tokens import TokenTable, token_table
 from .tool_parser import ToolCallParser
-from .tools import ToolPlan, plan_tools
+from .tools import NoTagEcho, ToolPlan, follows_tool_results_as_text, plan_tools
 
 logger = logging.getLogger("tgi_nb.server")
 
@@ -230,6 +230,8 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, route: str,
     if tool_names is not None:  # the output is parsed for calls: end it at a repeated (or, single, a first) call
         processors = tools.processor_factory(processors, engine.tokenizer, engine.eos_token_ids,
                                              answer=lambda text: answer_text(text, state))
+    elif processors is None and state in (None, ANSWER) and follows_tool_results_as_text(req.messages, template):
+        processors = lambda: NoTagEcho(engine.tokenizer)  # noqa: E731 - an answer in words, not an echoed tag
     params = sampling_params(req, engine, max_new, (req.top_logprobs or 0) if req.logprobs else None, req.n, names,
                              processors, defaults=ctx.sampling_defaults(engine))
     stream = GenerationStream(ctx, engine, route)

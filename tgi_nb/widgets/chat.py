@@ -73,7 +73,7 @@ class ChatWidget(w.VBox):
         self.transcript.on_action("continue", self._continue_clicked)
         self.input = ChatInput(placeholder="Ask something (Enter sends, Shift+Enter: a new line)",
                                layout=w.Layout(width="auto", flex="1 1 auto"))
-        self.input.on_submit(lambda _text: self._send_clicked())
+        self.input.on_submit(self._submitted)
         self.send_button = button("Send", "tgi-chat-send", self._send_clicked, style="primary")
         self.stop_button = button("Stop", "tgi-chat-stop", self.stop, style="danger")
         self.stop_button.disabled = True
@@ -304,13 +304,19 @@ class ChatWidget(w.VBox):
 
     # ------------------------------------------------------------------------------------------------ UI
     def _send_clicked(self) -> None:
-        text = self.input.value
+        if self._submitted(self.input.value):
+            self.input.value = ""
+
+    def _submitted(self, text: str) -> bool:
+        """Send what the box held (Enter emptied it already; Send empties it once sent)."""
         try:
             self.send(text)
         except (ValueError, RuntimeError) as exc:
             self._set_status(html.escape(str(exc)))
-            return
-        self.input.value = ""
+            if text.strip() and not self.input.value:
+                self.input.value = text  # refused: the text goes back where it was typed
+            return False
+        return True
 
     def _continue_clicked(self, index: int) -> None:
         if index not in (-1, len(self.transcript.entries) - 1):
@@ -339,6 +345,7 @@ class ChatWidget(w.VBox):
 
     def _set_busy(self, busy: bool) -> None:
         self.send_button.disabled = busy
+        self.input.ready = not busy
         self.stop_button.disabled = not busy
         for button in (self.regenerate_button, self.edit_button, self.clear_button, self.importer):
             button.disabled = busy

@@ -11,7 +11,8 @@ import traitlets
 
 
 class ChatInput(anywidget.AnyWidget):
-    """A text box whose Enter calls the handlers given to ``on_submit`` with the text (Shift+Enter: a new line).
+    """A text box whose Enter calls the handlers given to ``on_submit`` with the text and empties the box
+    (Shift+Enter: a new line); Enter does nothing while ``ready`` is False.
 
     Example:
         >>> box = ChatInput(placeholder="Ask something")
@@ -32,6 +33,7 @@ class ChatInput(anywidget.AnyWidget):
     value = traitlets.Unicode("").tag(sync=True)
     placeholder = traitlets.Unicode("").tag(sync=True)
     disabled = traitlets.Bool(False).tag(sync=True)
+    ready = traitlets.Bool(True, help="Enter sends (False while a reply streams)").tag(sync=True)
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -44,6 +46,5 @@ class ChatInput(anywidget.AnyWidget):
 
     def _front_end_message(self, _widget: Any, content: dict, _buffers: Any) -> None:
         if content.get("op") == "submit":
-            self.value = content.get("text", "")  # what was on screen, whatever the sync of the last keys
             for handler in self._handlers:
-                handler(self.value)
+                handler(content.get("text", ""))
