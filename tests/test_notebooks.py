@@ -48,6 +48,11 @@ def test_01_create_endpoint(tmp_path, no_token, smollm2_dir):
     assert "running" in text and "paused" in text and "scaledToZero" in text and "deleted" in text
     assert "MAX_TOTAL_TOKENS=32000" in text  # the cookbook's limits, lowered with a visible warning
     assert "Paris" in text                   # a real answer from the real model
+    # Each warning once, pointing at the notebook's cell rather than the kernel's threading.py
+    lowered = next(line for line in text.splitlines() if "MAX_TOTAL_TOKENS=32000" in line)
+    assert text.count(lowered.split("MAX_TOTAL_TOKENS=32000", 1)[1][:40]) == 1, text
+    assert "threading.py" not in text
+    assert "taken only as requests fill it" in text  # the KV cache's size as a ceiling, not memory taken
 
 
 def test_02_openai_client(tmp_path, no_token, smollm2_dir):
@@ -71,6 +76,7 @@ def test_03_langchain_llamaindex(tmp_path, no_token, smollm2_dir):
     text = outputs(execute("03_langchain_llamaindex.ipynb", tmp_path))
     assert "Paris" in text
     assert "'name': 'get_weather'" in text and "'city':" in text     # bind_tools: a parsed tool call
+    assert "<tool_response>" not in text and "sunny" in text          # the answer to its result, in words
     assert "City(name=" in text                                       # with_structured_output: a parsed model
     assert "dimensions: 384" in text
     ranking = text.split("dimensions: 384", 1)[1].splitlines()
@@ -88,6 +94,8 @@ def test_04_rag(tmp_path, no_token, smollm2_dir):
     rates = dict(part.split() for part in text.split("retrieval hit rate: ", 1)[1].splitlines()[0].split(", "))
     assert float(rates["@4"]) >= 0.8                                  # MiniLM finds the right page
     assert "answer contains the fact: " in text
+    assert "cited: ['[" in text                                       # [n] markers, added where left out
+    assert "Loading weights" not in text                              # no progress bar frames left behind
     assert any("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
     assert "deleted" in text
 

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(
 # A MutationObserver on the transcript: each time the streaming reply's text grew is one render.
 OBSERVE_RENDERS = """() => {
   window.tgiRenders = [];
-  const transcript = document.querySelector('.tgi-workbench .tgi-chat-transcript');
+  const transcript = document.querySelector('.tgi-workbench .tgi-chat .tgi-chat-transcript');
   new MutationObserver(() => {
     const body = transcript.querySelector('.tgi-chat-streaming .tgi-chat-body');
     const renders = window.tgiRenders;
@@ -161,7 +161,7 @@ def send(page, text: str, key: str = "") -> None:
 
 
 def replies(page):
-    return page.locator(".tgi-workbench .tgi-chat-transcript .tgi-chat-assistant:not(.tgi-chat-streaming)")
+    return page.locator(".tgi-workbench .tgi-chat .tgi-chat-assistant:not(.tgi-chat-streaming)")
 
 
 def set_max_tokens(page, value: int) -> None:
@@ -335,21 +335,23 @@ def test_a_reload_while_an_answer_streams_leaves_a_working_chat(page, shots):
     open_tab(page, "Chat")
     before = replies(page).count()
     send(page, "Tell me a very long story about a lighthouse keeper.", key="Enter")
-    streaming = page.locator(".tgi-workbench .tgi-chat-streaming .tgi-chat-body")
+    streaming = page.locator(".tgi-workbench .tgi-chat .tgi-chat-streaming .tgi-chat-body")
     page.wait_for_function("(el) => el.textContent.length > 40", arg=streaming.element_handle())
     streamed = streaming.inner_text()[:40]
     page.reload()
     page.wait_for_function(KERNEL_IDLE, timeout=TIMEOUT_MS)
     open_tab(page, "Chat")
-    transcript = page.locator(".tgi-workbench .tgi-chat-transcript")
+    transcript = page.locator(".tgi-workbench .tgi-chat .tgi-chat-transcript")
     expect(transcript).to_contain_text("lighthouse keeper")  # the prompt, from before the reload
     expect(transcript).to_contain_text(streamed)  # and what had streamed before it
-    page.locator(".tgi-workbench .tgi-chat-stop").click()  # the answer ends after the reload
+    # The answer ends by itself after the reload, nothing clicked meanwhile: a click would make its subshell
+    # the kernel's latest request again, hiding the bug.
     expect(replies(page)).to_have_count(before + 1)
-    expect(replies(page).last.locator(".tgi-chat-stats")).to_contain_text("stopped")
     page.wait_for_function("(el) => el.scrollTop + el.clientHeight >= el.scrollHeight - 2",
                            arg=transcript.element_handle())
     page.screenshot(path=shots / "workbench_after_reload.png")
+    set_max_tokens(page, 8)  # the long answer is in the history: leave room in the context
+    open_tab(page, "Chat")
     send(page, "Hello again")  # the button, as reported
     expect(replies(page)).to_have_count(before + 2)
     expect(transcript).to_contain_text("Hello again")

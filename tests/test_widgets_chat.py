@@ -63,7 +63,7 @@ def test_reply_streams_append_only_and_coalesced(server):
 def test_stop_aborts_the_request_and_frees_kv(slow_server, engine):
     chat = ChatWidget(slow_server.url, parameters={"max_tokens": 400})
     chat.send("Tell me a long story")
-    assert not chat.stop_button.disabled and chat.send_button.disabled  # Stop is offered at once
+    assert not chat.stop_button.disabled and not chat.input.ready  # Stop is offered at once, not Send
     assert wait_until(lambda: chat.transcript.appends_sent >= 2, TIMEOUT)
     chat.stop()
     chat.wait(TIMEOUT)
@@ -72,7 +72,7 @@ def test_stop_aborts_the_request_and_frees_kv(slow_server, engine):
     assert chat.messages[-1]["role"] == "assistant"  # what arrived stays
     assert "stopped" in chat.transcript.entries[-1]["stats"]
     assert wait_until(lambda: kv_free(engine), TIMEOUT), engine.stats()
-    assert chat.stop_button.disabled and not chat.send_button.disabled
+    assert chat.stop_button.disabled and chat.input.ready
 
 
 def test_stop_before_the_first_token(slow_server, engine):
@@ -149,7 +149,7 @@ def test_unreachable_server_shown():
     chat = ChatWidget("http://127.0.0.1:9", parameters={"max_tokens": 2})
     chat.send("Hi").wait(TIMEOUT)
     assert chat.last_stats["error"].startswith("cannot reach http://127.0.0.1:9/v1")
-    assert not chat.busy and not chat.send_button.disabled
+    assert not chat.busy and chat.input.ready
 
 
 def test_closing_a_streaming_widget_leaves_no_thread(slow_server, engine):

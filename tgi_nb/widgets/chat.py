@@ -74,7 +74,6 @@ class ChatWidget(w.VBox):
         self.input = ChatInput(placeholder="Ask something (Enter sends, Shift+Enter: a new line)",
                                layout=w.Layout(width="auto", flex="1 1 auto"))
         self.input.on_submit(self._submitted)
-        self.send_button = button("Send", "tgi-chat-send", self._send_clicked, style="primary")
         self.stop_button = button("Stop", "tgi-chat-stop", self.stop, style="danger")
         self.stop_button.disabled = True
         self.regenerate_button = button("Regenerate", "tgi-chat-regenerate", lambda: self._guard(self.regenerate))
@@ -87,7 +86,7 @@ class ChatWidget(w.VBox):
         self.importer = styled(w.FileUpload(accept=".json,.md", description="Import", icon="upload",
                                             layout=w.Layout(width="auto")), "tgi-chat-import")
         self.importer.observe(self._imported, "value")
-        buttons = w.HBox([self.send_button, self.stop_button, self.regenerate_button, self.edit_button,
+        buttons = w.HBox([self.stop_button, self.regenerate_button, self.edit_button,
                           self.clear_button, self.importer, self.exports],
                          layout=w.Layout(align_items="center", flex_flow="row wrap"))
         super().__init__([w.HTML(f"<b>Chat</b> with <code>{html.escape(self.target.label)}</code>"),
@@ -303,20 +302,14 @@ class ChatWidget(w.VBox):
         self._set_busy(False)
 
     # ------------------------------------------------------------------------------------------------ UI
-    def _send_clicked(self) -> None:
-        if self._submitted(self.input.value):
-            self.input.value = ""
-
-    def _submitted(self, text: str) -> bool:
-        """Send what the box held (Enter emptied it already; Send empties it once sent)."""
+    def _submitted(self, text: str) -> None:
+        """Send what the box held (the browser emptied it)."""
         try:
             self.send(text)
         except (ValueError, RuntimeError) as exc:
             self._set_status(html.escape(str(exc)))
             if text.strip() and not self.input.value:
                 self.input.value = text  # refused: the text goes back where it was typed
-            return False
-        return True
 
     def _continue_clicked(self, index: int) -> None:
         if index not in (-1, len(self.transcript.entries) - 1):
@@ -344,7 +337,6 @@ class ChatWidget(w.VBox):
             self._set_status(html.escape(str(exc)))
 
     def _set_busy(self, busy: bool) -> None:
-        self.send_button.disabled = busy
         self.input.ready = not busy
         self.stop_button.disabled = not busy
         for button in (self.regenerate_button, self.edit_button, self.clear_button, self.importer):

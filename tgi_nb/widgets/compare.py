@@ -185,8 +185,8 @@ class CompareWidget(w.VBox):
         Example:
             >>> cmp = CompareWidget(["http://a:1", "http://b:1"])
             >>> cmp.results = [{"prompt": "Hi", "target": "a:1", "latency_s": 1.0, "tokens": 3, "answer": "Hey"}]
-            >>> cmp.rows()[0]["answer"], cmp.to_csv().splitlines()[0]
-            ('Hey', 'prompt,target,latency_s,ttft_s,tokens_per_s,tokens,thinking_tokens,finish_reason,error,answer,thinking')
+            >>> cmp.rows()[0]["answer"], cmp.to_csv().splitlines()[0].split(",")[:4]
+            ('Hey', ['prompt', 'target', 'latency_s', 'ttft_s'])
         """
         return [{key: r.get(key) for key in self.COLUMNS} for r in self.results]
 
@@ -225,7 +225,8 @@ class CompareWidget(w.VBox):
                 f"<td>{cell(r.get('ttft_s'))}</td><td>{cell(r.get('tokens_per_s'), '{:.1f}')}</td>"
                 f"<td>{r.get('tokens', 0)}</td>" + (f"<td>{r.get('thinking_tokens') or 0}</td>" if thinking else "")
                 + f"<td>{html.escape(end_reason(r))}</td>"
-                f"<td class='tgi-compare-answer' title='{html.escape(answer)}'>{html.escape(shorten(answer))}</td></tr>")
+                f"<td class='tgi-compare-answer' title='{html.escape(answer)}'>{html.escape(shorten(answer))}</td>"
+                "</tr>")
         header = "".join(f"<th>{h}</th>" for h in head)
         self.table.value = (f"<style>{_TABLE_CSS}</style><table class='tgi-compare-results'><tr>{header}</tr>"
                             f"{''.join(rows)}</table>")

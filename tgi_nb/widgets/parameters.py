@@ -256,7 +256,8 @@ class ParametersWidget(w.VBox):
             messages = f"[{{'role': 'system', 'content': {self.system_prompt!r}}}, *messages]"
         code = python_call(params, messages)
         self.code.value = ("<details><summary>Python / curl</summary>"
-                           f"<pre>{html.escape(code)}</pre><pre>{html.escape(curl_command(params, self.base_url))}</pre></details>")
+                           f"<pre>{html.escape(code)}</pre><pre>{html.escape(curl_command(params, self.base_url))}</pre>"
+                           "</details>")
 
     def show_error(self, message: Optional[str]) -> None:
         """Show a refused value (the server's 400 message) under the controls; None clears it."""

@@ -1,7 +1,9 @@
-// The chat's input box (anywidget): Enter sends, Shift+Enter starts a new line, as in chat apps. The text is
-// synced as it is typed (`value`), for the Send button; Enter sends the text itself and empties the box here
-// (ipywidgets holds back state changes while earlier ones are in flight: a late copy of the typed text must not
-// come back after the send). Enter does nothing while the chat is not `ready` (a reply streams).
+// The chat's input box and its Send button (anywidget): Enter or Send sends, Shift+Enter starts a new line, as
+// in chat apps. A send carries the text itself and empties the box here: read in the kernel from a synced
+// value, the text could arrive after the click (JupyterLab 4.6 may deliver two widgets' messages through
+// different kernel threads, and ipywidgets holds back state changes while earlier ones are in flight). The
+// text is still synced as it is typed (`value`), so the kernel can read and set it (Edit last). Nothing is
+// sent while the chat is not `ready` (a reply streams).
 
 function render({ model, el }) {
   el.classList.add("tgi-chat-input");
@@ -13,15 +15,28 @@ function render({ model, el }) {
   area.setAttribute("data-lm-suppress-shortcuts", "true");
   area.placeholder = model.get("placeholder");
   area.value = model.get("value");
-  area.disabled = model.get("disabled");
-  el.appendChild(area);
+  const send = document.createElement("button");
+  send.className = "jupyter-widgets jupyter-button widget-button mod-primary tgi-chat-send";
+  send.textContent = "Send";
+  send.title = "Send (Enter)";
+  el.append(area, send);
+  const ready = () => { send.disabled = !model.get("ready"); };
+  ready();
+  model.on("change:ready", ready);
   model.on("change:value", () => { if (area.value !== model.get("value")) area.value = model.get("value"); });
-  model.on("change:disabled", () => { area.disabled = model.get("disabled"); });
   const sync = () => {
     model.set("value", area.value);
     model.save_changes();
   };
+  const submit = () => {
+    if (!model.get("ready") || !area.value.trim()) return;
+    const text = area.value;
+    area.value = "";
+    sync();
+    model.send({ op: "submit", text });
+  };
   area.addEventListener("input", sync);
+  send.addEventListener("click", submit);
   area.addEventListener("keydown", (event) => {
     if (event.key !== "Enter") return;
     event.stopPropagation();  // nothing else on the page acts on it (Notebook 7, VS Code)
@@ -35,11 +50,7 @@ function render({ model, el }) {
       sync();
       return;
     }
-    if (!model.get("ready") || !area.value.trim()) return;
-    const text = area.value;
-    area.value = "";
-    sync();
-    model.send({ op: "submit", text });
+    submit();
   });
 }
 
