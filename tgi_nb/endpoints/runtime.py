@@ -422,4 +422,6 @@ def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str,
     controller = EndpointController(notes, scale_to_zero_after=scale_to_zero_after)
     app = build_app(controller.track_loads(load_engine), settings)
     controller.attach(app.state.holder)
-    return ControlledApp(app, controller, api_key=api_key, control_token=control_token, wake_timeout=wake_timeout)
+    controlled = ControlledApp(app, controller, api_key=api_key, control_token=control_token, wake_timeout=wake_timeout)
+    app.state.batches.app = controlled  # batch lines wait while paused and wake a scaled-to-zero model, as requests do
+    return controlled
