@@ -90,3 +90,21 @@ def test_04_rag(tmp_path, no_token, smollm2_dir):
     assert "answer contains the fact: " in text
     assert any("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
     assert "deleted" in text
+
+
+def test_06_migration_check(tmp_path, no_token, smollm2_dir, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # offline: recorded against the bundled model
+    nb = execute("06_migration_check.ipynb", tmp_path)
+    text = outputs(nb)
+    assert "triage: {'category':" in text and "tool call: lookup_order" in text and "embeddings: 3 x 384" in text
+    assert "8 requests recorded: /v1/chat/completions, /v1/embeddings" in text
+    assert "24/24 requests replayed" in text
+    markdown = [out["data"]["text/markdown"] for cell in nb.cells for out in cell.get("outputs", [])
+                if "text/markdown" in out.get("data", {})]
+    assert markdown and "reference: the recorded answers" in markdown[0]       # the report, rendered
+    # The endpoint that recorded replays its greedy answers exactly.
+    assert "smollm2-migration: exact match 7/7, similarity 1.0" in text
+    assert any("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+    assert "migration_report.csv" in text and "migration_report.md" in text
+    assert "completed BatchRequestCounts(completed=7, failed=0, total=7)" in text
+    assert "deleted deleted" in text

@@ -130,7 +130,7 @@ class Replay:
             return None
         import openai
 
-        body = target.body(item.body)
+        body = target.body(item.url, item.body)
         refused: list[str] = []
         while True:
             started = time.perf_counter()

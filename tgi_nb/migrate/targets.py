@@ -23,14 +23,18 @@ def _describe(overrides: dict[str, Any]) -> str:
 
 @dataclass
 class ReplayTarget:
-    """One target: ``source`` (endpoint, client or base URL), ``overrides`` merged into every request body (a
-    None value removes the field), ``model`` replacing the recorded ``model`` (None keeps it: tgi_nb, TGI and
+    """One target: ``source`` (endpoint, client or base URL), ``overrides`` merged into every generation request's
+    body (chat, completions, responses; a None value removes the field), ``model`` replacing the recorded ``model`` (None keeps it: tgi_nb, TGI and
     vLLM answer any name, OpenAI needs its own), and the ``label`` the report uses.
 
     Example:
         >>> t = ReplayTarget.of(("http://127.0.0.1:8080", {"temperature": 0.7}))
-        >>> t.label, t.base_url, t.body({"model": "gpt-4o-mini", "temperature": 0, "seed": None})
-        ('127.0.0.1:8080 (temperature=0.7)', 'http://127.0.0.1:8080/v1', {'model': 'gpt-4o-mini', 'temperature': 0.7, 'seed': None})
+        >>> t.label, t.base_url
+        ('127.0.0.1:8080 (temperature=0.7)', 'http://127.0.0.1:8080/v1')
+        >>> t.body("/v1/chat/completions", {"model": "gpt-4o-mini", "temperature": 0})
+        {'model': 'gpt-4o-mini', 'temperature': 0.7}
+        >>> t.body("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"})["input"]
+        'hi'
     """
 
     source: Any
@@ -95,10 +99,11 @@ class ReplayTarget:
         token = self.api_key or getattr(self.source, "_token", None) or "-"
         return openai.OpenAI(base_url=base_url + "/", api_key=token, timeout=timeout)
 
-    def body(self, recorded: dict[str, Any]) -> dict[str, Any]:
-        """The body to send for a recorded one: the overrides applied, the model replaced if asked."""
+    def body(self, endpoint: str, recorded: dict[str, Any]) -> dict[str, Any]:
+        """The body to send to ``endpoint`` for a recorded one: the overrides applied (sampling settings mean
+        nothing to embeddings: they keep theirs), the model replaced if asked."""
         body = dict(recorded)
-        for key, value in self.overrides.items():
+        for key, value in self.overrides.items() if endpoint != "/v1/embeddings" else ():
             if value is None:
                 body.pop(key, None)
             else:
