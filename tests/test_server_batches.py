@@ -211,6 +211,27 @@ def test_cancel_stops_lines_in_flight_and_records_the_rest(engine):
     assert wait_until(lambda: kv_free(engine))
 
 
+def test_a_batch_past_its_completion_window_expires(engine):
+    gated = GatedEngine(engine)
+    try:
+        with running_server(gated, batch_concurrency=2) as (server, app):
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
+            uploaded = client.files.create(file=("r.jsonl", jsonl([chat_line(f"r{i}", max_tokens=2) for i in range(5)])),
+                                           purpose="batch")
+            batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                          completion_window="24h")
+            assert batch.expires_at == batch.created_at + 24 * 3600
+            assert wait_until(lambda: gated.submitted == 2)
+            app.state.batches.get(batch.id).expires_at = 0  # the window ends while two lines are in flight
+            gated.gate.set()
+            assert wait_until(lambda: client.batches.retrieve(batch.id).status == "expired")
+            done = client.batches.retrieve(batch.id)
+            assert (done.request_counts.completed, done.request_counts.failed) == (2, 3) and done.expired_at
+            assert {e["error"]["code"] for e in read_lines(client, done.error_file_id)} == {"batch_expired"}
+    finally:
+        gated.gate.set()
+
+
 def test_a_batch_left_running_runs_again_when_the_server_starts_on_its_folder(engine, tmp_path):
     gated = GatedEngine(engine)
     lines = [chat_line(f"r{i}", max_tokens=3) for i in range(3)]
