@@ -13,12 +13,13 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Generic, Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import _Request
 
+T = TypeVar("T")
 # What OpenAI's Batch API accepts as completion_window (its only value).
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 
@@ -37,12 +38,22 @@ class FileObject(BaseModel):
     status_details: Optional[str] = None
 
 
-class FileList(BaseModel):
+class CursorPage(BaseModel, Generic[T]):
+    """A page of a list, as openai-python's ``SyncCursorPage`` follows it (``after=last_id`` while ``has_more``)."""
+
     object: Literal["list"] = "list"
-    data: list[FileObject]
+    data: list[T]
     first_id: Optional[str] = None
     last_id: Optional[str] = None
     has_more: bool = False
+
+    @classmethod
+    def of(cls, data: list[Any], has_more: bool) -> "CursorPage":
+        return cls(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                   has_more=has_more)
+
+
+FileList = CursorPage[FileObject]
 
 
 class FileDeleted(BaseModel):
@@ -156,12 +167,7 @@ class Batch(BaseModel):
         return self.status in ("failed", "completed", "expired", "cancelled")
 
 
-class BatchList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Batch]
-    first_id: Optional[str] = None
-    last_id: Optional[str] = None
-    has_more: bool = False
+BatchList = CursorPage[Batch]
 
 
 class BatchInputLine(BaseModel):

@@ -41,9 +41,7 @@ async def create_file(request: Request) -> FileObject:
 async def list_files(request: Request, purpose: Optional[str] = None, limit: int = Query(10000, ge=1, le=10000),
                      order: Literal["asc", "desc"] = "desc", after: Optional[str] = None) -> FileList:
     """The stored files (uploads and batch outputs), newest first unless ``order=asc``."""
-    data, has_more = page(_files(request).list(purpose, order), after, limit, "file")
-    return FileList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
-                    has_more=has_more)
+    return FileList.of(*page(_files(request).list(purpose, order), after, limit, "file"))
 
 
 @router.get("/v1/files/{file_id}", response_model=FileObject, responses=_ERRORS)

@@ -209,9 +209,7 @@ class BatchService:
         """Batches, newest first, ``limit`` after the one named ``after``."""
         self._load()
         batches = sorted(self._batches.values(), key=lambda b: (b.created_at, b.id), reverse=True)
-        data, has_more = page(batches, after, limit, "batch")
-        return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
-                         has_more=has_more)
+        return BatchList.of(*page(batches, after, limit, "batch"))
 
     def cancel(self, batch_id: str) -> Batch:
         """Stop the batch: its lines in flight now, the others not run; ``cancelled`` once recorded."""
