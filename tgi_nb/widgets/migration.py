@@ -2,7 +2,8 @@
 ``tgi_nb.migrate.record``, with its answers), pick the targets, replay it with progress in a background thread,
 read the report as tables and charts, open one request side by side, and export the report.
 
-It is :func:`tgi_nb.migrate.replay` with a face: the widget shows the call it stands for.
+It is :func:`tgi_nb.migrate.replay` with a face: the widget shows the call it stands for. The replay runs as the
+widget's one :class:`~tgi_nb.widgets.lifecycle.Worker` job; Stop (or closing the widget) sends no more requests.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import threading
 import time
 from typing import Any, Optional
 
@@ -18,7 +18,8 @@ import ipywidgets as w
 
 from tgi_nb.migrate import Replay, ReplayTarget, Report, Workload
 
-from .lifecycle import replace_in_cell
+from .controls import button, styled
+from .lifecycle import Job, Worker, replace_in_cell
 from .migration_view import charts, outcome_rows, side_by_side, summary_table
 
 REDRAWS_PER_SECOND = 4  # the results table is redrawn whole: a few times a second is plenty
@@ -60,36 +61,34 @@ class MigrationWidget(w.VBox):
         self.replay: Optional[Replay] = None
         self.error: Optional[str] = None
         self._targets: dict[str, Any] = {}
-        self._thread: Optional[threading.Thread] = None
+        self._worker = Worker("migration")
         self._last_draw = 0.0
 
-        self.upload = w.FileUpload(accept=".jsonl", multiple=True, description="Load JSONL")
-        self.upload.add_class("tgi-migration-upload")
-        self.path = w.Text(placeholder="or a path: workload.jsonl", layout=w.Layout(width="260px"))
-        self.path.add_class("tgi-migration-path")
-        self.load_button = self._button("Load", "tgi-migration-load", "", lambda _: self._guard(self._load_path))
-        self.workload_info = w.HTML("No workload loaded yet.")
-        self.workload_info.add_class("tgi-migration-workload")
-        self.picker = w.SelectMultiple(options=[], rows=4, description="targets", layout=w.Layout(width="460px"))
-        self.picker.add_class("tgi-migration-targets")
+        self.upload = styled(w.FileUpload(accept=".jsonl", multiple=True, description="Load JSONL"),
+                             "tgi-migration-upload")
+        self.path = styled(w.Text(placeholder="or a path: workload.jsonl", layout=w.Layout(width="260px")),
+                           "tgi-migration-path")
+        self.load_button = button("Load", "tgi-migration-load", lambda: self._guard(self._load_path))
+        self.workload_info = styled(w.HTML("No workload loaded yet."), "tgi-migration-workload")
+        self.picker = styled(w.SelectMultiple(options=[], rows=4, description="targets",
+                                              layout=w.Layout(width="460px")), "tgi-migration-targets")
         self.url = w.Text(placeholder="add a base URL: http://host:port", layout=w.Layout(width="260px"))
-        self.add_button = self._button("Add", "tgi-migration-add", "", lambda _: self._guard(self._add_url))
+        self.add_button = button("Add", "tgi-migration-add", lambda: self._guard(self._add_url))
         self.concurrency = w.BoundedIntText(value=concurrency, min=1, max=32, description="concurrency",
                                             layout=w.Layout(width="180px"))
-        self.run_button = self._button("Run", "tgi-migration-run", "primary", lambda _: self._guard(self.run))
-        self.stop_button = self._button("Stop", "tgi-migration-stop", "danger", lambda _: self.stop())
+        self.run_button = button("Run", "tgi-migration-run", lambda: self._guard(self.run), style="primary",
+                                 icon="play")
+        self.stop_button = button("Stop", "tgi-migration-stop", self.stop, style="danger")
         self.stop_button.disabled = True
-        self.progress = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="300px"))
-        self.progress.add_class("tgi-migration-progress")
-        self.status = w.HTML()
-        self.status.add_class("tgi-migration-status")
-        self.summary, self.plots, self.table, self.detail, self.export, self.code = (w.HTML() for _ in range(6))
-        for widget, css in ((self.summary, "tgi-migration-summary-box"), (self.plots, "tgi-migration-plots"),
-                            (self.table, "tgi-migration-results"), (self.detail, "tgi-migration-detail-box"),
-                            (self.export, "tgi-migration-export"), (self.code, "tgi-migration-code")):
-            widget.add_class(css)
-        self.request_picker = w.Dropdown(options=[], description="request", layout=w.Layout(width="300px"))
-        self.request_picker.add_class("tgi-migration-request")
+        self.progress = styled(w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="300px")),
+                               "tgi-migration-progress")
+        self.status = styled(w.HTML(), "tgi-migration-status")
+        self.summary, self.plots, self.table, self.detail, self.export, self.code = (
+            styled(w.HTML(), css) for css in ("tgi-migration-summary-box", "tgi-migration-plots",
+                                              "tgi-migration-results", "tgi-migration-detail-box",
+                                              "tgi-migration-export", "tgi-migration-code"))
+        self.request_picker = styled(w.Dropdown(options=[], description="request", layout=w.Layout(width="300px")),
+                                     "tgi-migration-request")
         self.request_picker.observe(lambda change: self.show(change["new"]) if change["new"] else None, "value")
         self.upload.observe(lambda change: self._guard(lambda: self._load_upload(change["new"])), "value")
         self.picker.observe(lambda _: self._show_code(), "value")
@@ -112,20 +111,16 @@ class MigrationWidget(w.VBox):
         self._show_code()
         replace_in_cell(self)
 
-    @staticmethod
-    def _button(label: str, css: str, style: str, handler: Any) -> w.Button:
-        button = w.Button(description=label, button_style=style, layout=w.Layout(width="auto"))
-        button.add_class(css)
-        button.on_click(handler)
-        return button
-
     def _guard(self, action: Any) -> None:
         """Run a click's action, showing its error in the widget (a handler that raises shows nothing)."""
         try:
             action()
         except Exception as exc:  # noqa: BLE001 - shown to the user instead of vanishing in the front-end's log
-            self.error = f"{type(exc).__name__}: {exc}"
-            self.status.value = f"<span style='color:#dc2626'>{html.escape(self.error)}</span>"
+            self._show_error(exc)
+
+    def _show_error(self, exc: BaseException) -> None:
+        self.error = f"{type(exc).__name__}: {exc}"
+        self.status.value = f"<span style='color:#dc2626'>{html.escape(self.error)}</span>"
 
     # ------------------------------------------------------------------------------------------------ input
     def load(self, workload: Any, name: Optional[str] = None) -> "MigrationWidget":
@@ -185,44 +180,43 @@ class MigrationWidget(w.VBox):
     # ------------------------------------------------------------------------------------------------ running
     @property
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._worker.busy
 
     def run(self) -> "MigrationWidget":
-        """Replay the workload on the selected targets in a background thread; returns at once."""
-        if self.busy:
+        """Replay the workload on the selected targets in the background; returns at once."""
+        if self._worker.busy:
             raise RuntimeError("a replay is running: stop() or wait() first")
         if self.workload is None:
             raise ValueError("workload: load a workload file first")
         if not self.picker.value:
             raise ValueError("targets: select at least one target")
         self.error = None
-        self.replay = Replay(self.workload, self.selected, concurrency=self.concurrency.value)
-        self.progress.max, self.progress.value = self.replay.total, 0
-        self.run_button.disabled, self.stop_button.disabled = True, False
-        self.status.value = f"0/{self.replay.total}"
-        self._thread = threading.Thread(target=self._run, args=(self.replay,), name="tgi_nb-migration",
-                                        daemon=True)
-        self._thread.start()
+        replay = self.replay = Replay(self.workload, self.selected, concurrency=self.concurrency.value)
+        self.progress.max, self.progress.value = replay.total, 0
+        self.status.value = f"0/{replay.total}"
+        self.run_button.disabled, self.stop_button.disabled = True, False  # before the job can end
+        if self._worker.start(lambda job: self._run(job, replay), on_end=self._ended) is None:  # closed
+            self.run_button.disabled, self.stop_button.disabled = False, True
         return self
 
-    def _run(self, replay: Replay) -> None:
-        try:
-            report = replay.run(on_outcome=lambda _: self._progress(replay))
-            self.report = report
-            self.summary.value = summary_table(report)
-            self.plots.value = charts(report)
-            self.table.value = outcome_rows(report.outcomes)
-            self.export.value = (_download("migration_report.md", report.to_markdown(max_rows=10**6), "text/markdown")
-                                 + _download("migration_report.csv", report.to_csv(), "text/csv"))
-            if self.request_picker.value:
-                self.show(self.request_picker.value)
-            self.status.value = (f"{replay.done}/{replay.total} done" + (" (stopped)" if replay.stopped else "")
-                                 + f"; reference: {html.escape(report.reference_label)}")
-        except Exception as exc:  # noqa: BLE001 - a failed replay is shown in the widget
-            self.error = f"{type(exc).__name__}: {exc}"
-            self.status.value = f"<span style='color:#dc2626'>{html.escape(self.error)}</span>"
-        finally:
-            self.run_button.disabled, self.stop_button.disabled = False, True
+    def _run(self, job: Job, replay: Replay) -> None:
+        job.on_stop(replay.stop)
+        report = replay.run(on_outcome=lambda _: self._progress(replay))
+        self.report = report
+        self.summary.value = summary_table(report)
+        self.plots.value = charts(report)
+        self.table.value = outcome_rows(report.outcomes)
+        self.export.value = (_download("migration_report.md", report.to_markdown(max_rows=10**6), "text/markdown")
+                             + _download("migration_report.csv", report.to_csv(), "text/csv"))
+        if self.request_picker.value:
+            self.show(self.request_picker.value)
+        self.status.value = (f"{replay.done}/{replay.total} done" + (" (stopped)" if replay.stopped else "")
+                             + f"; reference: {html.escape(report.reference_label)}")
+
+    def _ended(self, error: Optional[BaseException]) -> None:
+        if error is not None:
+            self._show_error(error)
+        self.run_button.disabled, self.stop_button.disabled = False, True
 
     def _progress(self, replay: Replay) -> None:
         self.progress.value = replay.done
@@ -235,15 +229,12 @@ class MigrationWidget(w.VBox):
 
     def stop(self) -> None:
         """Send no more requests (those in flight finish); the report covers what was done."""
-        if self.replay is not None:
-            self.replay.stop()
+        self._worker.stop()
 
     def wait(self, timeout: Optional[float] = None) -> "MigrationWidget":
         """Block until the replay ended (scripts and tests). Raises ``TimeoutError``."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise TimeoutError(f"the replay did not end within timeout={timeout} s")
+        if not self._worker.wait(timeout):
+            raise TimeoutError(f"the replay did not end within timeout={timeout} s")
         return self
 
     # ------------------------------------------------------------------------------------------------ output
@@ -262,5 +253,6 @@ class MigrationWidget(w.VBox):
                            f"concurrency={self.concurrency.value})\nreport.to_csv('migration_report.csv')</pre>")
 
     def close(self) -> None:
-        self.stop()
+        if hasattr(self, "_worker"):  # not when __init__ failed (ipywidgets closes in __del__)
+            self._worker.close()
         super().close()
