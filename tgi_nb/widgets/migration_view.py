@@ -62,15 +62,17 @@ def outcome_rows(outcomes: list[Outcome], limit: int = 200) -> str:
             f"<th>checks</th><th>notes</th><th>answer</th></tr>{''.join(rows)}</table>")
 
 
-def bar_chart(values: dict[str, Optional[float]], title: str, unit: str = "", width: int = 300) -> str:
-    """Horizontal SVG bars, one per target.
+def bar_chart(values: dict[str, Optional[float]], title: str, unit: str = "", width: int = 300,
+              top: Optional[float] = None) -> str:
+    """Horizontal SVG bars, one per target, scaled to ``top`` (default: the largest value); a value at or below
+    zero has no bar, only its number.
 
     Example:
         >>> "<rect" in bar_chart({"a": 1.0, "b": None}, "latency p50", " s")
         True
     """
     known = [v for v in values.values() if v is not None]
-    top = max(known) if known and max(known) > 0 else 1.0
+    top = top or (max(known) if known and max(known) > 0 else 1.0)
     row, label_w = 18, 110
     height = row * len(values) + 20
     parts = [f"<svg width='{width}' height='{height}' style='background:var(--jp-layout-color2,#f9fafb)'>"]
@@ -78,7 +80,7 @@ def bar_chart(values: dict[str, Optional[float]], title: str, unit: str = "", wi
         y = 16 + i * row
         parts.append(f"<text x='2' y='{y + 10}' font-size='10'>{html.escape(label[:18])}</text>")
         if value is not None:
-            bar = (width - label_w - 50) * value / top
+            bar = (width - label_w - 50) * max(value, 0.0) / top
             parts.append(f"<rect x='{label_w}' y='{y}' width='{bar:.1f}' height='12' fill='{_COLOURS[0]}'/>"
                          f"<text x='{label_w + bar + 4:.1f}' y='{y + 10}' font-size='10'>{value:.3g}{unit}</text>")
     parts.append("</svg>")
@@ -116,7 +118,7 @@ def charts(report: Report) -> str:
               for t in report.targets}
     return (bar_chart({t: summary[t]["latency_p50_s"] for t in report.targets}, "latency p50", " s")
             + bar_chart({t: summary[t]["similarity_mean"] for t in report.targets},
-                        f"similarity to {report.reference_label}")
+                        f"similarity to {report.reference_label}", top=1.0)
             + stacked_chart(finish, "finish reasons"))
 
 
