@@ -92,6 +92,16 @@ def test_04_rag(tmp_path, no_token, smollm2_dir):
     assert "deleted" in text
 
 
+def test_05_responses_api(tmp_path, no_token, smollm2_dir):
+    text = outputs(execute("05_responses_api.ipynb", tmp_path))
+    assert text.count("Paris") >= 3                                   # both APIs, and the streamed one
+    assert "'response.completed': 1" in text and "completed True" in text
+    assert "function_call get_weather" in text                        # the tool round trip
+    assert "name=" in text and "country=" in text                     # the parsed structured output
+    assert "reasoning:" in text and "reasoning tokens:" in text       # a reasoning item, and its tokens
+    assert "thinking: " in text and "400: tools.0.type" in text
+
+
 def test_06_migration_check(tmp_path, no_token, smollm2_dir, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # offline: recorded against the bundled model
     nb = execute("06_migration_check.ipynb", tmp_path)

@@ -15,6 +15,7 @@ from .batch_routes import router as batch_router
 from .batches import BatchService
 from .errors import install_error_handlers
 from .openai_routes import router as openai_router
+from .responses_routes import router as responses_router
 from .context import EngineHolder, ServerContext
 from .files import FilesStore
 from .settings import ServerSettings
@@ -93,6 +94,7 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
     batches.app = app  # what batch lines go through; an endpoint puts its own wrapper here
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(responses_router)
     app.include_router(batch_router)
     app.include_router(tgi_router)
     if settings.api_key:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from tgi_nb.engine import EmbeddingEngine
+from tgi_nb.engine.capacity import RequestLimits
 from tgi_nb.engine.interface import GenerationEngine
 
 from .chat import load_chat_template
+from .responses_store import ResponseStore
 from .errors import ModelNotReady, Overloaded
 from .metrics import ServerMetrics
 from .settings import ServerSettings
@@ -149,14 +150,6 @@ class EngineHolder:
 # Per-app state
 # ----------------------------------------------------------------------------------------------
 
-@dataclass(slots=True)
-class Limits:
-    """The prompt and total token limits requests are checked against."""
-
-    max_input_tokens: int
-    max_total_tokens: int
-
-
 class ServerContext:
     """Everything a route needs, stored on ``app.state.ctx``."""
 
@@ -169,6 +162,7 @@ class ServerContext:
         self.metrics = ServerMetrics(self._engine_stats)
         self.started = int(time.time())
         self.chat_template = load_chat_template(settings.chat_template)
+        self.responses = ResponseStore()  # /v1/responses with store=true (bounded; see responses_store.py)
         # Open GenerationStreams, so that a shutdown can end them all at once (see drain()).
         self.streams: set["GenerationStream"] = set()
         self.draining = False
@@ -215,12 +209,11 @@ class ServerContext:
         engine = self.embeddings.engine if self.embeddings is not None else None
         return engine.model_id if engine is not None else (self.settings.embedding_model or "")
 
-    def limits(self, engine: GenerationEngine) -> Limits:
+    def limits(self, engine: GenerationEngine) -> RequestLimits:
         """The engine's limits, lowered to the settings' where those are stricter."""
         s = self.settings
-        max_input = min(x for x in (engine.max_input_tokens, s.max_input_tokens) if x)
-        max_total = min(x for x in (engine.max_total_tokens, s.max_total_tokens) if x)
-        return Limits(min(max_input, max_total - 1), max_total)
+        return RequestLimits(engine.max_input_tokens, engine.max_total_tokens).within(s.max_input_tokens,
+                                                                                      s.max_total_tokens)
 
     def acquire_slot(self, route: str) -> None:
         """Count one more request in flight, or refuse it with 429 when MAX_CONCURRENT_REQUESTS are."""

@@ -61,6 +61,9 @@ _OPTIONS: tuple = (
      "float32, bfloat16, float16 or float64: the KV cache's type; float16 halves its memory (default: --dtype)"),
     ("chat_template", ("--chat-template",), ("CHAT_TEMPLATE",), str, None,
      "a Jinja chat template, inline or as a file path, replacing the model's"),
+    ("reasoning_parser", ("--reasoning-parser",), ("REASONING_PARSER",), str, None,
+     "split thinking (<think>...</think>) from answers: qwen3, deepseek_r1, glm45, deepseek_v3 or none "
+     "(default: qwen3 when the chat template writes <think>, else none)"),
     ("served_model_name", ("--served-model-name",), ("SERVED_MODEL_NAME",), str, None,
      "the model name /v1/models reports and responses echo (default: the model id)"),
     ("cors_allow_origin", ("--cors-allow-origin",), ("CORS_ALLOW_ORIGIN",), str, None,
@@ -141,28 +144,18 @@ def check_limits(opts: dict[str, Any], *, pairs: bool = True) -> None:
         raise LaunchError(f"port ({get('port')}) must be in [0, 65535]")
     if get("max_top_n_tokens") is not None and not 0 <= get("max_top_n_tokens") <= 20:
         raise LaunchError(f"max_top_n_tokens ({get('max_top_n_tokens')}) must be in [0, 20]")
-    related = (
-        ("max_input_tokens", "max_total_tokens", lambda a, b: a < b, "<"),
-        ("max_total_tokens", "max_batch_total_tokens", lambda a, b: a <= b, "<="),
-        ("max_batch_prefill_tokens", "max_batch_total_tokens", lambda a, b: a <= b, "<="),
-    ) if pairs else ()
-    for a, b, ok, op in related:
-        if get(a) is not None and get(b) is not None and not ok(get(a), get(b)):
-            raise LaunchError(f"{a} ({get(a)}) must be {op} {b} ({get(b)})")
-    if opts.get("dtype") not in (None, "float32", "bfloat16", "float16", "float64"):
-        raise LaunchError(f"dtype ({opts['dtype']!r}) must be one of float32, bfloat16, float16, float64")
-    from tgi_nb.engine.config import QUANTIZE_CHOICES
+    from tgi_nb.engine.capacity import limit_conflict
+    from tgi_nb.engine.config import DTYPES, NUMERICS_CHOICES, QUANTIZE_CHOICES
 
-    if opts.get("quantize") not in QUANTIZE_CHOICES:
-        raise LaunchError(f"quantize ({opts['quantize']!r}) must be one of "
-                          f"{', '.join(c for c in QUANTIZE_CHOICES if c)}")
-    from tgi_nb.engine.config import NUMERICS_CHOICES
-
-    if opts.get("numerics") not in (None, *NUMERICS_CHOICES):
-        raise LaunchError(f"numerics ({opts['numerics']!r}) must be one of {', '.join(NUMERICS_CHOICES)}")
-    if opts.get("kv_cache_dtype") not in (None, "float32", "bfloat16", "float16", "float64"):
-        raise LaunchError(f"kv_cache_dtype ({opts['kv_cache_dtype']!r}) must be one of float32, bfloat16, float16, "
-                          f"float64")
+    conflict = limit_conflict(**{name: get(name) for name in ("max_input_tokens", "max_total_tokens",
+                                                              "max_batch_prefill_tokens", "max_batch_total_tokens")})
+    if pairs and conflict:
+        raise LaunchError(conflict[1])
+    choices = (("dtype", DTYPES), ("quantize", [c for c in QUANTIZE_CHOICES if c]), ("numerics", NUMERICS_CHOICES),
+               ("kv_cache_dtype", DTYPES))
+    for name, allowed in choices:
+        if opts.get(name) not in (None, *allowed):
+            raise LaunchError(f"{name} ({opts[name]!r}) must be one of {', '.join(allowed)}")
     if opts.get("device") not in (None, "cpu", "cuda"):
         raise LaunchError(f"device ({opts['device']!r}) must be cpu or cuda")
 
@@ -215,6 +208,7 @@ def plan_from_options(opts: dict[str, Any], *, fit_limits: bool = False) -> Serv
         settings = ServerSettings(
             host=opts["hostname"], port=opts["port"], api_key=opts["api_key"],
             served_model_name=opts["served_model_name"], model_id=model_id,
+            reasoning_parser=opts.get("reasoning_parser"),
             embedding_model=_embedding_model(opts.get("embedding_model")),
             max_concurrent_requests=opts["max_concurrent_requests"], max_top_n_tokens=opts["max_top_n_tokens"],
             max_best_of=opts["max_best_of"], max_stop_sequences=opts["max_stop_sequences"],

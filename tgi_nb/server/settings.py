@@ -7,6 +7,8 @@ from typing import Optional
 
 from tgi_nb.models.embedding import DEFAULT_EMBEDDING_MODEL_ID
 
+from .reasoning import check_parser_name
+
 
 class SettingsError(ValueError):
     """Settings that cannot work together; the message names the values involved."""
@@ -24,7 +26,8 @@ class ServerSettings:
     ``files_dir`` holds /v1/files and the Batch API's records (None: a temporary folder removed when the
     server stops), bounded by ``max_file_bytes`` per upload, ``max_files_bytes`` and ``max_files`` in all;
     a batch has at most ``max_batch_requests`` lines, of which ``batch_concurrency`` run at once.
-    ``keep_alive_interval`` is how long a stream may stay silent (a long prefill, a full queue)
+    ``reasoning_parser`` splits thinking from answers (reasoning.py's names; None: the chat template decides,
+    ``none``: never). ``keep_alive_interval`` is how long a stream may stay silent (a long prefill, a full queue)
     before an SSE comment is sent so that proxies and clients do not time out.
 
     Example:
@@ -49,6 +52,7 @@ class ServerSettings:
     max_best_of: int = 2
     max_stop_sequences: int = 4
     chat_template: Optional[str] = None
+    reasoning_parser: Optional[str] = None
     keep_alive_interval: float = 10.0
     retry_after: int = 1
     cors_allow_origins: list[str] = field(default_factory=list)
@@ -76,12 +80,17 @@ class ServerSettings:
                 raise SettingsError(f"{name}: must be an integer >= 1, got {value!r}")
         if not isinstance(self.max_top_n_tokens, int) or not 0 <= self.max_top_n_tokens <= 20:
             raise SettingsError(f"max_top_n_tokens: must be an integer in [0, 20], got {self.max_top_n_tokens!r}")
-        if (self.max_input_tokens is not None and self.max_total_tokens is not None
-                and self.max_input_tokens >= self.max_total_tokens):
-            raise SettingsError(f"max_input_tokens ({self.max_input_tokens}) must be < max_total_tokens "
-                                f"({self.max_total_tokens})")
+        from tgi_nb.engine.capacity import limit_conflict   # here: importing this module must not load torch
+
+        conflict = limit_conflict(max_input_tokens=self.max_input_tokens, max_total_tokens=self.max_total_tokens)
+        if conflict:
+            raise SettingsError(conflict[1])
         if not self.keep_alive_interval > 0:
             raise SettingsError(f"keep_alive_interval: must be > 0 seconds, got {self.keep_alive_interval!r}")
+        try:
+            check_parser_name(self.reasoning_parser)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         if self.api_key == "":
             self.api_key = None
         if self.embedding_model == "":
