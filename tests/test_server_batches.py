@@ -250,3 +250,54 @@ def test_a_batch_left_running_runs_again_when_the_server_starts_on_its_folder(en
         done = client.batches.retrieve(batch.id)
         assert (done.request_counts.completed, done.request_counts.failed) == (3, 0)
         assert len(read_lines(client, done.output_file_id)) == 3
+
+
+class HeldEngine(BorrowedEngine):
+    """The engine, whose first output holds the engine thread until ``gate`` opens, recording each request's
+    priority as it is submitted and the priorities in the order requests finish."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.gate, self.holding = threading.Event(), threading.Event()
+        self.priorities: list[int] = []
+        self.finished: list[int] = []
+
+    def add_request(self, prompt, params, request_id=None, on_output=None, priority=0, **kwargs):
+        def held(out):
+            if not self.holding.is_set():
+                self.holding.set()
+                self.gate.wait(120)
+            if out.finished:
+                self.finished.append(priority)
+            on_output(out)
+
+        self.priorities.append(priority)
+        return self._engine.add_request(prompt, params, request_id, held, priority=priority, **kwargs)
+
+
+def test_an_interactive_request_is_scheduled_before_the_batch_lines_waiting(tiny_model_dir):
+    engine = make_engine(tiny_model_dir("llama"), max_num_seqs=1)  # one sequence at a time: an order to see
+    held = HeldEngine(engine)
+    try:
+        with running_server(held, batch_concurrency=3) as (server, _):
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
+            uploaded = client.files.create(file=("r.jsonl", jsonl([chat_line(f"r{i}", max_tokens=3) for i in range(3)])),
+                                           purpose="batch")
+            batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                          completion_window="24h")
+            # The first line runs, held; the other two are queued behind it. Then a user asks something.
+            assert wait_until(lambda: held.holding.is_set() and held.priorities == [1, 1, 1])
+            answer = {}
+            asker = threading.Thread(target=lambda: answer.update(reply=client.chat.completions.create(
+                model="tiny", messages=MESSAGES, max_tokens=3)))
+            asker.start()
+            assert wait_until(lambda: held.priorities == [1, 1, 1, 0])
+            held.gate.set()
+            asker.join(120)
+            assert answer["reply"].choices[0].message.content is not None
+            assert wait_until(lambda: client.batches.retrieve(batch.id).status == "completed")
+            # The interactive request finished right after the line that was running, before the two waiting.
+            assert held.finished == [1, 0, 1, 1]
+    finally:
+        held.gate.set()
+        engine.shutdown()
