@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from server_fixtures import make_engine, running_server, wait_until
 from tgi_nb import migrate
-from tgi_nb.migrate import Workload
+from tgi_nb.migrate import Workload, checks
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                            "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
@@ -61,6 +61,11 @@ def openai_code(client) -> dict:
     got["completion"] = client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Once upon", max_tokens=5,
                                                   temperature=0).choices[0].text
     got["embedding"] = len(client.embeddings.create(model="text-embedding-3-small", input="hello").data[0].embedding)
+    got["response"] = client.responses.create(model="gpt-4o-mini", input="Hi", max_output_tokens=5,
+                                              temperature=0).output_text
+    events = list(client.responses.create(model="gpt-4o-mini", input="Hello", max_output_tokens=5, temperature=0,
+                                          stream=True))
+    got["response_stream"] = events[-1].response.output_text   # response.incomplete: it ran out of tokens
     client.models.list()  # not a workload route: not recorded
     return got
 
@@ -70,9 +75,10 @@ def test_record_writes_a_batch_input_file_with_the_answers(client, tmp_path):
     with migrate.record(client, path) as recording:
         got = openai_code(recording)
     workload = Workload.load(path)
-    assert [item.url for item in workload] == ["/v1/chat/completions"] * 4 + ["/v1/completions", "/v1/embeddings"]
-    assert [item.custom_id for item in workload] == [f"request-{i}" for i in range(1, 7)]
-    chat, streamed, parsed, tools, completion, embedding = workload
+    assert [item.url for item in workload] == (["/v1/chat/completions"] * 4 + ["/v1/completions", "/v1/embeddings"]
+                                               + ["/v1/responses"] * 2)
+    assert [item.custom_id for item in workload] == [f"request-{i}" for i in range(1, 9)]
+    chat, streamed, parsed, tools, completion, embedding, response, response_stream = workload
     assert chat.body == {"model": "gpt-4o-mini", "messages": user("Hi"), "max_tokens": 6, "temperature": 0}
     assert chat.reference["choices"][0]["message"]["content"] == got["chat"] and chat.reference_status == 200
     # A streamed call is kept as the request a Batch line can hold, with the answer its chunks add up to.
@@ -87,13 +93,17 @@ def test_record_writes_a_batch_input_file_with_the_answers(client, tmp_path):
     # The SDK asks for base64 vectors (and decodes them): the request and answer are kept as they went.
     assert embedding.body["encoding_format"] == "base64"
     assert len(base64.b64decode(embedding.reference["data"][0]["embedding"])) == 4 * got["embedding"]
+    assert checks.answer_text("/v1/responses", response.reference) == got["response"]
+    # A streamed Responses call is kept as the response its response.completed event carried.
+    assert "stream" not in response_stream.body
+    assert checks.answer_text("/v1/responses", response_stream.reference) == got["response_stream"]
 
     # The file is a Batch input file as it is: tgi_nb's Batch API runs it.
     batch = client.batches.create(input_file_id=client.files.create(file=path.open("rb"), purpose="batch").id,
                                   endpoint="/v1/chat/completions", completion_window="24h")
     assert wait_until(lambda: client.batches.retrieve(batch.id).status == "completed", timeout=120)
     done = client.batches.retrieve(batch.id)
-    assert (done.request_counts.completed, done.request_counts.failed) == (4, 2)  # two lines are for other routes
+    assert (done.request_counts.completed, done.request_counts.failed) == (4, 4)  # four lines are for other routes
 
 
 def test_replay_reports_what_changed(server, client, tmp_path):
@@ -135,7 +145,7 @@ def test_replay_reports_what_changed(server, client, tmp_path):
     summary = {row["target"]: row for row in report.summary()}
     assert summary[same]["requests"] == len(workload) and summary[same]["errors"] == 0
     assert summary[same]["refused"] == "suffix x1" and "frobnicate x1" in summary[same]["ignored"]
-    assert summary[same]["exact_match"] == "5/5" and summary[same]["similarity_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert summary[same]["exact_match"] == "7/7" and summary[same]["similarity_mean"] == pytest.approx(1.0, abs=1e-3)
 
     side_by_side = report.request("request-1")
     assert set(side_by_side) == {same, other}

@@ -109,6 +109,17 @@ def test_completions_batch(client):
     assert err.value.body["code"] == "batch_not_cancellable"
 
 
+def test_responses_batch(client):
+    lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/responses",
+              "body": {"model": "tiny", "input": f"Question {i}?", "max_output_tokens": 4, "temperature": 0}}
+             for i in range(2)]
+    batch = run_batch(client, lines, endpoint="/v1/responses")
+    assert (batch.status, batch.request_counts.completed) == ("completed", 2)
+    bodies = [o["response"]["body"] for o in read_lines(client, batch.output_file_id)]
+    assert all(b["object"] == "response" and b["output"] for b in bodies)
+    assert batch.usage.output_tokens == sum(b["usage"]["output_tokens"] for b in bodies)
+
+
 def test_embeddings_batch(client):
     lines = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
               "body": {"model": "minilm", "input": text, "encoding_format": "float"}}

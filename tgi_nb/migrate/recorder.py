@@ -39,7 +39,8 @@ def endpoint_of(url: httpx.URL) -> Optional[str]:
 
 def assemble_stream(endpoint: str, raw: bytes) -> Optional[dict[str, Any]]:
     """The response a streamed answer (server-sent events) adds up to: a ``chat.completion`` from its chunks,
-    a ``text_completion``, or the Responses API's ``response.completed`` event's response.
+    a ``text_completion``, or the response of the Responses API's last event (``response.completed``, or
+    ``response.incomplete`` when it ran out of ``max_output_tokens``, or ``response.failed``).
 
     Example:
         >>> sse = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":'
@@ -57,7 +58,7 @@ def assemble_stream(endpoint: str, raw: bytes) -> Optional[dict[str, Any]]:
             except ValueError:
                 return None
     if endpoint == "/v1/responses":
-        done = [e for e in events if e.get("type") == "response.completed"]
+        done = [e for e in events if e.get("type") in ("response.completed", "response.incomplete", "response.failed")]
         return done[-1].get("response") if done else None
     if not events:
         return None

@@ -30,7 +30,7 @@ from .errors import APIError, BadRequest
 logger = logging.getLogger("tgi_nb.server")
 
 # The routes a batch may target (OpenAI's Batch API endpoints that this server serves).
-BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 # 503 codes a line waits out (the model loads, or the endpoint is paused) rather than fails on.
 _WAIT_CODES = frozenset({"model_loading", "model_not_ready", "endpoint_paused"})
 _MAX_WAIT = 5.0  # seconds between two tries of a line that waits
