@@ -9,7 +9,8 @@ The lines run at a lower priority than interactive requests (:data:`~tgi_nb.serv
 read where the route submits to the engine), a bounded number at once. A 2xx answer is written to the output
 file, any other to the error file, both in OpenAI's line format; a line that never reached a route (not JSON,
 another url, cancelled, expired) gets an ``error`` instead of a ``response``. While the model is loading or
-the endpoint paused, a line waits (the route's 503 or 429) instead of failing.
+the endpoint paused, a line waits (the route's 503 or 429) instead of failing; a line that met a server error
+(its request aborted by a pause, say) is tried up to three times.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", 
 # 503 codes a line waits out (the model loads, or the endpoint is paused) rather than fails on.
 _WAIT_CODES = frozenset({"model_loading", "model_not_ready", "endpoint_paused"})
 _MAX_WAIT = 5.0  # seconds between two tries of a line that waits
+_SERVER_ERROR_TRIES = 3  # a line that meets a 5xx of the server's own is tried this many times in all
 
 
 async def call_app(app: Any, path: str, payload: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
@@ -212,6 +214,7 @@ class LineRunner:
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         payload = json.dumps(line.body).encode()
         token = request_priority.set(BATCH_PRIORITY)
+        tries = _SERVER_ERROR_TRIES
         try:
             while True:
                 status, response_headers, data = await call_app(self.app, line.url, payload, headers)
@@ -220,6 +223,11 @@ class LineRunner:
                 except ValueError:
                     body = data.decode("utf-8", "replace")
                 wait = _wait_for(status, response_headers, body)
+                if wait is None and status >= 500 and tries > 1:
+                    # e.g. the endpoint was paused while the line generated: its request was aborted; the next
+                    # try waits for the resume (a 503) and runs again
+                    tries -= 1
+                    wait = 1.0
                 if wait is None:
                     return status, body
                 reason = stopping()
