@@ -116,5 +116,8 @@ def test_06_migration_check(tmp_path, no_token, smollm2_dir, monkeypatch):
     assert "smollm2-migration: exact match 7/7, similarity 1.0" in text
     assert any("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
     assert "migration_report.csv" in text and "migration_report.md" in text
+    views = [out for cell in nb.cells for out in cell.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
+    assert views  # the MigrationWidget (driving it is tests/test_widgets_browser.py's job)
     assert "completed BatchRequestCounts(completed=7, failed=0, total=7)" in text
     assert "deleted deleted" in text
