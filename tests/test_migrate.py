@@ -12,10 +12,10 @@ from typing import Literal
 
 import openai
 import pytest
-import torch
 from pydantic import BaseModel
 
-from server_fixtures import make_engine, running_server, wait_until
+from server_fixtures import running_server, wait_until
+from server_fixtures import engine64  # noqa: F401  (module-scoped fixture)
 from tgi_nb import migrate
 from tgi_nb.migrate import Workload, checks
 
@@ -29,11 +29,9 @@ class City(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    engine = make_engine(tiny_model_dir("llama", dtype=torch.float64), dtype="float64")
-    with running_server(engine) as (server, _):
+def server(engine64):
+    with running_server(engine64) as (server, _):
         yield server
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")

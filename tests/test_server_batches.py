@@ -9,19 +9,17 @@ import threading
 
 import openai
 import pytest
-import torch
 
-from server_fixtures import BorrowedEngine, kv_free, make_engine, running_server, wait_until
+from server_fixtures import BorrowedEngine, GatedEngine, kv_free, make_engine, running_server, wait_until
+from server_fixtures import engine64  # noqa: F401  (module-scoped fixture)
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 LIMITS = dict(max_file_bytes=16 * 1024, max_batch_requests=40)
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = make_engine(tiny_model_dir("llama", dtype=torch.float64), dtype="float64")
-    yield engine
-    engine.shutdown()
+def engine(engine64):
+    return engine64
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +42,14 @@ def chat_line(custom_id: str, **body) -> dict:
             "body": {"model": "tiny", "messages": MESSAGES, "max_tokens": 6, "temperature": 0, **body}}
 
 
-def run_batch(client, lines: list, endpoint: str = "/v1/chat/completions"):
+def start_batch(client, lines: list, endpoint: str = "/v1/chat/completions", **kwargs):
+    """Upload ``lines`` and create a batch of them; returns the batch as created."""
     uploaded = client.files.create(file=("requests.jsonl", jsonl(lines)), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h",
-                                  metadata={"job": "test"})
+    return client.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h", **kwargs)
+
+
+def run_batch(client, lines: list, endpoint: str = "/v1/chat/completions"):
+    batch = start_batch(client, lines, endpoint, metadata={"job": "test"})
     assert batch.status in ("validating", "in_progress") and batch.request_counts.total == len(
         [line for line in lines if line != b""])
     assert wait_until(lambda: client.batches.retrieve(batch.id).status in ("completed", "failed", "cancelled"),
@@ -178,33 +180,12 @@ def test_limits_and_refusals_in_openai_shape(client):
         client.batches.retrieve("batch_nope")
 
 
-class GatedEngine(BorrowedEngine):
-    """The shared engine, whose outputs wait for ``gate`` (the engine thread blocks on it): nothing a batch
-    submits can finish before the test opens it."""
-
-    def __init__(self, engine):
-        super().__init__(engine)
-        self.gate = threading.Event()
-        self.submitted = 0
-
-    def add_request(self, prompt, params, request_id=None, on_output=None, **kwargs):
-        def gated(out):
-            self.gate.wait()
-            on_output(out)
-
-        self.submitted += 1
-        return self._engine.add_request(prompt, params, request_id, gated, **kwargs)
-
-
 def test_cancel_stops_lines_in_flight_and_records_the_rest(engine):
     gated = GatedEngine(engine)
     try:
         with running_server(gated, batch_concurrency=4) as (server, _):
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
-            uploaded = client.files.create(file=("r.jsonl", jsonl([chat_line(f"r{i}") for i in range(10)])),
-                                           purpose="batch")
-            batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                          completion_window="24h")
+            batch = start_batch(client, [chat_line(f"r{i}") for i in range(10)])
             assert wait_until(lambda: gated.submitted == 4)  # batch_concurrency lines in flight, then it waits
             assert client.batches.retrieve(batch.id).status == "in_progress"
             assert client.batches.list().data[0].id == batch.id
@@ -227,10 +208,7 @@ def test_a_batch_past_its_completion_window_expires(engine):
     try:
         with running_server(gated, batch_concurrency=2) as (server, app):
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
-            uploaded = client.files.create(file=("r.jsonl", jsonl([chat_line(f"r{i}", max_tokens=2) for i in range(5)])),
-                                           purpose="batch")
-            batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                          completion_window="24h")
+            batch = start_batch(client, [chat_line(f"r{i}", max_tokens=2) for i in range(5)])
             assert batch.expires_at == batch.created_at + 24 * 3600
             assert wait_until(lambda: gated.submitted == 2)
             app.state.batches.get(batch.id).expires_at = 0  # the window ends while two lines are in flight
@@ -249,9 +227,7 @@ def test_a_batch_left_running_runs_again_when_the_server_starts_on_its_folder(en
     try:
         with running_server(gated, files_dir=str(tmp_path)) as (server, _):
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
-            uploaded = client.files.create(file=("r.jsonl", jsonl(lines)), purpose="batch")
-            batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                          completion_window="24h")
+            batch = start_batch(client, lines)
             assert wait_until(lambda: gated.submitted == 3)
     finally:
         gated.gate.set()  # the server stopped first: the lines it dropped are not recorded as failed
@@ -292,10 +268,7 @@ def test_an_interactive_request_is_scheduled_before_the_batch_lines_waiting(tiny
     try:
         with running_server(held, batch_concurrency=3) as (server, _):
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0)
-            uploaded = client.files.create(file=("r.jsonl", jsonl([chat_line(f"r{i}", max_tokens=3) for i in range(3)])),
-                                           purpose="batch")
-            batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                          completion_window="24h")
+            batch = start_batch(client, [chat_line(f"r{i}", max_tokens=3) for i in range(3)])
             # The first line runs, held; the other two are queued behind it. Then a user asks something.
             assert wait_until(lambda: held.holding.is_set() and held.priorities == [1, 1, 1])
             answer = {}

@@ -12,10 +12,9 @@ import re
 
 import openai
 import pytest
-import torch
 
-from server_fixtures import make_engine, running_server, wait_until
-from test_server_batches import GatedEngine
+from server_fixtures import GatedEngine, running_server, wait_until
+from server_fixtures import engine64  # noqa: F401  (module-scoped fixture)
 from tgi_nb import migrate
 from tgi_nb.widgets import MigrationWidget
 
@@ -23,10 +22,8 @@ TIMEOUT = 120
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = make_engine(tiny_model_dir("llama", dtype=torch.float64), dtype="float64")
-    yield engine
-    engine.shutdown()
+def engine(engine64):
+    return engine64
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from typing import Any, Generic, Literal, Optional, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from .protocol import _Request
+from .responses_protocol import ResponseUsage
 
 T = TypeVar("T")
 # What OpenAI's Batch API accepts as completion_window (its only value).
@@ -96,22 +97,8 @@ class BatchErrors(BaseModel):
     data: list[BatchError] = Field(default_factory=list)
 
 
-class InputTokensDetails(BaseModel):
-    cached_tokens: int = 0
-
-
-class OutputTokensDetails(BaseModel):
-    reasoning_tokens: int = 0
-
-
-class BatchUsage(BaseModel):
-    """Tokens over every line that ran, as OpenAI reports them for a batch."""
-
-    input_tokens: int = 0
-    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
-    output_tokens: int = 0
-    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
-    total_tokens: int = 0
+class BatchUsage(ResponseUsage):
+    """Tokens over every line that ran, as OpenAI reports them for a batch (the Responses API's usage shape)."""
 
     def add(self, usage: Any) -> None:
         """Count one response's ``usage`` (chat and completions' ``prompt_tokens`` / ``completion_tokens``,
