@@ -1,8 +1,8 @@
-"""Request priorities in the scheduler: a request of a smaller priority (interactive: 0) is admitted before
-every request of a larger one (the Batch API's lines: 1) that is still waiting, whatever the arrival order;
-equal priorities keep arrival order. Shown by the order in which requests finish on an engine that runs one
-sequence at a time, with no timing: the first request's first output holds the engine thread until every
-other request is queued."""
+"""Request priorities in the scheduler: a request of a smaller priority (interactive: 0) goes before every
+request of a larger one (the Batch API's lines: 1), waiting or running: when every seat is taken, the running
+one gives its seat up; equal priorities keep arrival order. Shown by the order in which requests finish on an
+engine that runs one sequence at a time, with no timing: the first request's first output holds the engine
+thread until every other request is queued."""
 
 from __future__ import annotations
 
@@ -51,9 +51,14 @@ def finish_order(engine: LLMEngine, requests: list[tuple[str, int]]) -> list[str
     return finished
 
 
-def test_an_interactive_request_goes_before_waiting_batch_lines(engine):
+def test_an_interactive_request_goes_before_batch_lines_running_or_waiting(engine):
     order = finish_order(engine, [("batch-1", 1), ("batch-2", 1), ("batch-3", 1), ("interactive", 0)])
-    assert order == ["batch-1", "interactive", "batch-2", "batch-3"]
+    assert order == ["interactive", "batch-1", "batch-2", "batch-3"]   # batch-1, running, gave its seat up
+
+
+def test_an_interactive_request_does_not_take_an_interactive_seat(engine):
+    order = finish_order(engine, [("first", 0), ("batch", 1), ("second", 0)])
+    assert order == ["first", "second", "batch"]
 
 
 def test_equal_priorities_keep_arrival_order(engine):

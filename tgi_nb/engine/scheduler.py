@@ -5,9 +5,10 @@ Every step packs one decode token for each running sequence and prefill chunks o
 reading their prompt, under the step's prefill token budget and the running-sequence cap. Running
 sequences come first, then waiting ones, each in the queue's order (:meth:`Scheduler.waiting_key`: priority,
 then arrival), so an interactive request that arrives while the Batch API's lines run is admitted, and gets
-its prefill chunks, before them. When the KV cache has no block for a running sequence, the last running
-sequence in that order (the newest of the lowest priority) is preempted: its blocks are freed and it is
-recomputed later (prefix caching usually gives most of them back).
+its prefill chunks, before them; when they fill every seat, the newest of them gives its seat up. When the KV
+cache has no block for a running sequence, the last running sequence in that order (the newest of the lowest
+priority) is preempted: its blocks are freed and it is recomputed later (prefix caching usually gives most of
+them back).
 
 After the runner computed a step, :meth:`Scheduler.update_from_output` does everything the sampled
 tokens imply: token accounting, publishing full blocks to the prefix cache, starting a request's other
@@ -109,6 +110,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        self._yield_seats()
         out = SchedulerOutput()
         bm = self.block_manager
         budget = self.max_batch_prefill_tokens
@@ -162,6 +164,18 @@ class Scheduler:
             self._add_to_step(out, seq, n)
             budget -= n
         return out
+
+    def _yield_seats(self) -> None:
+        """When every seat (``max_num_seqs``) is taken, give up running sequences of a larger priority than
+        waiting ones, lowest priority and newest first: an interactive request does not wait for batch lines to
+        end. (A sequence given up is recomputed later, most of it from the prefix cache.)"""
+        running = sorted(self.running, key=self.waiting_key)
+        for seq in list(self.waiting):
+            if len(running) < self.max_num_seqs or seq.request.priority >= running[-1].request.priority:
+                break
+            victim = running.pop()
+            self.running.remove(victim)
+            self._preempt(victim)
 
     def _add_to_step(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
         """Put ``n`` tokens of ``seq`` in the step (a decode when it is its last)."""
