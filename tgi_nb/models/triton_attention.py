@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["paged_attention", "triton_available"]
+__all__ = ["PagedBatch", "attend_paged", "paged_attention", "triton_available"]
 
 # Rows of a program's tile when every sequence has one query token: the smallest tile tl.dot takes.
 _DECODE_BLOCK_M = 16
@@ -236,3 +237,39 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         IEEE=q.dtype == torch.float32,
     )
     return out
+
+
+@dataclass(slots=True)
+class PagedBatch:
+    """A step's layout for the GPU forward (what :class:`tgi_nb.engine.step_inputs.StepInputs` builds), the
+    counterpart of :class:`tgi_nb.models.attention.AttentionBatch`: every field a device tensor, so the forward
+    never reads a value back on the host and a decode step can be captured in a CUDA graph."""
+
+    slot_mapping: Tensor        # int64 [num_tokens]
+    seq_lens: Tensor            # int32 [num_seqs]
+    query_start_loc: Tensor     # int32 [num_seqs + 1]
+    block_tables: Tensor        # int32 [num_seqs, max_blocks]
+    max_query_len: Optional[int] = None
+
+
+def attend_paged(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, batch: PagedBatch, scale: float,
+                 sliding_window: int = 0, write_kv: bool = True) -> Tensor:
+    """:func:`tgi_nb.models.attention.attend`'s contract over a :class:`PagedBatch`: write the step's K/V
+    ([T, kv_heads, d]) to their slots unless ``write_kv`` is False (already written), then attend in one launch.
+
+    Example:
+        >>> import torch
+        >>> kc, vc = torch.zeros(4, 16, 1, 16), torch.zeros(4, 16, 1, 16)
+        >>> q, k, v = torch.randn(3, 2, 16), torch.randn(3, 1, 16), torch.randn(3, 1, 16)
+        >>> batch = PagedBatch(torch.tensor([32, 33, 34]), torch.tensor([3], dtype=torch.int32),
+        ...                    torch.tensor([0, 3], dtype=torch.int32), torch.tensor([[2]], dtype=torch.int32))
+        >>> out = attend_paged(q, k, v, kc, vc, batch, 0.25)
+        >>> torch.allclose(out[0], v[0].expand(2, 16), atol=1e-6)     # the first token sees only itself
+        True
+    """
+    if write_kv:
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+    return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, scale,
+                           sliding_window, batch.max_query_len)

@@ -1,0 +1,66 @@
+"""The GPU path's step runner, run on the CPU (Triton interpreted, the graph runner's stand-in): a tiny random
+Llama computes the same logits through it as through the CPU model runner, over chunked prefills, mixed steps and
+decode steps padded to their graph bucket; the device sampler picks the same greedy tokens."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():   # before triton is imported: its own helpers are jitted at import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from tgi_nb.engine.gpu_runner import GpuStepRunner  # noqa: E402
+from tgi_nb.engine.model_runner import ModelRunner, allocate_kv_caches  # noqa: E402
+from tgi_nb.engine.sampler import sample  # noqa: E402
+from tgi_nb.engine.sampling_params import SamplingParams  # noqa: E402
+from tgi_nb.engine.sequence import Request, Sequence  # noqa: E402
+from tgi_nb.models.llama import LlamaModel  # noqa: E402
+
+BLOCK, NUM_BLOCKS = 16, 12
+
+
+def make_seq(prompt: list[int], blocks: list[int]) -> Sequence:
+    seq = Sequence(Request("r", prompt, SamplingParams(temperature=0), lambda _: None, 0.0), 0, list(prompt),
+                   None, None)
+    seq.block_table = blocks
+    return seq
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_same_logits_and_tokens_as_the_cpu_runner(tiny_model_dir, arch):
+    model = LlamaModel.load(tiny_model_dir(arch), dtype=torch.float32)
+    cpu = ModelRunner(model, NUM_BLOCKS, BLOCK)
+    spec = model.spec
+    caches = allocate_kv_caches(spec.num_layers, (NUM_BLOCKS + 1, BLOCK, spec.num_kv_heads, spec.head_dim),
+                                torch.float32, torch.device("cpu"))
+    gpu = GpuStepRunner(model, caches, BLOCK, max_num_seqs=8, max_model_len=NUM_BLOCKS * BLOCK,
+                        pad_slot=NUM_BLOCKS * BLOCK)
+    gpu.capture()
+    g = torch.Generator().manual_seed(0)
+    a = make_seq(torch.randint(3, 40000, (20,), generator=g).tolist(), [4, 0, 7])
+    b = make_seq(torch.randint(3, 40000, (30,), generator=g).tolist(), [2, 9, 5, 1])
+    c = make_seq(torch.randint(3, 40000, (5,), generator=g).tolist(), [11])
+
+    from tgi_nb.engine.scheduler import SchedulerOutput
+
+    steps = [([], [(a, 20), (b, 16)]), ([a], [(b, 14), (c, 5)])] + [([a, b, c], [])] * 4
+    for decodes, prefills in steps:
+        expected, sampling, _ = cpu.run(SchedulerOutput(decodes=list(decodes), prefills=list(prefills)))
+        result = gpu.execute(list(decodes), list(prefills))
+        assert result.sampling == sampling
+        torch.testing.assert_close(result.logits, expected, rtol=1e-4, atol=1e-4)
+        tokens = [t.token_id for t in gpu.sample(result.logits, result.sampling)]
+        assert tokens == [t.token_id for t in sample(expected, sampling)]
+        for seq in decodes:
+            seq.num_computed_tokens += 1
+        for seq, n in prefills:
+            seq.num_computed_tokens += n
+        for seq, token in zip(sampling, tokens):
+            seq.append_token(token)
+    # the four decode steps of three sequences went through the bucket of 4, one padding row each
+    assert gpu.graphs.stats.replays == 4 and gpu.graphs.stats.buckets == {4: 4}
+    assert gpu.graphs.stats.padded_rows == 4

@@ -1,0 +1,111 @@
+"""A step on the GPU: inputs in one copy, the model's paged forward, decode steps as CUDA graphs, batched sampling.
+
+:class:`GpuStepRunner` is the device half of the model runner when the model runs on CUDA (the CPU path keeps its
+fused native decode step untouched). Per step it makes one host->device copy of the step's inputs
+(:class:`~tgi_nb.engine.step_inputs.StepInputs`), one of the sampling parameters, and one device->host copy of the
+sampled tokens and log-probabilities (:class:`~tgi_nb.engine.device_sampler.DeviceSampler`). A step of decodes only
+replays the CUDA graph of its batch-size bucket (:class:`~tgi_nb.engine.cuda_graphs.DecodeGraphs`); a step with
+prefill chunks runs eagerly, attention included in one Triton launch per layer
+(:func:`~tgi_nb.models.triton_attention.paged_attention`).
+
+Padding rows of a graph write their K/V to ``pad_slot``, a slot of a block the block manager never hands out,
+and attend to nothing (context length 0).
+
+Everything here also runs on the CPU (Triton interpreted, the graph runner's stand-in), which is how CI checks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from tgi_nb.models.triton_attention import PagedBatch
+
+from .cuda_graphs import DecodeGraphs, StaticInput
+from .device_sampler import DeviceSampler
+from .sampler import SampledToken
+from .sequence import Sequence
+from .step_inputs import StepInputs, StepLayout
+
+
+@dataclass(slots=True)
+class StepResult:
+    """A computed step: the logits of the sampling rows (on the device) and the rows' sequences."""
+
+    logits: torch.Tensor
+    sampling: list[Sequence]
+    layout: StepLayout
+
+
+class GpuStepRunner:
+    """Runs scheduled steps of ``model`` (a :class:`~tgi_nb.models.llama.LlamaModel`) over ``kv_caches``.
+
+    Example:
+        >>> runner = GpuStepRunner(model, kv_caches, block_size=16, max_num_seqs=64,   # doctest: +SKIP
+        ...                        max_model_len=4096, pad_slot=num_blocks * 16)
+        >>> runner.capture()                                   # once, after the KV cache exists  # doctest: +SKIP
+        >>> result = runner.execute(step.decodes, step.prefills)                               # doctest: +SKIP
+        >>> tokens = runner.sample(result.logits, result.sampling)                             # doctest: +SKIP
+    """
+
+    def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                 max_num_seqs: int, max_model_len: int, pad_slot: int, enforce_eager: bool = False):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.device = model.device
+        self.inputs = StepInputs(self.device, block_size, -(-max_model_len // block_size))
+        self.sampler = DeviceSampler(model.spec.vocab_size, self.device)
+        # the decode graphs' query_start_loc and logits rows: 0..n, the same for every step of n sequences
+        self._arange32 = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=self.device)
+        self._arange64 = self._arange32.long()
+        width = self.inputs.block_table_width
+        self.graphs = DecodeGraphs(self._decode, {
+            "input_ids": StaticInput((), torch.int32, 0),
+            "positions": StaticInput((), torch.int32, 0),
+            "slot_mapping": StaticInput((), torch.int64, pad_slot),
+            "seq_lens": StaticInput((), torch.int32, 0),
+            "block_tables": StaticInput((width,), torch.int32, 0),
+        }, max_num_seqs, self.device, enforce_eager)
+
+    def capture(self) -> None:
+        """Capture the decode graphs (a no-op on the CPU or with ``enforce_eager``)."""
+        self.graphs.capture()
+
+    def release(self) -> None:
+        """Drop the graphs and staging buffers' device memory (pause / scale to zero)."""
+        self.graphs.release()
+
+    def _decode(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                seq_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        n = input_ids.shape[0]
+        batch = PagedBatch(slot_mapping, seq_lens, self._arange32[:n + 1], block_tables, max_query_len=1)
+        return self.model.forward(input_ids, positions, batch, self.kv_caches, self._arange64[:n])
+
+    def execute(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]],
+                extra_logits_rows: Optional[list[int]] = None) -> StepResult:
+        """Compute a step (decodes first, then prefill chunks); the logits of the rows that sample now, followed by
+        ``extra_logits_rows`` (packed-batch rows, e.g. those that score prompt tokens; they force an eager step)."""
+        buf = self.inputs.buffer
+        buf.reset()
+        layout = self.inputs.build(decodes, prefills)
+        extra = buf.add(extra_logits_rows, torch.int64) if extra_logits_rows else None
+        views = buf.to_device()
+        ids, positions = views[layout.input_ids], views[layout.positions]
+        sampling = list(decodes) + [s for s, n in prefills if s.num_computed_tokens + n == len(s.token_ids)]
+        if decodes and not prefills and extra is None:
+            logits = self.graphs.run(input_ids=ids, positions=positions, slot_mapping=views[layout.slot_mapping],
+                                     seq_lens=views[layout.seq_lens], block_tables=views[layout.block_tables])
+        else:
+            rows = views[layout.logits_indices]
+            if extra is not None:
+                rows = torch.cat([rows, views[extra]])
+            batch = PagedBatch(views[layout.slot_mapping], views[layout.seq_lens], views[layout.query_start_loc],
+                               views[layout.block_tables], layout.max_query_len)
+            logits = self.model.forward(ids, positions, batch, self.kv_caches, rows)
+        return StepResult(logits, sampling, layout)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+        """The next token of each row of ``logits`` (device) for ``seqs[row]``: one device->host copy."""
+        return self.sampler.sample(logits, seqs)
