@@ -141,17 +141,25 @@ def _interpreted(fn) -> bool:
     return isinstance(fn, InterpretedFunction)
 
 
-def triton_available() -> bool:
-    """Whether Triton can be imported (it is an optional dependency: the CPU path never needs it).
+def triton_available(device: Optional[torch.device] = None) -> bool:
+    """Whether Triton can be imported (it is an optional dependency: the CPU path never needs it) and, for a CUDA
+    ``device``, supports it: Triton 3.3 and later support compute capability 8.0 and up (Ampere, Ada, Hopper,
+    Blackwell); on a T4 or V100 their dots fall back to scalar code and are not tested upstream, so the GPU path
+    keeps torch's attention there. ``TGI_NB_TRITON_ATTENTION=0`` says no everywhere, ``=1`` yes on any GPU.
 
     Example:
         >>> isinstance(triton_available(), bool)
         True
     """
+    switch = os.environ.get("TGI_NB_TRITON_ATTENTION")
+    if switch == "0":
+        return False
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
+    if device is not None and torch.device(device).type == "cuda" and switch != "1":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     return True
 
 
