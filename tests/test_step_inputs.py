@@ -14,7 +14,7 @@ from tgi_nb.engine.model_runner import ModelRunner
 from tgi_nb.engine.sampling_params import SamplingParams
 from tgi_nb.engine.scheduler import SchedulerOutput
 from tgi_nb.engine.sequence import Request, Sequence
-from tgi_nb.engine.step_inputs import HostBuffer, StepInputs
+from tgi_nb.engine.step_inputs import HostBuffer, StepPacker
 
 
 def test_fields_keep_their_values_when_the_buffer_grows():
@@ -70,7 +70,7 @@ def test_packing_matches_the_cpu_model_runner():
     model = CapturingModel()
     ModelRunner(model, num_blocks=16, block_size=BLOCK).run(step)
     input_ids, positions, batch, logits_indices = model.seen
-    inputs = StepInputs(torch.device("cpu"), BLOCK, block_table_width=5)
+    inputs = StepPacker(torch.device("cpu"), BLOCK, block_table_width=5)
     layout = inputs.build(step.decodes, step.prefills)
     views = inputs.buffer.to_device()
     assert views[layout.input_ids].tolist() == input_ids.tolist()
@@ -86,7 +86,7 @@ def test_packing_matches_the_cpu_model_runner():
 
 def test_a_table_wider_than_the_layout_is_refused():
     with pytest.raises(ValueError, match="block_table_width"):
-        StepInputs(torch.device("cpu"), BLOCK, block_table_width=2).build([make_seq(8, 8, [0, 7, 12], 1)], [])
+        StepPacker(torch.device("cpu"), BLOCK, block_table_width=2).build([make_seq(8, 8, [0, 7, 12], 1)], [])
 
 
 def test_triton_attention_over_the_packed_step_equals_the_cpu_path():
@@ -108,7 +108,7 @@ def test_triton_attention_over_the_packed_step_equals_the_cpu_path():
     k, v = torch.randn(16, kv_heads, dim, generator=g), torch.randn(16, kv_heads, dim, generator=g)
     expected = attend(q, k, v, k_cache, v_cache, batch, dim ** -0.5)   # writes k, v into the caches first
 
-    inputs = StepInputs(torch.device("cpu"), BLOCK, block_table_width=5)
+    inputs = StepPacker(torch.device("cpu"), BLOCK, block_table_width=5)
     layout = inputs.build(step.decodes, step.prefills)
     views = inputs.buffer.to_device()
     got = paged_attention(q, k_cache, v_cache, views[layout.block_tables], views[layout.seq_lens],

@@ -2,7 +2,7 @@
 
 :class:`GpuStepRunner` is the device half of the model runner when the model runs on CUDA (the CPU path keeps its
 fused native decode step untouched). Per step it makes one host->device copy of the step's inputs
-(:class:`~tgi_nb.engine.step_inputs.StepInputs`), one of the sampling parameters, and one device->host copy of the
+(:class:`~tgi_nb.engine.step_inputs.StepPacker`), one of the sampling parameters, and one device->host copy of the
 sampled tokens and log-probabilities (:class:`~tgi_nb.engine.device_sampler.DeviceSampler`). A step of decodes only
 replays the CUDA graph of its batch-size bucket (:class:`~tgi_nb.engine.cuda_graphs.DecodeGraphs`); a step with
 prefill chunks runs eagerly, attention included in one Triton launch per layer
@@ -27,7 +27,7 @@ from .cuda_graphs import DecodeGraphs, StaticInput
 from .device_sampler import DeviceSampler
 from .sampler import SampledToken
 from .sequence import Sequence
-from .step_inputs import StepInputs, StepLayout
+from .step_inputs import StepLayout, StepPacker
 
 
 @dataclass(slots=True)
@@ -55,7 +55,7 @@ class GpuStepRunner:
         self.model = model
         self.kv_caches = kv_caches
         self.device = model.device
-        self.inputs = StepInputs(self.device, block_size, -(-max_model_len // block_size))
+        self.inputs = StepPacker(self.device, block_size, -(-max_model_len // block_size))
         self.sampler = DeviceSampler(model.spec.vocab_size, self.device)
         # the decode graphs' query_start_loc and logits rows: 0..n, the same for every step of n sequences
         self._arange32 = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=self.device)

@@ -5,7 +5,7 @@ tensor per field (and per sequence) spends its time there. :class:`HostBuffer` p
 (token ids, positions, KV slots, sequence lengths, block tables, sampling parameters, grammar bitmasks) into one
 int32 staging tensor, pinned when the device is CUDA, with float32 fields bit-cast into it and int64 fields
 aligned on 8 bytes; :meth:`HostBuffer.to_device` issues one non-blocking copy and returns device views of each
-field. :class:`StepInputs` fills one with a scheduled step, the layout the GPU forward and
+field. :class:`StepPacker` fills one with a scheduled step, the layout the GPU forward and
 :func:`tgi_nb.models.triton_attention.paged_attention` take.
 
 On the CPU nothing is copied: the views are of the staging tensor itself.
@@ -136,7 +136,7 @@ class StepLayout:
     max_query_len: int
 
 
-class StepInputs:
+class StepPacker:
     """Builds a step's packed inputs into a :class:`HostBuffer` (numpy on the host, no tensor per sequence).
 
     ``block_table_width`` fixes the block tables' width (a CUDA graph needs it fixed): the blocks of the longest
@@ -148,7 +148,7 @@ class StepInputs:
         >>> req = Request("r", [1, 2, 3, 4, 5], SamplingParams(), lambda _: None, 0.0)
         >>> seq = Sequence(req, 0, [1, 2, 3, 4, 5], None, None)
         >>> seq.block_table = [7, 3]
-        >>> inputs = StepInputs(torch.device("cpu"), block_size=4, block_table_width=4)
+        >>> inputs = StepPacker(torch.device("cpu"), block_size=4, block_table_width=4)
         >>> layout = inputs.build(decodes=[], prefills=[(seq, 5)])
         >>> views = inputs.buffer.to_device()
         >>> views[layout.slot_mapping].tolist(), views[layout.block_tables].tolist()

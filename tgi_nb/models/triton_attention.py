@@ -249,7 +249,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
 
 @dataclass(slots=True)
 class PagedBatch:
-    """A step's layout for the GPU forward (what :class:`tgi_nb.engine.step_inputs.StepInputs` builds), the
+    """A step's layout for the GPU forward (what :class:`tgi_nb.engine.step_inputs.StepPacker` builds), the
     counterpart of :class:`tgi_nb.models.attention.AttentionBatch`: every field a device tensor, so the forward
     never reads a value back on the host and a decode step can be captured in a CUDA graph."""
 
