@@ -75,7 +75,8 @@ def test_grammar_bitmasks_and_custom_processors(smollm2_dir):
     vocab = 49152
     grammar = GrammarCompiler.for_tokenizer(tok, vocab, [2]).compile(choice_grammar(["yes", "no", "maybe so"]))
     boom = SamplingParams(temperature=0, logits_processor=lambda ids, row: 1 / 0)
-    force9 = SamplingParams(temperature=0, logits_processor=lambda ids, row: row.index_fill_(0, torch.tensor([9]), 50.0))
+    force9 = SamplingParams(temperature=0,
+                            logits_processor=lambda ids, row: row.index_fill_(0, torch.tensor([9]), 50.0))
 
     def seqs():
         return [make_seq(SamplingParams(temperature=0, logits_processor_factory=grammar.processor)),
