@@ -1,6 +1,7 @@
 """The GPU path's step runner, run on the CPU (Triton interpreted, the graph runner's stand-in): a tiny random
-Llama computes the same logits through it as through the CPU model runner, over chunked prefills, mixed steps and
-decode steps padded to their graph bucket; the device sampler picks the same greedy tokens."""
+Llama (Qwen3 with q/k norms, Qwen2 with biases and a sliding window) computes the same logits through it as through
+the CPU model runner, over chunked prefills, mixed steps and decode steps padded to their graph bucket; the device
+sampler picks the same greedy tokens."""
 
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ def make_seq(prompt: list[int], blocks: list[int]) -> Sequence:
     return seq
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_same_logits_and_tokens_as_the_cpu_runner(tiny_model_dir, arch):
-    model = LlamaModel.load(tiny_model_dir(arch), dtype=torch.float32)
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen3", {}),
+                                            ("qwen2", {"use_sliding_window": True, "sliding_window": 8})])
+def test_same_logits_and_tokens_as_the_cpu_runner(tiny_model_dir, arch, overrides):
+    model = LlamaModel.load(tiny_model_dir(arch, **overrides), dtype=torch.float32)
+    assert model.spec.sliding_window == overrides.get("sliding_window", 0)
     cpu = ModelRunner(model, NUM_BLOCKS, BLOCK)
     spec = model.spec
     caches = allocate_kv_caches(spec.num_layers, (NUM_BLOCKS + 1, BLOCK, spec.num_kv_heads, spec.head_dim),
