@@ -56,11 +56,12 @@ def _kernel():
     @triton.jit
     def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
-        scale, num_seqs, sliding_window,
+        scale, num_seqs,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, IEEE: tl.constexpr,
+        SLIDING_WINDOW: tl.constexpr,
     ):
         pid = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -97,8 +98,8 @@ def _kernel():
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
         last_pos = tl.minimum(context + first_q + BLOCK_Q, seq_len)   # one past the tile's last query position
         start = 0
-        if sliding_window > 0:
-            start = tl.maximum(context + first_q - sliding_window + 1, 0) // TILE_N * TILE_N
+        if SLIDING_WINDOW > 0:   # a model's window is fixed: one compiled variant per model
+            start = tl.maximum(context + first_q - SLIDING_WINDOW + 1, 0) // TILE_N * TILE_N
         table = block_tables_ptr + seq * stride_bt
         for tile in range(start, last_pos, TILE_N):
             pos = tile + tl.arange(0, TILE_N)
@@ -115,8 +116,8 @@ def _kernel():
             else:
                 s = tl.dot(q, tl.trans(k.to(q.dtype)))
             keep = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :] & row_ok[:, None]
-            if sliding_window > 0:
-                keep = keep & (pos[None, :] > q_pos[:, None] - sliding_window)
+            if SLIDING_WINDOW > 0:
+                keep = keep & (pos[None, :] > q_pos[:, None] - SLIDING_WINDOW)
             s = tl.where(keep, s * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with nothing kept yet
@@ -221,6 +222,8 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         True
     """
     _check(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
+    if sliding_window < 0:
+        raise ValueError(f"sliding_window must be >= 0 (0 = no window), got {sliding_window}")
     if out is None:
         out = torch.empty_like(q)
     num_tokens, num_heads, head_dim = q.shape
@@ -236,13 +239,13 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     grid = (num_tokens // block_q + num_seqs, kv_heads)
     kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
-        float(scale), num_seqs, int(sliding_window),
+        float(scale), num_seqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=_TILE_N,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, SLIDING_WINDOW=int(sliding_window),
     )
     return out
 
