@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tgi_nb.engine.capacity import choose_num_threads  # noqa: E402
+from tgi_nb.engine.budget import choose_num_threads  # noqa: E402
 from tgi_nb.models import quant, resolve_model, source_gguf  # noqa: E402
 from tgi_nb.models.attention import AttentionBatch  # noqa: E402
 from tgi_nb.models.llama import LlamaModel  # noqa: E402

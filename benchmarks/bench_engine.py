@@ -582,7 +582,7 @@ def print_markdown(results: list[RunResult], decode: dict, targets: list[tuple[s
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tgi_nb.engine.capacity import choose_num_threads
+    from tgi_nb.engine.budget import choose_num_threads
     from tgi_nb.models import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

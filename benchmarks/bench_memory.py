@@ -260,7 +260,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from tgi_nb.engine.capacity import choose_num_threads
+    from tgi_nb.engine.budget import choose_num_threads
     from tgi_nb.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model().path)

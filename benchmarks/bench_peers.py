@@ -239,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from tgi_nb.engine.capacity import choose_num_threads
+    from tgi_nb.engine.budget import choose_num_threads
     from tgi_nb.models import bundled_gguf_path, resolve_model
 
     gguf_file = bundled_gguf_path()

@@ -214,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     from tgi_nb.engine import EngineConfig, LLMEngine
-    from tgi_nb.engine.capacity import choose_num_threads
+    from tgi_nb.engine.budget import choose_num_threads
     from tgi_nb.models import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

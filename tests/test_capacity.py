@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from cgroup_fixtures import GIB, write_fake_system
+from tgi_nb.engine.budget import choose_num_threads, cpu_quota, read_memory_budget, release_kv_bytes, reserve_kv_bytes
 from tgi_nb.engine.capacity import (KV_HEADROOM_SHARE, TYPICAL_SEQUENCE_TOKENS, CapacityError, CapacityRequest,
-                                    ModelShape, choose_num_threads, cpu_quota, kv_budget_bytes, plan_capacity,
-                                    read_memory_budget, release_kv_bytes, reserve_kv_bytes)
+                                    ModelShape, kv_budget_bytes, plan_capacity)
 
 SMOLLM2 = ModelShape(num_layers=30, num_kv_heads=3, head_dim=64, context=8192)
 PER_TOKEN = SMOLLM2.kv_bytes_per_token(4)   # 46,080 bytes in float32

@@ -442,6 +442,22 @@ def test_status_changes_reach_subscribers_from_a_background_thread(make, caplog)
     assert endpoint._machine.flush() and len(seen) == before
 
 
+def test_status_is_pushed_by_the_controller_and_survives_a_restart(make):
+    """A kernel-thread endpoint's machine is the controller's: changes reach subscribers without any thread
+    polling it, and the server restarted by update() drives the same machine."""
+    endpoint = make("pushed")
+    machine, backend = endpoint._machine, endpoint._backend
+    seen: list[str] = []
+    unsubscribe = endpoint.on_status_change(lambda e, old, new: seen.append(new))
+    endpoint.wait(timeout=120)
+    assert backend.pushes and backend._app.controller.machine is machine
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("tgi_nb-watch-")]
+    endpoint.update(env={**SMALL_ENV, "MAX_TOTAL_TOKENS": "256"}).wait(timeout=120)
+    assert endpoint._backend is not backend and endpoint._machine is machine
+    assert machine.flush() and seen[-3:] == ["running", "initializing", "running"]
+    unsubscribe()
+
+
 def test_the_life_cycle_takes_only_listed_transitions():
     from tgi_nb.endpoints.status import TRANSITIONS, InvalidTransition, StatusMachine
 

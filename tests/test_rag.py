@@ -229,3 +229,37 @@ def test_targets_and_bad_arguments(server, embeddings):
 def test_chromadb_never_fetched_its_default_model():
     # chromadb's default embedding function downloads an ONNX model here on first use.
     assert not (Path.home() / ".cache" / "chroma" / "onnx_models").exists()
+
+
+_COOKBOOK_CHROMA = """
+from langchain_chroma import Chroma
+from langchain_core.documents import Document
+from tgi_nb.rag import local_embeddings
+splits = [Document(page_content="Mount Etna is in Sicily.")]
+store = Chroma.from_documents(documents=splits, embedding=local_embeddings(){settings})
+assert store.similarity_search("Etna", k=1)[0].page_content == "Mount Etna is in Sicily."
+"""
+_TGI_NB_RAG = """
+from tgi_nb.rag import RagPipeline
+rag = RagPipeline("http://127.0.0.1:9/v1", progress=False)
+assert rag.add_texts(["The Eiffel Tower is 330 metres tall."]) == 1
+assert rag.vectorstore.similarity_search("Eiffel", k=1)[0].page_content.startswith("The Eiffel Tower")
+"""
+
+
+@pytest.mark.parametrize("order", ["tgi_nb first", "cookbook first", "cookbook with its own settings first"])
+def test_pipeline_lives_beside_the_cookbooks_own_chroma(order, tmp_path):
+    """The notebooks teach both tgi_nb.rag and the cookbook's Chroma.from_documents(...): in one kernel, in either
+    order, neither may break the other (chromadb refuses a second in-memory client with other settings). Each
+    order runs in a fresh interpreter, since chromadb's clients are process-wide."""
+    import subprocess
+    import sys
+
+    cookbook = _COOKBOOK_CHROMA.format(
+        settings=", client_settings=__import__('chromadb').config.Settings(anonymized_telemetry=False)"
+        if "own settings" in order else "")
+    script = _TGI_NB_RAG + cookbook if order == "tgi_nb first" else cookbook + _TGI_NB_RAG
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(tmp_path.glob("tgi_nb_chroma_*")), "the private Chroma folder outlives the process"

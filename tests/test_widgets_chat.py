@@ -170,6 +170,18 @@ def test_bad_arguments_name_the_field():
         chat.send("  ")
 
 
+def test_a_closed_chat_lets_go_of_shared_parameters():
+    """The workbench's chats share one ParametersWidget: a closed one (an endpoint switch) stops following it."""
+    params = ParametersWidget(max_tokens=5)
+    closed, open_ = ChatWidget("http://127.0.0.1:1", parameters=params), ChatWidget("http://127.0.0.1:1",
+                                                                                     parameters=params)
+    closed.close()
+    params.set(max_tokens=7)
+    assert "max_tokens=7" in html.unescape(open_.code.value)
+    assert "max_tokens=5" in html.unescape(closed.code.value)
+    open_.close()
+
+
 def test_parameters_widget_values_and_code():
     params = ParametersWidget()
     assert params.params == {"max_tokens": 256}  # always sent: a server's default is the whole context
@@ -192,7 +204,7 @@ def test_parameters_widget_values_and_code():
 
 
 @pytest.mark.parametrize("module", ["target", "transcript", "parameters", "chat", "lifecycle", "endpoint",
-                                    "monitor", "compare", "workbench"])
+                                    "monitor", "compare", "workbench", "streaming", "controls"])
 def test_docstring_examples(module):
     import doctest
     import importlib

@@ -6,7 +6,9 @@ the monitor reads /metrics, compare runs prompts through several settings, and c
 from __future__ import annotations
 
 import html
+import logging
 import threading
+import time
 
 import pytest
 from server_fixtures import engine, listening, server, wait_until  # noqa: F401
@@ -72,6 +74,62 @@ def test_form_creates_an_endpoint_and_follows_its_life_cycle(tiny):
         if form.endpoint is not None:
             form.endpoint.delete()
     assert wait_until(lambda: not widget_threads(), 60), widget_threads()
+
+
+def test_a_status_change_is_pushed_to_the_widget_and_nothing_polls(tiny, record_property):
+    """The badge follows a local endpoint by subscription: the status trait changes on the status machine's
+    notifier thread, right after the transition, and no thread polls the endpoint. The latency is recorded
+    (``status_latency_ms``), not asserted: the machine is a loaded 2-core one."""
+    endpoint = tgi_nb.create_inference_endpoint("widget-push", repository=tiny, type="public",
+                                                env={"MAX_TOTAL_TOKENS": "512", "MAX_BATCH_TOTAL_TOKENS": "4096"})
+    form = EndpointWidget(endpoint)
+    try:
+        assert form.wait_status("running", timeout=TIMEOUT) == "running"
+        drawn: list[tuple[float, str]] = []
+        paused = threading.Event()
+
+        def on_status(change):
+            if change["new"] == "paused":
+                drawn.append((time.monotonic(), threading.current_thread().name))
+                paused.set()
+
+        form.observe(on_status, "status")
+        threads = [t.name for t in threading.enumerate()]
+        assert not [name for name in threads if name.startswith(("tgi_nb-watch-", f"tgi_nb-endpoint-{endpoint.name}"))]
+        assert endpoint._backend.pushes
+        endpoint.pause()
+        assert paused.wait(TIMEOUT)
+        (at, thread), = drawn
+        assert thread == "tgi_nb-endpoint-status"  # pushed by the machine's notifier, not found by a poll
+        latency_ms = (at - endpoint._machine.changed_at) * 1000
+        record_property("status_latency_ms", round(latency_ms, 2))
+        print(f"\nstatus change to the widget's trait: {latency_ms:.2f} ms")
+        assert not form.action_buttons["resume"].disabled and form.action_buttons["pause"].disabled
+    finally:
+        form.close()
+        endpoint.delete()
+
+
+def test_load_logs_lower_the_logger_level_once_and_restore_it():
+    """Two forms loading at once: the tgi_nb logger lets INFO through while either listens, and gets its own
+    level back when the last stops, whichever order they stop in and however often."""
+    from tgi_nb.widgets.endpoint import _LoadLog
+
+    logger = logging.getLogger("tgi_nb")
+    saved = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        first, second = _LoadLog(lambda: None).attach(), _LoadLog(lambda: None).attach()
+        assert logger.level == logging.INFO
+        first.detach()
+        first.detach()
+        assert logger.level == logging.INFO
+        logging.getLogger("tgi_nb.models").info("loading weights")
+        assert second.lines == ["loading weights"] and first.lines == []
+        second.detach()
+        assert logger.level == logging.WARNING
+    finally:
+        logger.setLevel(saved)
 
 
 def test_form_errors_name_the_field(tiny):

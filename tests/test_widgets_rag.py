@@ -68,7 +68,7 @@ def test_paste_upload_folder_then_ask(server, embeddings, tmp_path):
     widget.question.value = "How do bees talk to each other?"
     widget.ask_button.click()
     settle(widget)
-    assert widget.answer.value and "error" not in widget.status.value
+    assert widget.answer.last_text and "error" not in widget.status.value
     assert widget.sources.value.index("bees.md") < widget.sources.value.index("score")  # best source first
     assert widget.sources.value.count('class="tgi-rag-source"') == 2                      # k=2
     assert "How do bees talk to each other?" in widget.code.value
@@ -82,10 +82,10 @@ def test_stop_ends_a_long_answer(server, embeddings, engine):
     widget.add_texts([ETNA])
     settle(widget)
     assert widget.ask("Which volcano is the most active?")
-    assert wait_until(lambda: widget.answer.value != "" or widget.idle.is_set(), timeout=TIMEOUT)
+    assert wait_until(lambda: widget.answer.last_text != "" or widget.idle.is_set(), timeout=TIMEOUT)
     widget.stop_button.click()
     settle(widget)
-    text = widget.answer.value
+    text = widget.answer.last_text
     assert text, widget.status.value
     assert len(engine.tokenizer(text, add_special_tokens=False)["input_ids"]) < 200
 

@@ -23,16 +23,9 @@ Example:
 from huggingface_hub import InferenceEndpointStatus
 from huggingface_hub.errors import InferenceEndpointError, InferenceEndpointTimeoutError
 
+from .api import connect, create_inference_endpoint, get_inference_endpoint, list_inference_endpoints
 from .backends import RemoteEndpointError
-from .endpoint import (
-    EndpointWarning,
-    InferenceEndpoint,
-    InferenceEndpointNotFoundError,
-    connect,
-    create_inference_endpoint,
-    get_inference_endpoint,
-    list_inference_endpoints,
-)
+from .endpoint import EndpointWarning, InferenceEndpoint, InferenceEndpointNotFoundError
 
 __all__ = [
     "EndpointWarning",

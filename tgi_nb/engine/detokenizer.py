@@ -10,7 +10,9 @@ text that could still turn into a stop string is held back, so a stop string nev
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
+
+from .outputs import TokenLogprob, TopLogprob
 
 REPLACEMENT_CHAR = "\ufffd"
 # Tokens of the prompt kept as left context so the first generated token decodes as it would mid-text.
@@ -108,3 +110,29 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         self.text += delta
         return len(delta)
+
+
+class TokenTexts:
+    """Each token's own text, decoded once: what log-probability entries show.
+
+    Example:
+        >>> class Tok:
+        ...     def decode(self, ids): return "<%d>" % ids[0]
+        >>> entry = TokenTexts(Tok()).logprob(7, -0.5, [(7, -0.5), (3, -1.5)])
+        >>> entry.token, [t.token for t in entry.top]
+        ('<7>', ['<7>', '<3>'])
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def logprob(self, token_id: int, logprob: float, top: Iterable[tuple[int, float]]) -> TokenLogprob:
+        """A token's log-probability entry; ``top`` gives (token id, log-probability) alternatives."""
+        return TokenLogprob(token_id, self(token_id), logprob, [TopLogprob(t, self(t), lp) for t, lp in top])

@@ -1,6 +1,7 @@
-"""The engine: a loop thread that schedules, runs and samples, and thread-safe ways in and out.
+"""The engine: a loop thread that schedules, runs and updates, and thread-safe ways in and out.
 
-Requests enter through a thread-safe inbox; the loop thread owns every scheduler, block manager and
+Loading is the loader's (:mod:`~tgi_nb.engine.model_loader`), the forward pass and sampling the runner's, the
+queues and what each sampled token means the scheduler's; :class:`LLMEngine` wires them. Requests enter through a thread-safe inbox; the loop thread owns every scheduler, block manager and
 model structure, so nothing else ever touches them. Outputs leave through a per-request callback:
 ``generate`` (async) hands them to the caller's event loop with ``call_soon_threadsafe``, ``stream``
 (blocking) through a ``queue.Queue``. No event loop ever waits on a forward pass.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import queue
 import random
@@ -18,28 +18,23 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator, Optional, Sequence as Seq
 
 import torch
 
 from .block_manager import BlockManager
-from .capacity import (CapacityPlan, CapacityRequest, ModelShape, choose_num_threads, kv_budget_bytes,
-                       plan_capacity, read_memory_budget, release_kv_bytes, reserve_kv_bytes)
+from .budget import MemoryBudget, read_memory_budget, release_kv_bytes, reserve_kv_bytes
+from .capacity import CapacityPlan, CapacityRequest, ModelShape, RequestLimits, kv_budget_bytes, plan_capacity
 from .config import EngineConfig
-from .detokenizer import IncrementalDetokenizer
-from .model_runner import ModelRunner, PromptRows
-from .outputs import (OUT_OF_MEMORY, CompletionDelta, GenerationResult, RequestOutput, ResultAccumulator,
-                      TokenLogprob, TopLogprob)
-from .sampler import SampledToken, sample
+from .detokenizer import IncrementalDetokenizer, TokenTexts
+from .model_loader import LoadedModel, load_model
+from .model_runner import ModelRunner
+from .outputs import OUT_OF_MEMORY, GenerationResult, RequestOutput, ResultAccumulator
 from .sampling_params import SamplingParams, ValidationError
 from .scheduler import Scheduler
 from .sequence import Request, Sequence, SequenceStatus
 
 logger = logging.getLogger("tgi_nb")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float64": torch.float64}
 
 
 @dataclass(slots=True)
@@ -67,50 +62,40 @@ def _is_out_of_memory(exc: BaseException) -> bool:
         "not enough memory" in str(exc)
 
 
-def tensor_bytes(obj, _seen: Optional[set] = None, _depth: int = 0) -> int:
-    """Bytes of the distinct tensors reachable from ``obj`` through attributes, lists, tuples and dicts (shared
-    storage, such as tied embeddings, counted once): what a model's weights take.
-
-    Example:
-        >>> w = torch.zeros(4, 8)
-        >>> tensor_bytes({"embed": w, "lm_head": w, "norm": torch.zeros(8)})
-        160
-    """
-    seen = set() if _seen is None else _seen
-    if isinstance(obj, torch.Tensor):
-        key = (obj.untyped_storage().data_ptr(), obj.device.type)
-        if key in seen:
-            return 0
-        seen.add(key)
-        return obj.untyped_storage().nbytes()
-    if _depth > 4:
-        return 0
-    if isinstance(obj, torch.nn.Module):
-        return sum(tensor_bytes(t, seen) for t in (*obj.parameters(), *obj.buffers()))
-    if isinstance(obj, dict):
-        items = obj.values()
-    elif isinstance(obj, (list, tuple)):
-        items = obj
-    elif hasattr(obj, "__dict__"):
-        items = vars(obj).values()
-    else:
-        return 0
-    return sum(tensor_bytes(item, seen, _depth + 1) for item in items)
+def _plan(loaded: LoadedModel, config: EngineConfig) -> tuple[Optional[MemoryBudget], CapacityPlan]:
+    """The memory budget (CPU) and the capacity plan, logged with why anything was lowered. Planned once the
+    weights are loaded, so that the memory they take is already out of the headroom."""
+    budget = read_memory_budget() if loaded.device.type == "cpu" else None
+    spec = loaded.model.spec
+    plan = plan_capacity(
+        ModelShape(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_position_embeddings),
+        CapacityRequest(max_input_tokens=config.max_input_tokens, max_total_tokens=config.max_total_tokens,
+                        max_batch_prefill_tokens=config.max_batch_prefill_tokens,
+                        max_batch_total_tokens=config.max_batch_total_tokens,
+                        kv_cache_memory=config.kv_cache_memory, max_num_seqs=config.max_num_seqs,
+                        max_concurrent_requests=config.max_concurrent_requests, block_size=config.block_size,
+                        kv_dtype_bytes=loaded.kv_dtype.itemsize),
+        None if config.kv_cache_memory else kv_budget_bytes(budget.headroom if budget else None, str(loaded.device)))
+    for lowering in plan.lowerings:
+        logger.warning("%s", lowering.message())
+    if budget is not None:
+        logger.info("%s", budget.describe())
+    logger.info("%s", plan.sizing)
+    if loaded.threads is not None:
+        logger.info("%s", loaded.threads.reason)
+    return budget, plan
 
 
-def _eos_token_ids(model_dir: Path, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    gen = model_dir / "generation_config.json"
-    if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).split(".")[-1]
 
 
 class LLMEngine:
     """Continuous-batching generation over a paged KV cache, in a thread of its own.
+
+    It wires the parts and owns the thread: the loader (:func:`~tgi_nb.engine.model_loader.load_model`), the
+    capacity plan, the runner (model, device, KV cache) and the scheduler (requests, queues, finishing). Each
+    step reads schedule -> run -> update.
 
     Example:
         >>> from tgi_nb.engine import LLMEngine, EngineConfig, SamplingParams
@@ -124,97 +109,38 @@ class LLMEngine:
     """
 
     def __init__(self, config: Optional[EngineConfig] = None, **overrides):
-        from transformers import AutoConfig, AutoTokenizer
-
-        from tgi_nb.models import resolve_model, source_gguf
-        from tgi_nb.models.hf_model import TransformersModel
-        from tgi_nb.models.llama import LlamaModel, is_llama_family
-
         config = dataclasses.replace(config or EngineConfig(), **overrides)
-        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = _DTYPES[config.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-        kv_dtype = _DTYPES[config.kv_cache_dtype] if config.kv_cache_dtype else dtype
-        threads = None
-        if device.type == "cpu":
-            # torch's intra-op pool; the native kernels take torch.get_num_threads() as their own count
-            threads = choose_num_threads(config.num_threads)
-            torch.set_num_threads(threads.count)
-
-        started = time.perf_counter()
-        resolved = resolve_model(config.model_id, revision=config.revision)
-        self.model_id = config.model_id or resolved.model_id
-        self.model_dir = Path(resolved.path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        if config.chat_template:
-            self.tokenizer.chat_template = config.chat_template
-        hf_config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=config.trust_remote_code)
-        if is_llama_family(hf_config):
-            gguf_file = source_gguf(self.model_dir) if config.quantize is None else None
-            self.model = LlamaModel.load(self.model_dir, dtype=dtype, device=device, config=hf_config,
-                                         gguf_file=gguf_file,
-                                         quantize=config.quantize if config.quantize != "float" else None,
-                                         numerics=config.numerics)
-        else:  # transformers' own modules, our paged attention and cache
-            self.model = TransformersModel.load(self.model_dir, dtype=dtype, device=device,
-                                                trust_remote_code=config.trust_remote_code)
-        self.eos_token_ids = _eos_token_ids(self.model_dir, self.tokenizer)
+        loaded = load_model(config)
+        self.model_id, self.model_dir, self.tokenizer = loaded.model_id, loaded.model_dir, loaded.tokenizer
+        self.model = loaded.model
+        self.eos_token_ids = loaded.eos_token_ids
         self.vocab_size = self.model.spec.vocab_size
-        self.weights_bytes = tensor_bytes(self.model)
-
-        # Planned once the weights are loaded, so that the memory they take is already out of the headroom.
-        self.memory_budget = read_memory_budget() if device.type == "cpu" else None
-        spec = self.model.spec
-        self.capacity: CapacityPlan = plan_capacity(
-            ModelShape(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_position_embeddings),
-            CapacityRequest(max_input_tokens=config.max_input_tokens, max_total_tokens=config.max_total_tokens,
-                            max_batch_prefill_tokens=config.max_batch_prefill_tokens,
-                            max_batch_total_tokens=config.max_batch_total_tokens,
-                            kv_cache_memory=config.kv_cache_memory, max_num_seqs=config.max_num_seqs,
-                            max_concurrent_requests=config.max_concurrent_requests, block_size=config.block_size,
-                            kv_dtype_bytes=kv_dtype.itemsize),
-            None if config.kv_cache_memory else kv_budget_bytes(
-                self.memory_budget.headroom if self.memory_budget else None, str(device)))
+        self.weights_bytes = loaded.weights_bytes
+        self.memory_budget, self.capacity = _plan(loaded, config)
         plan = self.capacity
-        for lowering in plan.lowerings:
-            logger.warning("%s", lowering.message())
-        if self.memory_budget is not None:
-            logger.info("%s", self.memory_budget.describe())
-        logger.info("%s", plan.sizing)
-        if threads is not None:
-            logger.info("%s", threads.reason)
+        self.limits = RequestLimits(plan.max_input_tokens, plan.max_total_tokens)
         self.max_total_tokens = plan.max_total_tokens
         self.max_input_tokens = plan.max_input_tokens
         self.config = dataclasses.replace(config, max_total_tokens=plan.max_total_tokens,
                                           max_input_tokens=plan.max_input_tokens,
                                           max_batch_prefill_tokens=plan.max_batch_prefill_tokens,
                                           max_batch_total_tokens=plan.max_batch_total_tokens,
-                                          dtype=str(dtype).split(".")[-1], kv_cache_dtype=str(kv_dtype).split(".")[-1],
-                                          device=device.type, num_threads=torch.get_num_threads())
+                                          dtype=_dtype_name(loaded.dtype), kv_cache_dtype=_dtype_name(loaded.kv_dtype),
+                                          device=loaded.device.type, num_threads=torch.get_num_threads())
 
-        num_blocks = plan.num_blocks
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, plan.max_batch_prefill_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, kv_dtype)
+        self.block_manager = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, plan.max_batch_prefill_tokens,
+                                   self.eos_token_ids, TokenTexts(self.tokenizer))
+        self.runner = ModelRunner(self.model, plan.num_blocks, config.block_size, loaded.kv_dtype)
         reserve_kv_bytes(self, plan.kv_cache_bytes)
-        formats = getattr(self.model, "weight_formats", lambda: str(dtype))()
-        if any(q in formats for q in ("q4_0", "q4_1", "q8_0")):   # how quantized products compute, and on what
-            from tgi_nb.models.quant import kernel_variant
-
-            formats += f"; {config.numerics} numerics on the {kernel_variant() or 'torch'} kernels"
         logger.info("engine ready: %s (%s) on %s %s, weights %.0f MiB (%s), %d KV blocks x %d tokens (%.0f MiB %s, "
                     "resident as used), threads=%d, %.1fs",
-                    self.model_id, resolved.source, device, dtype, self.weights_bytes / 2**20, formats, num_blocks,
-                    config.block_size, plan.kv_cache_bytes / 2**20, str(kv_dtype).split(".")[-1],
-                    torch.get_num_threads(), time.perf_counter() - started)
+                    self.model_id, loaded.source, loaded.device, loaded.dtype, self.weights_bytes / 2**20,
+                    loaded.weight_formats(config.numerics), plan.num_blocks, config.block_size,
+                    plan.kv_cache_bytes / 2**20, _dtype_name(loaded.kv_dtype), torch.get_num_threads(),
+                    time.perf_counter() - loaded.started)
 
         self._inbox: queue.Queue = queue.Queue()
-        self._requests: dict[str, Request] = {}
-        self._token_text_cache: dict[int, str] = {}
-        self._prompt_tokens_total = 0
-        self._generated_tokens_total = 0
-        self._prefix_hit_tokens = 0
-        self._num_steps = 0
-        self._last_batch_size = 0
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="tgi_nb-engine", daemon=True)
         self._thread.start()
@@ -241,14 +167,7 @@ class LLMEngine:
         token_ids = self.tokenize(prompt, add_special_tokens)
         if not token_ids:
             raise ValidationError("prompt", "prompt: must contain at least one token")
-        if len(token_ids) > self.max_input_tokens:
-            raise ValidationError("prompt", f"prompt: {len(token_ids)} tokens is more than max_input_tokens "
-                                            f"({self.max_input_tokens})")
-        if len(token_ids) + params.max_new_tokens > self.max_total_tokens:
-            raise ValidationError(
-                "max_new_tokens",
-                f"max_new_tokens: prompt ({len(token_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                f"must be <= max_total_tokens ({self.max_total_tokens})")
+        self.limits.max_new_tokens(len(token_ids), params.max_new_tokens)   # raises ContextLengthError
         blocks = self._blocks_needed_alone(len(token_ids), params)
         if blocks > self.block_manager.num_blocks:
             bs = self.block_manager.block_size
@@ -353,19 +272,19 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         """Counters and queue sizes, safe to read from any thread (values may be one step old)."""
-        bm = self.block_manager
+        bm, sched = self.block_manager, self.scheduler
         return EngineStats(
-            num_requests=len(self._requests),
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_requests=len(sched.requests),
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
             kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used, kv_blocks_free=bm.num_free,
             block_size=bm.block_size,
-            prompt_tokens_total=self._prompt_tokens_total,
-            generated_tokens_total=self._generated_tokens_total,
-            prefix_cache_hit_tokens=self._prefix_hit_tokens,
-            num_preemptions=self.scheduler.num_preemptions,
-            num_steps=self._num_steps,
-            last_batch_size=self._last_batch_size,
+            prompt_tokens_total=sched.prompt_tokens_total,
+            generated_tokens_total=sched.generated_tokens_total,
+            prefix_cache_hit_tokens=sched.prefix_cache_hit_tokens,
+            num_preemptions=sched.num_preemptions,
+            num_steps=sched.num_steps,
+            last_batch_size=sched.last_batch_size,
         )
 
     def shutdown(self) -> None:
@@ -399,11 +318,8 @@ class LLMEngine:
                     if _is_out_of_memory(exc):
                         message = (f"{OUT_OF_MEMORY}: the step's activations could not be allocated ({exc}); retry "
                                    f"when fewer requests run, or lower max_batch_prefill_tokens")
-                    for request in list(self._requests.values()):
-                        if any(s.status is SequenceStatus.RUNNING for s in request.seqs):
-                            self._finish_request(request, "error", message)
-        for request in list(self._requests.values()):
-            self._finish_request(request, "abort")
+                    self._emit_all(self.scheduler.fail_running(message))
+        self._emit_all(self.scheduler.finish_all("abort"))
 
     def _drain_inbox(self, block: bool) -> bool:
         try:
@@ -415,10 +331,11 @@ class LLMEngine:
             if kind == "stop":
                 return False
             if kind == "add":
-                self._requests[payload.request_id] = payload
-                self.scheduler.add(payload.seqs[0])
-            elif kind == "abort" and payload in self._requests:
-                self._finish_request(self._requests[payload], "abort")
+                self.scheduler.add_request(payload)
+            elif kind == "abort":
+                finished = self.scheduler.finish_request(payload, "abort")
+                if finished is not None:
+                    self._emit_all([finished])
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -426,136 +343,16 @@ class LLMEngine:
 
     def _step(self) -> None:
         step = self.scheduler.schedule()
-        if step.empty:
+        if step.empty:   # waiting work that does not fit yet: let other threads run
             time.sleep(0.001)
             return
-        now = time.monotonic()
-        for seq in step.admitted:
-            seq.request.first_scheduled = now
-            self._prefix_hit_tokens += seq.num_computed_tokens
-        self.runner.copy_blocks(step.block_copies)
-        logits, sampling, prompt_rows = self.runner.run(step)
-        for rows in prompt_rows:
-            self._score_prompt(rows)
-        self._num_steps += 1
-        self._last_batch_size = len(step.decodes) + len(step.prefills)
-        self._generated_tokens_total += len(step.decodes)
-        for seq in step.decodes:
-            seq.num_computed_tokens += 1
-            self.block_manager.register_computed(seq)
-        for seq, n in step.prefills:
-            seq.num_computed_tokens += n
-            self._prompt_tokens_total += n
-            self.block_manager.register_computed(seq)
+        output = self.runner.run(step)
+        self._emit_all(self.scheduler.update_from_output(step, output))
 
-        rows = list(range(len(sampling)))
-        for row, seq in enumerate(list(sampling)):
-            if seq.index == 0 and seq.num_output_tokens == 0:   # the prompt is done: start the other samples
-                for child in seq.request.seqs[1:]:
-                    if child.status is SequenceStatus.FORK_PENDING:
-                        self.block_manager.fork(seq, child)
-                        self.scheduler.add_running(child)
-                        sampling.append(child)
-                        rows.append(row)
-        if len(rows) != logits.shape[0]:
-            logits = logits[rows]
-        sampled = sample(logits, sampling)
-
-        deltas: dict[str, list[CompletionDelta]] = {}
-        for seq, token in zip(sampling, sampled):
-            deltas.setdefault(seq.request.request_id, []).append(self._append(seq, token))
-        for request_id, request_deltas in deltas.items():
-            request = self._requests.get(request_id)
-            if request is None:
-                continue
-            queue_time = None
-            if not request.started:
-                request.started = True
-                queue_time = request.first_scheduled - request.arrival
-            finished = request.finished
-            if finished:
-                del self._requests[request_id]
-            self._emit(request, RequestOutput(request_id, request.prompt_token_ids, request_deltas, finished,
-                                              request.num_cached_tokens, queue_time=queue_time,
-                                              prompt_logprobs=request.prompt_logprobs if queue_time is not None
-                                              else None))
-
-    def _score_prompt(self, rows: PromptRows) -> None:
-        """Log-probability (and top alternatives) of each prompt token the chunk's rows predict."""
-        request = rows.seq.request
-        k = request.params.prompt_logprobs
-        logprobs = torch.log_softmax(rows.logits, dim=-1)
-        targets = [request.prompt_token_ids[p + 1] for p in rows.positions]
-        chosen = logprobs.gather(1, torch.tensor(targets)[:, None])[:, 0].tolist()
-        if k:
-            top_values, top_ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
-        else:
-            top_values = top_ids = [[]] * len(targets)
-        for i, position in enumerate(rows.positions):
-            request.prompt_logprobs[position + 1] = self._token_logprob(targets[i], chosen[i],
-                                                                        zip(top_ids[i], top_values[i]))
-
-    def _append(self, seq: Sequence, token: SampledToken) -> CompletionDelta:
-        """Add a sampled token to a sequence, detokenize, check every stop condition."""
-        params = seq.request.params
-        token_id = token.token_id
-        seq.append_token(token_id)
-        detok = seq.detokenizer
-        finish, stop_reason = None, None
-        if token.error is not None:
-            finish = "error"
-            logger.warning("request %s failed: %s", seq.request.request_id, token.error)
-        elif token_id in self.eos_token_ids and not params.ignore_eos:
-            finish = "stop"
-        elif token_id in params.stop_token_ids:
-            finish, stop_reason = "stop", token_id
-        else:
-            added = len(detok.add_token(token_id))
-            stop_reason = detok.check_stop(added)
-            if stop_reason is not None:
-                finish = "stop"
-        if finish is None and (seq.num_output_tokens >= params.max_new_tokens
-                               or len(seq.token_ids) >= self.max_total_tokens):
-            finish = "length"
-            stop_reason = detok.check_stop(detok.flush())
-            if stop_reason is not None:
-                finish = "stop"
-        logprobs = None
-        if token.logprob is not None:
-            logprobs = [self._token_logprob(token_id, token.logprob, token.top or [])]
-        delta = CompletionDelta(seq.index, detok.take_output(final=finish is not None), [token_id], logprobs,
-                                finish, stop_reason)
-        if finish is not None:
-            seq.finish_reason, seq.stop_reason = finish, stop_reason
-            self.scheduler.finish(seq)
-        return delta
-
-    def _token_logprob(self, token_id: int, logprob: float, top) -> TokenLogprob:
-        """A token's log-probability entry; ``top`` gives (token id, log-probability) alternatives."""
-        return TokenLogprob(token_id, self._token_text(token_id), logprob,
-                            [TopLogprob(t, self._token_text(t), lp) for t, lp in top])
-
-    def _token_text(self, token_id: int) -> str:
-        text = self._token_text_cache.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id])
-            self._token_text_cache[token_id] = text
-        return text
-
-    def _finish_request(self, request: Request, reason: str, error: Optional[str] = None) -> None:
-        deltas = []
-        for seq in request.seqs:
-            if seq.status is not SequenceStatus.FINISHED:
-                self.scheduler.finish(seq)
-                seq.finish_reason = reason
-                deltas.append(CompletionDelta(seq.index, seq.detokenizer.take_output(final=True), [],
-                                              finish_reason=reason))
-        self._requests.pop(request.request_id, None)
-        self._emit(request, RequestOutput(request.request_id, request.prompt_token_ids, deltas, True,
-                                          request.num_cached_tokens, error))
-
-    def _emit(self, request: Request, out: RequestOutput) -> None:
-        try:
-            request.on_output(out)
-        except Exception:  # a consumer gone away (closed event loop) must not stop the engine
-            logger.debug("dropping output of request %s", request.request_id, exc_info=True)
+    @staticmethod
+    def _emit_all(outputs: list[tuple[Request, RequestOutput]]) -> None:
+        for request, out in outputs:
+            try:
+                request.on_output(out)
+            except Exception:  # a consumer gone away (closed event loop) must not stop the engine
+                logger.debug("dropping output of request %s", request.request_id, exc_info=True)

@@ -1,10 +1,12 @@
-"""Owns the model and its paged KV cache; turns a scheduled step into one forward pass."""
+"""Owns the model, its device and its paged KV cache; turns a scheduled step into one forward pass and the
+sampled tokens (:meth:`ModelRunner.run`). What those tokens mean for the requests is the scheduler's
+(:meth:`~tgi_nb.engine.scheduler.Scheduler.update_from_output`)."""
 
 from __future__ import annotations
 
 import math
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -12,19 +14,32 @@ import torch
 from tgi_nb.models.attention import AttentionBatch
 from tgi_nb.models.interface import CausalLM
 
-from .scheduler import SchedulerOutput
+from .sampler import SampledToken, sample
+from .scheduler import SchedulerOutput, completes
 from .sequence import Sequence
 
 
 @dataclass
 class PromptRows:
-    """Logits of one prefill chunk's rows that score prompt tokens: ``logits[i]`` (after ``run``) is the
-    distribution of prompt token ``positions[i] + 1``; ``start`` is the first of those rows in the packed batch."""
+    """The rows of one prefill chunk that score prompt tokens: the row of position ``positions[i]`` gives
+    prompt token ``positions[i] + 1`` the log-probability ``logprobs[i]`` and the alternatives ``top[i]``
+    (token id, log-probability), filled by ``run``; ``start`` is the first of those rows in the packed batch."""
 
     seq: Sequence
     positions: range
     start: int
-    logits: Optional[torch.Tensor] = None
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """What one step computed: the token sampled for each sequence of ``seqs`` (decodes, prefills whose chunk
+    ends their tokens, then the samples forked from those), and the prompt log-probabilities asked for."""
+
+    seqs: list[Sequence]
+    tokens: list[SampledToken]
+    prompt_rows: list[PromptRows]
 
 
 def allocate_kv_caches(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -57,26 +72,42 @@ def allocate_kv_caches(num_layers: int, shape: tuple[int, ...], dtype: torch.dty
     return [(view(2 * layer), view(2 * layer + 1)) for layer in range(num_layers)]
 
 
+@dataclass(slots=True)
+class StepInputs:
+    """One step's packed model inputs: token ids, positions, attention metadata and the rows to compute logits
+    for (one per sequence in ``sampling``, then the prompt-scoring rows of ``prompt_rows``)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    batch: AttentionBatch
+    logits_indices: torch.Tensor
+    sampling: list[Sequence]
+    prompt_rows: list[PromptRows]
+
+
 class ModelRunner:
-    """Allocates ``num_blocks`` KV blocks per layer (of ``kv_dtype``, default the model's) and runs packed steps.
+    """Allocates ``num_blocks`` KV blocks per layer (of ``kv_dtype``, default the model's) on the model's device
+    and runs packed steps: :meth:`prepare` builds the inputs, :meth:`run` computes and samples.
 
     Example:
         >>> runner = ModelRunner(model, num_blocks=256, block_size=16)    # doctest: +SKIP
-        >>> logits, seqs = runner.run(scheduler.schedule())               # doctest: +SKIP
+        >>> step = scheduler.schedule()                                   # doctest: +SKIP
+        >>> outputs = scheduler.update_from_output(step, runner.run(step))  # doctest: +SKIP
     """
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: Optional[torch.dtype] = None):
         self.model = model
+        self.device = model.device
         self.block_size = block_size
         spec = model.spec
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv_caches = allocate_kv_caches(spec.num_layers, shape, kv_dtype or model.dtype, model.device)
+        self.kv_caches = allocate_kv_caches(spec.num_layers, shape, kv_dtype or model.dtype, self.device)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.model.device)
-        dst = torch.tensor([d for _, d in copies], device=self.model.device)
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
         for k, v in self.kv_caches:
             k[dst] = k[src]
             v[dst] = v[src]
@@ -85,12 +116,32 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def run(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence], list[PromptRows]]:
-        """Compute the step's tokens; return logits (float32, one row per sequence that samples now:
-        decodes and prefills whose chunk reaches the end of their tokens), those sequences, and for
-        prefill chunks of requests that asked for prompt log-probabilities, the logits that score the
-        chunk's next prompt tokens."""
-        device = self.model.device
+    def run(self, step: SchedulerOutput) -> RunnerOutput:
+        """Make the step's block copies, compute its tokens and sample the next token of each sequence that
+        samples now (the samples forked this step from their parent's logits row); score the prompt tokens
+        asked for."""
+        self.copy_blocks(step.block_copies)
+        inputs = self.prepare(step)
+        logits = self.model.forward(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches,
+                                    inputs.logits_indices).cpu()
+        sampling = inputs.sampling
+        first = len(sampling)
+        for rows in inputs.prompt_rows:
+            self._score_prompt(rows, logits[first:first + len(rows.positions)])
+            first += len(rows.positions)
+        logits = logits[:len(sampling)]
+        if step.forks:
+            rows = list(range(len(sampling)))
+            for row, seq in enumerate(list(sampling)):
+                for child in step.forks.get(seq, ()):
+                    sampling.append(child)
+                    rows.append(row)
+            logits = logits[rows]
+        return RunnerOutput(sampling, sample(logits, sampling), inputs.prompt_rows)
+
+    def prepare(self, step: SchedulerOutput) -> StepInputs:
+        """The step's inputs on the device: decodes first, then prefill chunks, packed without padding."""
+        device = self.device
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -125,7 +176,7 @@ class ModelRunner:
                 # row of position p scores prompt token p + 1
                 last = min(cached + n, len(seq.request.prompt_token_ids) - 1)
                 prompt_rows.append(PromptRows(seq, range(cached, last), start))
-            if cached + n == len(seq.token_ids):
+            if completes(seq, n):
                 logits_indices.append(start + n - 1)
                 sampling.append(seq)
 
@@ -136,17 +187,22 @@ class ModelRunner:
             decode_context_lens=decode_lens,
             prefills=prefills,
         )
-        num_sampling = len(logits_indices)
         for rows in prompt_rows:   # after the sampling rows
             logits_indices.extend(range(rows.start, rows.start + len(rows.positions)))
-        logits = self.model.forward(
-            torch.tensor(input_ids, dtype=torch.long, device=device),
-            torch.tensor(positions, dtype=torch.long, device=device),
-            batch, self.kv_caches,
-            torch.tensor(logits_indices, dtype=torch.long, device=device),
-        ).cpu()
-        first = num_sampling
-        for rows in prompt_rows:
-            rows.logits = logits[first:first + len(rows.positions)]
-            first += len(rows.positions)
-        return logits[:num_sampling], sampling, prompt_rows
+        return StepInputs(torch.tensor(input_ids, dtype=torch.long, device=device),
+                          torch.tensor(positions, dtype=torch.long, device=device), batch,
+                          torch.tensor(logits_indices, dtype=torch.long, device=device), sampling, prompt_rows)
+
+    @staticmethod
+    def _score_prompt(rows: PromptRows, logits: torch.Tensor) -> None:
+        """Log-probability (and top alternatives) of each prompt token the chunk's rows predict."""
+        request = rows.seq.request
+        k = request.params.prompt_logprobs
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = [request.prompt_token_ids[p + 1] for p in rows.positions]
+        rows.logprobs = logprobs.gather(1, torch.tensor(targets)[:, None])[:, 0].tolist()
+        if k:
+            top_values, top_ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
+            rows.top = [list(zip(ids, values)) for ids, values in zip(top_ids, top_values)]
+        else:
+            rows.top = [[] for _ in targets]

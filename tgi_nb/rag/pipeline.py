@@ -8,8 +8,12 @@ citations and streaming.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
+import tempfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -186,6 +190,36 @@ def _connection(target: Any, api_key: Optional[str]) -> tuple[Optional[str], Opt
                     f"chat model, got {type(target).__name__}")
 
 
+# chromadb's clients share one registry of systems per process, which two threads creating clients at once
+# corrupt (a KeyError 'ephemeral'): the workbench builds its RAG tab in a background thread.
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _chroma_client(persist_directory: Optional[str]) -> Any:
+    """A chromadb client that lives beside the user's own Chroma code in the same kernel, in either order.
+
+    chromadb keeps one system per process for all in-memory clients (and one per folder) and refuses a second
+    client whose settings differ ("An instance of Chroma already exists for ephemeral with different settings").
+    LangChain's ``Chroma(...)`` / ``Chroma.from_documents(...)`` without a client use chromadb's default
+    ``Settings()``, so ours are the defaults too (chromadb 1.x's telemetry is a no-op, and the embedding function
+    is always ours, so nothing is downloaded). Where the user's code made an in-memory client with other settings
+    first, ours goes to a private temporary folder instead, removed when the process exits.
+    """
+    import chromadb
+
+    with _CLIENTS_LOCK:
+        if persist_directory:
+            return chromadb.PersistentClient(path=persist_directory)
+        try:
+            return chromadb.EphemeralClient()
+        except ValueError as exc:
+            if "different settings" not in str(exc):
+                raise
+        folder = tempfile.mkdtemp(prefix="tgi_nb_chroma_")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return chromadb.PersistentClient(path=folder)
+
+
 class RagPipeline:
     """Retrieval-augmented question answering on an endpoint, with LangChain's parts.
 
@@ -254,16 +288,10 @@ class RagPipeline:
         raise ValueError(f"embeddings: must be 'local', 'server' or a LangChain Embeddings, got {embeddings!r}")
 
     def _open_store(self) -> Any:
-        import chromadb
         from langchain_chroma import Chroma
 
-        # Telemetry off; the embedding function is always ours, so chromadb never downloads its ONNX default.
-        settings = chromadb.config.Settings(anonymized_telemetry=False, allow_reset=False)
-        if self.persist_directory:
-            client = chromadb.PersistentClient(path=self.persist_directory, settings=settings)
-        else:
-            client = chromadb.EphemeralClient(settings=settings)
-        return Chroma(collection_name=self.collection_name, embedding_function=self.embeddings, client=client,
+        return Chroma(collection_name=self.collection_name, embedding_function=self.embeddings,
+                      client=_chroma_client(self.persist_directory),
                       collection_configuration={"hnsw": {"space": "cosine"}})
 
     def _splitter(self) -> Any:

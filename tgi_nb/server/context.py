@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from tgi_nb.engine import EmbeddingEngine
+from tgi_nb.engine.capacity import RequestLimits
 from tgi_nb.engine.interface import GenerationEngine
 
 from .chat import load_chat_template
@@ -149,14 +149,6 @@ class EngineHolder:
 # Per-app state
 # ----------------------------------------------------------------------------------------------
 
-@dataclass(slots=True)
-class Limits:
-    """The prompt and total token limits requests are checked against."""
-
-    max_input_tokens: int
-    max_total_tokens: int
-
-
 class ServerContext:
     """Everything a route needs, stored on ``app.state.ctx``."""
 
@@ -215,12 +207,11 @@ class ServerContext:
         engine = self.embeddings.engine if self.embeddings is not None else None
         return engine.model_id if engine is not None else (self.settings.embedding_model or "")
 
-    def limits(self, engine: GenerationEngine) -> Limits:
+    def limits(self, engine: GenerationEngine) -> RequestLimits:
         """The engine's limits, lowered to the settings' where those are stricter."""
         s = self.settings
-        max_input = min(x for x in (engine.max_input_tokens, s.max_input_tokens) if x)
-        max_total = min(x for x in (engine.max_total_tokens, s.max_total_tokens) if x)
-        return Limits(min(max_input, max_total - 1), max_total)
+        return RequestLimits(engine.max_input_tokens, engine.max_total_tokens).within(s.max_input_tokens,
+                                                                                      s.max_total_tokens)
 
     def acquire_slot(self, route: str) -> None:
         """Count one more request in flight, or refuse it with 429 when MAX_CONCURRENT_REQUESTS are."""

@@ -138,28 +138,18 @@ def check_limits(opts: dict[str, Any], *, pairs: bool = True) -> None:
         raise LaunchError(f"port ({get('port')}) must be in [0, 65535]")
     if get("max_top_n_tokens") is not None and not 0 <= get("max_top_n_tokens") <= 20:
         raise LaunchError(f"max_top_n_tokens ({get('max_top_n_tokens')}) must be in [0, 20]")
-    related = (
-        ("max_input_tokens", "max_total_tokens", lambda a, b: a < b, "<"),
-        ("max_total_tokens", "max_batch_total_tokens", lambda a, b: a <= b, "<="),
-        ("max_batch_prefill_tokens", "max_batch_total_tokens", lambda a, b: a <= b, "<="),
-    ) if pairs else ()
-    for a, b, ok, op in related:
-        if get(a) is not None and get(b) is not None and not ok(get(a), get(b)):
-            raise LaunchError(f"{a} ({get(a)}) must be {op} {b} ({get(b)})")
-    if opts.get("dtype") not in (None, "float32", "bfloat16", "float16", "float64"):
-        raise LaunchError(f"dtype ({opts['dtype']!r}) must be one of float32, bfloat16, float16, float64")
-    from tgi_nb.engine.config import QUANTIZE_CHOICES
+    from tgi_nb.engine.capacity import limit_conflict
+    from tgi_nb.engine.config import DTYPES, NUMERICS_CHOICES, QUANTIZE_CHOICES
 
-    if opts.get("quantize") not in QUANTIZE_CHOICES:
-        raise LaunchError(f"quantize ({opts['quantize']!r}) must be one of "
-                          f"{', '.join(c for c in QUANTIZE_CHOICES if c)}")
-    from tgi_nb.engine.config import NUMERICS_CHOICES
-
-    if opts.get("numerics") not in (None, *NUMERICS_CHOICES):
-        raise LaunchError(f"numerics ({opts['numerics']!r}) must be one of {', '.join(NUMERICS_CHOICES)}")
-    if opts.get("kv_cache_dtype") not in (None, "float32", "bfloat16", "float16", "float64"):
-        raise LaunchError(f"kv_cache_dtype ({opts['kv_cache_dtype']!r}) must be one of float32, bfloat16, float16, "
-                          f"float64")
+    conflict = limit_conflict(**{name: get(name) for name in ("max_input_tokens", "max_total_tokens",
+                                                              "max_batch_prefill_tokens", "max_batch_total_tokens")})
+    if pairs and conflict:
+        raise LaunchError(conflict[1])
+    choices = (("dtype", DTYPES), ("quantize", [c for c in QUANTIZE_CHOICES if c]), ("numerics", NUMERICS_CHOICES),
+               ("kv_cache_dtype", DTYPES))
+    for name, allowed in choices:
+        if opts.get(name) not in (None, *allowed):
+            raise LaunchError(f"{name} ({opts[name]!r}) must be one of {', '.join(allowed)}")
     if opts.get("device") not in (None, "cpu", "cuda"):
         raise LaunchError(f"device ({opts['device']!r}) must be cpu or cuda")
 

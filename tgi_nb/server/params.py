@@ -10,9 +10,9 @@ import uuid
 from typing import Any, Optional, Union
 
 from tgi_nb.engine import SamplingParams, ValidationError
+from tgi_nb.engine.capacity import ContextLengthError, RequestLimits
 from tgi_nb.engine.interface import GenerationEngine
 
-from .context import Limits
 from .errors import BadRequest, ContextLengthExceeded
 
 logger = logging.getLogger("tgi_nb.server")
@@ -61,31 +61,31 @@ def tokenize(engine: GenerationEngine, prompt: Union[str, list[int]], param: str
     return ids
 
 
-def resolve_max_new_tokens(requested: Optional[int], prompt_len: int, limits: Limits, *,
+def resolve_max_new_tokens(requested: Optional[int], prompt_len: int, limits: RequestLimits, *,
                            field: str = "max_tokens", prompt_field: str = "messages") -> int:
-    """``requested`` checked against the limits, or (when None) everything the context has left.
+    """``requested`` checked against the limits (:meth:`RequestLimits.max_new_tokens` decides), or (when None)
+    everything the context has left; a prompt or total too long is OpenAI's ``context_length_exceeded``.
 
     Example:
-        >>> resolve_max_new_tokens(None, 100, Limits(1024, 2048))
+        >>> resolve_max_new_tokens(None, 100, RequestLimits(1024, 2048))
         1948
-        >>> resolve_max_new_tokens(2000, 100, Limits(1024, 2048))
+        >>> resolve_max_new_tokens(2000, 100, RequestLimits(1024, 2048))
         Traceback (most recent call last):
         ...
         tgi_nb.server.errors.ContextLengthExceeded: This model's maximum context length is 2048 tokens. However, you requested 2100 tokens (100 in the messages, 2000 in the completion). Please reduce the length of the messages or completion.
     """
-    if prompt_len > limits.max_input_tokens:
+    try:
+        return limits.max_new_tokens(prompt_len, requested)
+    except ContextLengthError as exc:
+        if exc.limit == "max_input_tokens":
+            raise ContextLengthExceeded(
+                f"This model's maximum input length is {exc.value} tokens (max_input_tokens). "
+                f"However, your {prompt_field} resulted in {prompt_len} tokens. "
+                f"Please reduce the length of the {prompt_field}.", param=prompt_field) from None
         raise ContextLengthExceeded(
-            f"This model's maximum input length is {limits.max_input_tokens} tokens (max_input_tokens). "
-            f"However, your {prompt_field} resulted in {prompt_len} tokens. "
-            f"Please reduce the length of the {prompt_field}.", param=prompt_field)
-    if requested is None:
-        return limits.max_total_tokens - prompt_len
-    if prompt_len + requested > limits.max_total_tokens:
-        raise ContextLengthExceeded(
-            f"This model's maximum context length is {limits.max_total_tokens} tokens. However, you requested "
+            f"This model's maximum context length is {exc.value} tokens. However, you requested "
             f"{prompt_len + requested} tokens ({prompt_len} in the {prompt_field}, {requested} in the completion). "
-            f"Please reduce the length of the {prompt_field} or completion.", param=field)
-    return requested
+            f"Please reduce the length of the {prompt_field} or completion.", param=field) from None
 
 
 def make_sampling_params(names: dict[str, str], **kwargs: Any) -> SamplingParams:

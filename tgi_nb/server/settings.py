@@ -66,10 +66,11 @@ class ServerSettings:
                 raise SettingsError(f"{name}: must be an integer >= 1, got {value!r}")
         if not isinstance(self.max_top_n_tokens, int) or not 0 <= self.max_top_n_tokens <= 20:
             raise SettingsError(f"max_top_n_tokens: must be an integer in [0, 20], got {self.max_top_n_tokens!r}")
-        if (self.max_input_tokens is not None and self.max_total_tokens is not None
-                and self.max_input_tokens >= self.max_total_tokens):
-            raise SettingsError(f"max_input_tokens ({self.max_input_tokens}) must be < max_total_tokens "
-                                f"({self.max_total_tokens})")
+        from tgi_nb.engine.capacity import limit_conflict   # here: importing this module must not load torch
+
+        conflict = limit_conflict(max_input_tokens=self.max_input_tokens, max_total_tokens=self.max_total_tokens)
+        if conflict:
+            raise SettingsError(conflict[1])
         if not self.keep_alive_interval > 0:
             raise SettingsError(f"keep_alive_interval: must be > 0 seconds, got {self.keep_alive_interval!r}")
         if self.api_key == "":

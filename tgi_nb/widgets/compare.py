@@ -1,26 +1,47 @@
 """``CompareWidget``: the same prompts through several targets (endpoints, models, or one endpoint at several
 parameter settings), streamed side by side, with a table of latency, TTFT, tokens/s, tokens and answers: how
 a user decides whether the open model is good enough to migrate to.
+
+Each column is a transcript and a stream of its own (:func:`~tgi_nb.widgets.streaming.stream_reply`), all
+driven from the widget's one :class:`~tgi_nb.widgets.lifecycle.Worker`; the table's figures come from the
+streams themselves.
 """
 
 from __future__ import annotations
 
 import html
 import threading
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import ipywidgets as w
 
-from .chat import ChatWidget, format_stats
-from .lifecycle import replace_in_cell
-from .parameters import ParametersWidget
+from .controls import button, styled
+from .lifecycle import Job, Worker, replace_in_cell
+from .parameters import ParametersWidget, split_openai_kwargs
+from .streaming import Reply, end_reason, stream_reply
 from .target import Target
+from .transcript import Transcript
 
-TIMEOUT_S = 600
+
+@dataclass
+class Column:
+    """One column of a comparison: its label, target, parameter overrides, and the transcript of its prompts
+    and answers."""
+
+    label: str
+    target: Target
+    overrides: dict[str, Any]
+    transcript: Transcript = field(default_factory=Transcript, repr=False)
 
 
-def _columns(targets: Any) -> list[tuple[str, Any, dict[str, Any]]]:
-    """(label, target, parameter overrides) for each column."""
+def _columns(targets: Any) -> list[Column]:
+    """A column for each target (a ``(target, overrides)`` pair or a target, in a list or a labelled dict).
+
+    Example:
+        >>> [c.label for c in _columns(["http://a:1", ("http://a:1", {"temperature": 0})])]
+        ['a:1', 'a:1 temperature=0']
+    """
     items = list(targets.items()) if isinstance(targets, dict) else [(None, t) for t in targets]
     columns = []
     for label, item in items:
@@ -28,8 +49,9 @@ def _columns(targets: Any) -> list[tuple[str, Any, dict[str, Any]]]:
         if not isinstance(overrides, dict):
             raise TypeError(f"targets: a (target, parameters) pair needs a dict of parameters, "
                             f"got {type(overrides).__name__}")
-        name = label or Target.of(target).label + "".join(f" {k}={v}" for k, v in overrides.items())
-        columns.append((name, target, overrides))
+        resolved = Target.of(target)
+        name = label or resolved.label + "".join(f" {k}={v}" for k, v in overrides.items())
+        columns.append(Column(name, resolved, overrides))
     if len(columns) < 2:
         raise ValueError(f"targets: compare needs at least 2 targets, got {len(columns)}")
     return columns
@@ -40,6 +62,7 @@ class CompareWidget(w.VBox):
 
     ``targets``: a list (or a ``{label: ...}`` dict) of endpoints, clients, base URLs, or ``(target, params)``
     pairs whose params override ``parameters`` for that column (one endpoint at several temperatures).
+    ``chats`` holds the columns (label, target, overrides, transcript); ``results`` a row per prompt and column.
 
     Example:
         >>> from tgi_nb.widgets import CompareWidget
@@ -52,29 +75,21 @@ class CompareWidget(w.VBox):
 
     def __init__(self, targets: Any, prompts: Optional[list[str]] = None,
                  parameters: Union[ParametersWidget, dict, None] = None):
-        self.columns = _columns(targets)
+        self.chats = _columns(targets)
         self.parameters = parameters
         self.results: list[dict[str, Any]] = []
-        self.prompts = w.Textarea(value="\n".join(prompts or ["Explain what a KV cache is in two sentences."]),
-                                  description="prompts", placeholder="one prompt per line",
-                                  layout=w.Layout(width="auto", height="70px"))
-        self.prompts.add_class("tgi-compare-prompts")
-        self.run_button = w.Button(description="Run", button_style="primary", icon="play")
-        self.run_button.add_class("tgi-compare-run")
-        self.stop_button = w.Button(description="Stop", button_style="danger", disabled=True)
-        self.stop_button.add_class("tgi-compare-stop")
-        self.table = w.HTML()
-        self.table.add_class("tgi-compare-table")
-        self.chats = [ChatWidget(target, parameters=None, history=False) for _, target, _ in self.columns]
-        panes = [w.VBox([w.HTML(f"<b>{html.escape(label)}</b>"), chat.transcript],
-                        layout=w.Layout(flex="1 1 0", min_width="200px"))
-                 for (label, _, _), chat in zip(self.columns, self.chats)]
+        self._worker = Worker("compare")
+        self.prompts = styled(w.Textarea(value="\n".join(prompts or ["Explain what a KV cache is in two sentences."]),
+                                         description="prompts", placeholder="one prompt per line",
+                                         layout=w.Layout(width="auto", height="70px")), "tgi-compare-prompts")
+        self.run_button = button("Run", "tgi-compare-run", self.run, style="primary", icon="play")
+        self.stop_button = button("Stop", "tgi-compare-stop", self.stop, style="danger")
+        self.stop_button.disabled = True
+        self.table = styled(w.HTML(), "tgi-compare-table")
+        panes = [w.VBox([w.HTML(f"<b>{html.escape(column.label)}</b>"), column.transcript],
+                        layout=w.Layout(flex="1 1 0", min_width="200px")) for column in self.chats]
         super().__init__([self.prompts, w.HBox([self.run_button, self.stop_button]), w.HBox(panes), self.table])
         self.add_class("tgi-compare")
-        self.run_button.on_click(lambda _: self.run())
-        self.stop_button.on_click(lambda _: self.stop())
-        self._thread: Optional[threading.Thread] = None
-        self._stopped = threading.Event()
         replace_in_cell(self)
 
     def _params(self, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -82,49 +97,56 @@ class CompareWidget(w.VBox):
         return {**base, **overrides}
 
     def run(self) -> "CompareWidget":
-        """Start the comparison in a background thread and return at once (``wait()`` blocks)."""
-        if self._thread is not None and self._thread.is_alive():
+        """Start the comparison in the background and return at once (``wait()`` blocks)."""
+        if self._worker.busy:
             raise RuntimeError("a comparison is running: stop() or wait() first")
         prompts = [p.strip() for p in self.prompts.value.splitlines() if p.strip()]
         if not prompts:
             raise ValueError("prompts: enter at least one prompt")
-        self._stopped.clear()
         self.results = []
         self.run_button.disabled, self.stop_button.disabled = True, False
-        self._thread = threading.Thread(target=self._run, args=(prompts,), name="tgi_nb-compare", daemon=True)
-        self._thread.start()
+        if self._worker.start(lambda job: self._run(job, prompts), on_end=self._ended) is None:  # closed
+            self._ended(None)
         return self
 
-    def _run(self, prompts: list[str]) -> None:
-        try:
-            for prompt in prompts:
-                if self._stopped.is_set():
-                    break
-                for chat, (_, _, overrides) in zip(self.chats, self.columns):
-                    chat.parameters = self._params(overrides)
-                    chat.send(prompt)
-                for chat, (label, _, _) in zip(self.chats, self.columns):
-                    chat.wait(TIMEOUT_S)
-                    stats = dict(chat.last_stats or {})
-                    answer = chat.messages[-1]["content"] if chat.messages and stats.get("error") is None else ""
-                    self.results.append({"prompt": prompt, "target": label, "latency_s": stats.get("elapsed_s"),
-                                         **stats, "answer": answer})
-                self._draw()
-        finally:
-            self.run_button.disabled, self.stop_button.disabled = False, True
+    def _run(self, job: Job, prompts: list[str]) -> None:
+        for prompt in prompts:
+            if job.stopping.is_set():
+                break
+            replies: list[Optional[Reply]] = [None] * len(self.chats)
+
+            def stream(index: int, column: Column) -> None:
+                column.transcript.add("user", prompt)
+                column.transcript.start_reply()
+                replies[index] = stream_reply(column.target, [{"role": "user", "content": prompt}],
+                                              split_openai_kwargs(self._params(column.overrides)), job,
+                                              column.transcript.append)
+
+            streams = [threading.Thread(target=stream, args=(i, column), name="tgi_nb-compare-stream", daemon=True)
+                       for i, column in enumerate(self.chats)]
+            for thread in streams:
+                thread.start()
+            for thread in streams:
+                thread.join()
+            for column, reply in zip(self.chats, replies):
+                stats = reply.show_end(column.transcript, column.target.base_url)
+                self.results.append({"prompt": prompt, "target": column.label, "latency_s": stats["elapsed_s"],
+                                     **stats, "answer": reply.text if stats["error"] is None else ""})
+            self._draw()
+
+    def _ended(self, error: Optional[BaseException]) -> None:
+        if error is not None:
+            self.table.value += f"<div style='color:#b91c1c'>{html.escape(f'{type(error).__name__}: {error}')}</div>"
+        self.run_button.disabled, self.stop_button.disabled = False, True
 
     def stop(self) -> None:
         """Stop the answers streaming now and skip the remaining prompts."""
-        self._stopped.set()
-        for chat in self.chats:
-            chat.stop()
+        self._worker.stop()
 
     def wait(self, timeout: Optional[float] = None) -> "CompareWidget":
         """Block until the comparison ended (scripts and tests). Raises ``TimeoutError``."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise TimeoutError(f"the comparison did not end within timeout={timeout} s")
+        if not self._worker.wait(timeout):
+            raise TimeoutError(f"the comparison did not end within timeout={timeout} s")
         return self
 
     def _draw(self) -> None:
@@ -135,15 +157,16 @@ class CompareWidget(w.VBox):
             f"<tr><td>{html.escape(r['prompt'][:60])}</td><td>{html.escape(r['target'])}</td>"
             f"<td>{cell(r['latency_s'])}</td><td>{cell(r.get('ttft_s'))}</td>"
             f"<td>{cell(r.get('tokens_per_s'), '{:.1f}')}</td><td>{r.get('tokens', 0)}</td>"
-            f"<td>{html.escape(r.get('error') or format_stats(r).split(' · ')[-1])}</td>"
+            f"<td>{html.escape(end_reason(r))}</td>"
             f"<td>{html.escape(r['answer'][:200])}</td></tr>" for r in self.results)
         self.table.value = ("<table class='tgi-compare-results' style='font-size:12px'><tr><th>prompt</th>"
                             "<th>target</th><th>latency (s)</th><th>TTFT (s)</th><th>tok/s</th><th>tokens</th>"
                             f"<th>end</th><th>answer</th></tr>{rows}</table>")
 
     def close(self) -> None:
-        if hasattr(self, "_stopped"):  # not when __init__ failed (ipywidgets closes in __del__)
-            self.stop()
-            for chat in self.chats:
-                chat.close()
+        """Stop the comparison; the columns' transcripts close with the widget."""
+        if hasattr(self, "_worker"):  # not when __init__ failed (ipywidgets closes in __del__)
+            self._worker.close()
+            for column in self.chats:
+                column.transcript.close()
         super().close()

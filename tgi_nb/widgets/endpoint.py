@@ -1,8 +1,9 @@
 """``EndpointWidget``: create an endpoint from a form (or connect to one, or pick one that runs), follow its
 status live and act on it (pause, resume, scale to zero, delete), with the code that does the same.
 
-The status is polled from a background thread (``endpoint.fetch()`` costs nothing on a local endpoint); the
-poller is the only place to change when endpoints publish their transitions as callbacks.
+The widget subscribes to the endpoint's status (``endpoint.on_status_change``): a change is drawn from the
+status machine's notifier thread as it happens, and nothing polls. The buttons offered are
+:func:`~tgi_nb.endpoints.status.allowed_actions` of the status, the life cycle's own rule.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import html
 import logging
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import ipywidgets as w
 import traitlets
 
-from .lifecycle import Poller, replace_in_cell
+from tgi_nb.endpoints.status import allowed_actions
+
+from .controls import button
+from .lifecycle import Worker, replace_in_cell
 
 DEFAULT_REPOSITORY = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LIMITS = ("MAX_INPUT_TOKENS", "MAX_TOTAL_TOKENS", "MAX_BATCH_PREFILL_TOKENS", "MAX_BATCH_TOTAL_TOKENS",
@@ -26,7 +30,8 @@ BACKENDS = ("thread", "process")
 TYPES = ("public", "protected")
 STATUS_COLORS = {"pending": "#6b7280", "initializing": "#d97706", "running": "#059669", "paused": "#2563eb",
                  "scaledToZero": "#7c3aed", "failed": "#dc2626", "deleted": "#6b7280", "none": "#9ca3af"}
-POLL_SECONDS = 0.5
+ACTIONS = (("pause", "Pause", "pause"), ("resume", "Resume", "play"), ("scale_to_zero", "Scale to zero", "compress"),
+           ("delete", "Delete", "trash"))
 
 
 def cached_models() -> list[str]:
@@ -76,17 +81,54 @@ def creation_code(name: str, repository: str, type_: str, env: dict[str, str], b
 
 
 class _LoadLog(logging.Handler):
-    """Collects tgi_nb's log lines while a model loads: the steps the form shows as progress."""
+    """Collects tgi_nb's log lines while a model loads: the steps the form shows as progress, each drawn as it
+    comes (``on_line``).
 
-    def __init__(self) -> None:
+    The loader's steps are INFO records, so while any load log is attached the ``tgi_nb`` logger lets INFO
+    through: the first to attach lowers its level, the last to detach restores it, under one lock, whichever
+    threads (and widgets) attach and detach.
+    """
+
+    _lock = threading.Lock()
+    _attached = 0
+    _saved_level = logging.NOTSET
+
+    def __init__(self, on_line: Callable[[], None]) -> None:
         super().__init__(logging.INFO)
         self.lines: list[str] = []
+        self.on_line = on_line
+        self.started = time.monotonic()
+        self._is_attached = False
+
+    def attach(self) -> "_LoadLog":
+        logger = logging.getLogger("tgi_nb")
+        with _LoadLog._lock:
+            if _LoadLog._attached == 0:
+                _LoadLog._saved_level = logger.level
+                if logger.getEffectiveLevel() > logging.INFO:
+                    logger.setLevel(logging.INFO)
+            _LoadLog._attached += 1
+            self._is_attached = True
+            logger.addHandler(self)
+        return self
+
+    def detach(self) -> None:
+        logger = logging.getLogger("tgi_nb")
+        with _LoadLog._lock:
+            if not self._is_attached:
+                return
+            self._is_attached = False
+            logger.removeHandler(self)
+            _LoadLog._attached -= 1
+            if _LoadLog._attached == 0:
+                logger.setLevel(_LoadLog._saved_level)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.lines.append(record.getMessage())
         except Exception:  # noqa: BLE001 - a badly formatted record must not break loading
-            pass
+            return
+        self.on_line()
 
 
 class EndpointWidget(w.VBox):
@@ -107,7 +149,7 @@ class EndpointWidget(w.VBox):
     """
 
     endpoint = traitlets.Any(None, allow_none=True, help="The InferenceEndpoint this widget made or picked")
-    status = traitlets.Unicode("none", help="The endpoint's status as last polled")
+    status = traitlets.Unicode("none", help="The endpoint's status as last drawn ('none' without an endpoint)")
 
     def __init__(self, endpoint: Any = None, *, name: str = "smollm2", repository: str = DEFAULT_REPOSITORY,
                  type: str = "public", backend: str = "thread"):
@@ -124,37 +166,32 @@ class EndpointWidget(w.VBox):
                                      style=style, layout=wide) for name_ in LIMITS}
         self.backend = w.ToggleButtons(options=BACKENDS, value=backend, description="backend", style=style)
         self.dtype = w.Dropdown(options=DTYPES, value="auto", description="dtype", style=style)
-        self.create_button = w.Button(description="Create", button_style="primary", icon="play")
+        self.create_button = button("Create", "tgi-endpoint-create", self.create, style="primary", icon="play")
         self.url = w.Text(description="URL", placeholder="https://... (TGI, vLLM, Inference Endpoint)",
                           style=style, layout=wide)
         self.connect_token = w.Password(description="token", style=style, layout=wide)
-        self.connect_button = w.Button(description="Connect", button_style="primary", icon="link")
+        self.connect_button = button("Connect", "tgi-endpoint-connect", self.connect, style="primary", icon="link")
         self.running = w.Dropdown(options=[], description="running here", style=style, layout=wide)
-        self.refresh_button = w.Button(description="Refresh", icon="refresh")
-        self.pick_button = w.Button(description="Use", button_style="primary")
+        self.refresh_button = button("Refresh", "tgi-endpoint-refresh", self.refresh_running, icon="refresh")
+        self.pick_button = button("Use", "tgi-endpoint-pick", self._pick, style="primary")
         self.badge = w.HTML()
         self.progress = w.HTML()
         self.warnings = w.HTML()
         self.links = w.HTML()
         self.error = w.HTML()
-        self.action_buttons = {action: w.Button(description=label, icon=icon, layout=w.Layout(width="auto"))
-                               for action, label, icon in (("pause", "Pause", "pause"), ("resume", "Resume", "play"),
-                                                           ("scale_to_zero", "Scale to zero", "compress"),
-                                                           ("delete", "Delete", "trash"))}
+        self.action_buttons = {action: button(label, f"tgi-endpoint-{action.replace('_', '-')}",
+                                              lambda action=action: self._act(action), icon=icon)
+                               for action, label, icon in ACTIONS}
         self.code = w.HTML()
         for widget, css in ((self.name, "tgi-endpoint-name"), (self.repository, "tgi-endpoint-repository"),
                             (self.type, "tgi-endpoint-type"), (self.token, "tgi-endpoint-token"),
                             (self.backend, "tgi-endpoint-backend"), (self.dtype, "tgi-endpoint-dtype"),
-                            (self.create_button, "tgi-endpoint-create"), (self.url, "tgi-endpoint-url-input"),
-                            (self.connect_button, "tgi-endpoint-connect"), (self.running, "tgi-endpoint-running"),
-                            (self.pick_button, "tgi-endpoint-pick"), (self.badge, "tgi-endpoint-status"),
+                            (self.url, "tgi-endpoint-url-input"), (self.running, "tgi-endpoint-running"),
+                            (self.badge, "tgi-endpoint-status"),
                             (self.progress, "tgi-endpoint-progress"), (self.warnings, "tgi-endpoint-warnings"),
                             (self.links, "tgi-endpoint-links"), (self.error, "tgi-endpoint-error"),
                             (self.code, "tgi-endpoint-code")):
             widget.add_class(css)
-        for action, button in self.action_buttons.items():
-            button.add_class(f"tgi-endpoint-{action.replace('_', '-')}")
-            button.on_click(lambda _, action=action: self._act(action))
         for name_, text in self.limits.items():
             text.add_class(f"tgi-endpoint-{name_.lower().replace('_', '-')}")
 
@@ -170,17 +207,12 @@ class EndpointWidget(w.VBox):
         super().__init__([self.forms, status_box])
         self.add_class("tgi-endpoint")
 
-        self.create_button.on_click(lambda _: self.create())
-        self.connect_button.on_click(lambda _: self.connect())
-        self.refresh_button.on_click(lambda _: self.refresh_running())
-        self.pick_button.on_click(lambda _: self._pick())
         for control in (self.name, self.repository, self.type, self.backend, self.dtype, *self.limits.values()):
             control.observe(lambda _: self._show_code(), "value")
 
-        self._busy = threading.Lock()
+        self._worker = Worker("endpoint-action")
         self._load_log: Optional[_LoadLog] = None
-        self._load_started: Optional[float] = None
-        self._poller: Optional[Poller] = None
+        self._unsubscribe: Optional[Callable[[], None]] = None
         self._status_cond = threading.Condition()
         self._show_code()
         self._render()
@@ -258,11 +290,26 @@ class EndpointWidget(w.VBox):
             self.use(self._endpoints[self.running.value])
 
     def use(self, endpoint: Any) -> None:
-        """Follow ``endpoint`` (any ``InferenceEndpoint``): status badge, actions, links."""
-        if self._poller is not None:
-            self._poller.stop(join=False)
+        """Follow ``endpoint`` (any ``InferenceEndpoint``): status badge, actions, links, redrawn on each change
+        of its status."""
+        self._follow(None)
         self.endpoint = endpoint
-        self._poller = Poller(POLL_SECONDS, self._poll, name=f"endpoint-{endpoint.name}").start()
+        self._follow(endpoint)
+        if not endpoint.is_remote and endpoint.status != "deleted":
+            endpoint.fetch()  # changes made before the subscription (free for a server in this kernel)
+        self._show()
+
+    def _follow(self, endpoint: Any) -> None:
+        """Subscribe to ``endpoint``'s status changes, after unsubscribing from the previous one's."""
+        unsubscribe, self._unsubscribe = self._unsubscribe, None
+        if unsubscribe is not None:
+            unsubscribe()
+        if endpoint is not None and endpoint.status != "deleted":  # a deleted one changes no more
+            self._unsubscribe = endpoint.on_status_change(self._on_status)
+
+    def _on_status(self, endpoint: Any, previous: str, new: str) -> None:
+        if endpoint is self.endpoint:  # not a change that came in while another endpoint was picked
+            self._show()
 
     def _act(self, action: str) -> None:
         endpoint = self.endpoint
@@ -272,26 +319,21 @@ class EndpointWidget(w.VBox):
             self._start_load_log()
         self._in_background(action, lambda: getattr(endpoint, action)())
 
-    def _in_background(self, what: str, work) -> None:
+    def _in_background(self, what: str, work: Callable[[], Any]) -> None:
         # Loading, stopping a server or reaching a URL can take seconds: never in the handler's thread.
-        if not self._busy.acquire(blocking=False):
-            self._show_error("busy: the previous action is still running")
-            return
+        def run(_job: Any) -> None:
+            self._show_error("")
+            work()
 
-        def run() -> None:
-            try:
-                self._show_error("")
-                work()
-            except Exception as exc:  # noqa: BLE001 - shown under the form; the widget keeps working
-                self._show_error(f"{what}: {type(exc).__name__}: {exc}")
-            finally:
-                self._busy.release()
-                self._poll()
+        def ended(error: Optional[BaseException]) -> None:
+            if error is not None:  # shown under the form; the widget keeps working
+                self._show_error(f"{what}: {type(error).__name__}: {error}")
+            self._show()
 
-        threading.Thread(target=run, name=f"tgi_nb-endpoint-{what}", daemon=True).start()
+        self._worker.submit(run, on_end=ended)  # after the action in progress, if any: each click counts
 
     def wait_status(self, *statuses: str, timeout: float = 300) -> str:
-        """Block until the polled status is one of ``statuses`` (scripts and tests); returns it.
+        """Block until the drawn status is one of ``statuses`` (scripts and tests); returns it.
 
         Raises ``TimeoutError`` naming the last status after ``timeout`` seconds.
         """
@@ -302,43 +344,31 @@ class EndpointWidget(w.VBox):
 
     def close(self) -> None:
         """Stop following the endpoint (it keeps running: ``endpoint.delete()`` stops it)."""
-        if getattr(self, "_poller", None) is not None:
-            self._poller.stop()
-        self._stop_load_log()
+        if hasattr(self, "_worker"):  # not when __init__ failed (ipywidgets closes in __del__)
+            self._follow(None)
+            self._worker.close()
+            self._stop_load_log()
         super().close()
 
     # ------------------------------------------------------------------------------------------------ status
     def _start_load_log(self) -> None:
         self._stop_load_log()
-        self._load_log = _LoadLog()
-        self._load_started = time.monotonic()
-        logger = logging.getLogger("tgi_nb")
-        self._saved_level = logger.level
-        if logger.getEffectiveLevel() > logging.INFO:
-            logger.setLevel(logging.INFO)  # the loader's steps are INFO records; restored once loaded
-        logger.addHandler(self._load_log)
+        self._load_log = _LoadLog(self._step_logged).attach()
 
     def _stop_load_log(self) -> None:
-        if getattr(self, "_load_log", None) is not None:
-            logger = logging.getLogger("tgi_nb")
-            logger.removeHandler(self._load_log)
-            logger.setLevel(self._saved_level)
-            self._load_log = None
+        log, self._load_log = self._load_log, None
+        if log is not None:
+            log.detach()
 
-    def _poll(self) -> None:
+    def _show(self) -> None:
+        """Draw the endpoint as its fields are now (a status change refreshed them)."""
         endpoint = self.endpoint
-        if endpoint is None:
-            return
-        if endpoint.status != "deleted":
-            endpoint.fetch()
         with self._status_cond:  # drawn before waiters wake: wait_status() returns on what is shown
-            self.status = endpoint.status
+            self.status = endpoint.status if endpoint is not None else "none"
             self._render()
             self._status_cond.notify_all()
         if self.status in ("running", "failed", "paused", "deleted"):
             self._stop_load_log()
-        if self.status == "deleted" and self._poller is not None:
-            self._poller.stop(join=False)
 
     def _render(self) -> None:
         endpoint = self.endpoint
@@ -347,28 +377,13 @@ class EndpointWidget(w.VBox):
         label = "no endpoint" if endpoint is None else f"{html.escape(endpoint.name)}: {status}"
         self.badge.value = (f"<span class='tgi-endpoint-badge' data-status='{status}' style='background:{color};"
                             f"color:white;padding:3px 10px;border-radius:10px;font-weight:600'>{label}</span>")
-        enabled = {"pause": status in ("running", "initializing", "scaledToZero"),
-                   "resume": status in ("paused", "scaledToZero", "failed"),
-                   "scale_to_zero": status in ("running", "initializing"),
-                   "delete": endpoint is not None and status != "deleted"}
-        for action, button in self.action_buttons.items():
-            button.disabled = not enabled[action]
+        allowed = allowed_actions(status) if endpoint is not None else ()
+        for action, action_button in self.action_buttons.items():
+            action_button.disabled = action not in allowed
+        self._show_progress()
         if endpoint is None:
-            self.progress.value = self.links.value = self.warnings.value = ""
+            self.links.value = self.warnings.value = ""
             return
-        message = endpoint.raw.get("status", {}).get("message")
-        steps = list(self._load_log.lines) if self._load_log is not None else []
-        lines = []
-        if status in ("pending", "initializing") and self._load_started is not None:
-            lines.append(f"{status}: {time.monotonic() - self._load_started:.0f} s")
-        lines += [html.escape(step) for step in list(dict.fromkeys(steps))[-6:]]
-        if status == "failed" and message:
-            lines.append(f"<b style='color:#dc2626'>{html.escape(message)}</b>")
-        elif status == "running":
-            limits = endpoint.limits or {}
-            if limits:
-                lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in limits.items()))
-        self.progress.value = f"<div style='font-size:12px;line-height:1.4'>{'<br>'.join(lines)}</div>"
         if endpoint.url and status not in ("deleted",):
             browser = endpoint.browser_url or endpoint.url
             self.links.value = (f"URL: <code class='tgi-endpoint-url'>{html.escape(endpoint.url)}</code> &middot; "
@@ -378,6 +393,28 @@ class EndpointWidget(w.VBox):
             self.links.value = ""
         found = endpoint.raw.get("tgi_nb", {}).get("warnings") or []
         self.warnings.value = "".join(f"<div style='color:#b45309'>&#9888; {html.escape(m)}</div>" for m in found)
+
+    def _step_logged(self) -> None:
+        with self._status_cond:  # not drawn over a change of status being drawn
+            self._show_progress()
+
+    def _show_progress(self) -> None:
+        """The load's steps so far (drawn again by each new step), then why it failed or the limits it got."""
+        endpoint, status, log = self.endpoint, self.status, self._load_log
+        if endpoint is None:
+            self.progress.value = ""
+            return
+        lines = []
+        if log is not None:
+            if status in ("pending", "initializing"):
+                lines.append(f"{status}: {time.monotonic() - log.started:.0f} s")
+            lines += [html.escape(step) for step in list(dict.fromkeys(log.lines))[-6:]]
+        message = endpoint.raw.get("status", {}).get("message")
+        if status == "failed" and message:
+            lines.append(f"<b style='color:#dc2626'>{html.escape(message)}</b>")
+        elif status == "running" and endpoint.limits:
+            lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in endpoint.limits.items()))
+        self.progress.value = f"<div style='font-size:12px;line-height:1.4'>{'<br>'.join(lines)}</div>"
 
     def _show_error(self, message: str) -> None:
         self.error.value = f"<div style='color:#dc2626'>{html.escape(message)}</div>" if message else ""

@@ -1,8 +1,9 @@
 """``RagWidget``: documents in, questions answered with their sources, on a :class:`~tgi_nb.rag.RagPipeline`.
 
-Indexing and answering run in background threads; handlers return at once (a click waits for any running
-cell, so a blocking handler would freeze the page). Threads update the page only through widget values, and
-the streamed answer at most ``UPDATES_PER_SECOND`` times a second.
+Indexing and answering run in the widget's :class:`~tgi_nb.widgets.lifecycle.Worker`; handlers return at once
+(a click waits for any running cell, so a blocking handler would freeze the page). Questions and answers go to
+the chat's :class:`~tgi_nb.widgets.transcript.Transcript`: the answer streams append-only, coalesced as the
+chat's, and is rendered as markdown once it ended.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import html
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -18,13 +18,17 @@ import ipywidgets as w
 
 from tgi_nb.rag import RagPipeline, Source, load_file, load_paths
 
-UPDATES_PER_SECOND = 12
+from .controls import button, styled
+from .lifecycle import Coalescer, Job, Worker, replace_in_cell
+from .streaming import describe_error
+from .transcript import Transcript
 
 
 class RagWidget(w.VBox):
     """Add documents (upload, pasted text, a folder), ask questions, read the streamed answer beside the chunks
     it was given, with their source and score. k, chunk size and overlap are adjustable; changing the chunking
-    re-indexes what was added.
+    re-indexes what was added. ``answer`` is the transcript of the questions and answers; ``idle`` is set
+    whenever no indexing or answering runs; ``close()`` stops them (re-running the cell does it too).
 
     ``target_or_pipeline`` is a :class:`~tgi_nb.rag.RagPipeline`, or anything it accepts as target (an endpoint,
     an ``openai.OpenAI`` client, a base URL), with ``pipeline_kwargs`` passed on.
@@ -46,36 +50,35 @@ class RagWidget(w.VBox):
             self.pipeline = RagPipeline(target_or_pipeline, **{"progress": False, **pipeline_kwargs})
         rag = self.pipeline
         self._lock = threading.Lock()
-        self._busy: Optional[str] = None  # "indexing" or "asking" while a thread runs
-        self._stream: Any = None
-        self.idle = threading.Event()
-        self.idle.set()
+        self._busy: Optional[str] = None  # "indexing" or "asking" while the worker runs
+        self._worker = Worker("rag")
+        self.idle = self._worker.idle
 
-        self.upload = _styled(w.FileUpload(accept=",".join((".txt", ".md", ".html", ".htm", ".pdf")), multiple=True,
+        self.upload = styled(w.FileUpload(accept=",".join((".txt", ".md", ".html", ".htm", ".pdf")), multiple=True,
                                            description="Upload"), "tgi-rag-upload")
-        self.text = _styled(w.Textarea(placeholder="Paste text to add", layout=w.Layout(width="100%")),
+        self.text = styled(w.Textarea(placeholder="Paste text to add", layout=w.Layout(width="100%")),
                             "tgi-rag-text")
-        self.add_text_button = _button("Add text", "tgi-rag-add-text", self._add_text_clicked)
-        self.folder = _styled(w.Text(placeholder="a folder path, e.g. docs/"), "tgi-rag-folder")
-        self.add_folder_button = _button("Add folder", "tgi-rag-add-folder", self._add_folder_clicked)
-        self.progress = _styled(w.IntProgress(value=0, min=0, max=1, description="Indexed"), "tgi-rag-progress")
-        self.status = _styled(w.HTML(), "tgi-rag-status")
+        self.add_text_button = button("Add text", "tgi-rag-add-text", self._add_text_clicked)
+        self.folder = styled(w.Text(placeholder="a folder path, e.g. docs/"), "tgi-rag-folder")
+        self.add_folder_button = button("Add folder", "tgi-rag-add-folder", self._add_folder_clicked)
+        self.progress = styled(w.IntProgress(value=0, min=0, max=1, description="Indexed"), "tgi-rag-progress")
+        self.status = styled(w.HTML(), "tgi-rag-status")
 
         self.k = w.IntSlider(value=rag.k, min=1, max=10, description="k")
         self.chunk_size = w.BoundedIntText(value=rag.chunk_size, min=50, max=8000, step=50, description="Chunk size")
         self.chunk_overlap = w.BoundedIntText(value=rag.chunk_overlap, min=0, max=4000, step=10,
                                               description="Overlap")
-        self.reindex_button = _button("Re-index", "tgi-rag-reindex", lambda: self.reindex())
+        self.reindex_button = button("Re-index", "tgi-rag-reindex", self.reindex)
 
-        self.question = _styled(w.Text(placeholder="Ask a question about your documents",
+        self.question = styled(w.Text(placeholder="Ask a question about your documents",
                                        layout=w.Layout(width="100%")), "tgi-rag-question")
         self.question.on_submit(lambda _: self._ask_clicked())
-        self.ask_button = _button("Ask", "tgi-rag-ask", self._ask_clicked, style="primary")
-        self.stop_button = _button("Stop", "tgi-rag-stop", self.stop, style="danger")
+        self.ask_button = button("Ask", "tgi-rag-ask", self._ask_clicked, style="primary")
+        self.stop_button = button("Stop", "tgi-rag-stop", self.stop, style="danger")
         self.stop_button.disabled = True
-        self.answer = _styled(w.HTML(layout=w.Layout(min_height="3em")), "tgi-rag-answer")
-        self.sources = _styled(w.HTML(), "tgi-rag-sources")
-        self.code = _styled(w.HTML(), "tgi-rag-code")
+        self.answer = styled(Transcript(), "tgi-rag-answer")
+        self.sources = styled(w.HTML(), "tgi-rag-sources")
+        self.code = styled(w.HTML(), "tgi-rag-code")
 
         self.upload.observe(self._uploaded, names="value")
         self.k.observe(self._k_changed, names="value")
@@ -96,6 +99,7 @@ class RagWidget(w.VBox):
         self.add_class("tgi-rag")
         self._show_status()
         self._show_code("")
+        replace_in_cell(self)
 
     # -- documents -------------------------------------------------------------------------------------
     def add_texts(self, texts: list[str], metadatas: Optional[list[dict]] = None) -> bool:
@@ -105,8 +109,8 @@ class RagWidget(w.VBox):
             >>> widget.add_texts(["Paris is the capital of France."], [{"source": "facts"}])   # doctest: +SKIP
             True
         """
-        return self._start("indexing", lambda: self.pipeline.add_texts(texts, metadatas,
-                                                                        on_progress=self._on_progress))
+        return self._start("indexing", lambda job: self.pipeline.add_texts(texts, metadatas,
+                                                                            on_progress=self._on_progress))
 
     def add_paths(self, paths: list[str]) -> bool:
         """Index files and folders in the background; False (and a status message) when busy.
@@ -115,8 +119,8 @@ class RagWidget(w.VBox):
             >>> widget.add_paths(["docs/", "notes.pdf"])                                       # doctest: +SKIP
             True
         """
-        return self._start("indexing", lambda: self.pipeline.add_documents(load_paths(paths),
-                                                                            on_progress=self._on_progress))
+        return self._start("indexing", lambda job: self.pipeline.add_documents(load_paths(paths),
+                                                                                on_progress=self._on_progress))
 
     def reindex(self) -> bool:
         """Split everything again with the chunk size and overlap shown, in the background.
@@ -128,7 +132,8 @@ class RagWidget(w.VBox):
         if overlap >= size:
             self._say(f"chunk_overlap must be smaller than the chunk size ({size}); not re-indexed", error=True)
             return False
-        return self._start("indexing", lambda: self.pipeline.reindex(size, overlap, on_progress=self._on_progress))
+        return self._start("indexing",
+                           lambda job: self.pipeline.reindex(size, overlap, on_progress=self._on_progress))
 
     def _add_text_clicked(self) -> None:
         text = self.text.value.strip()
@@ -147,7 +152,7 @@ class RagWidget(w.VBox):
         if not files:
             return
 
-        def index() -> int:
+        def index(job: Job) -> int:
             docs = []
             with tempfile.TemporaryDirectory() as tmp:
                 for item in files:
@@ -187,24 +192,26 @@ class RagWidget(w.VBox):
             self._say("type a question first", error=True)
             return False
         self._show_code(question)
-        return self._start("asking", lambda: self._answer(question))
+        return self._start("asking", lambda job: self._answer(job, question))
 
     def _ask_clicked(self) -> None:
         self.ask()
 
-    def _answer(self, question: str) -> None:
-        self.answer.value = ""
+    def _answer(self, job: Job, question: str) -> None:
         self.sources.value = ""
+        self.answer.add("user", question)
+        self.answer.start_reply()
         stream = self.pipeline.ask(question, stream=True)
-        self._stream = stream
-        self.sources.value = _sources_html(stream.sources)
-        last = 0.0
-        for _ in stream:
-            now = time.monotonic()
-            if now - last >= 1 / UPDATES_PER_SECOND:
-                self.answer.value = _answer_html(stream.text)
-                last = now
-        self.answer.value = _answer_html(stream.text)
+        forget = job.on_stop(stream.close)  # Stop: the HTTP stream closes, the server stops generating
+        try:
+            self.sources.value = _sources_html(stream.sources)
+            shown = Coalescer(self.answer.append)
+            for piece in stream:
+                shown.add(piece)
+            shown.flush()
+        finally:
+            forget()
+        self.answer.end_reply(shown.text, stats="stopped" if job.stopping.is_set() else None)
 
     def stop(self) -> None:
         """Stop the answer being streamed (the server stops generating).
@@ -212,41 +219,39 @@ class RagWidget(w.VBox):
         Example:
             >>> widget.stop()                                                                  # doctest: +SKIP
         """
-        stream = self._stream
-        if stream is not None:
-            stream.close()
+        self._worker.stop()
+
+    def close(self) -> None:
+        """Stop what runs (an answer streaming stops at once) and close the widget."""
+        if hasattr(self, "_worker"):  # not when __init__ failed (ipywidgets closes in __del__)
+            self._worker.close()
+        super().close()
 
     # -- background work -------------------------------------------------------------------------------
-    def _start(self, kind: str, work: Callable[[], Any]) -> bool:
+    def _start(self, kind: str, work: Callable[[Job], Any]) -> bool:
         with self._lock:
-            if self._busy is not None:
+            if self._worker.busy:
                 self._say(f"busy {self._busy}; wait for it to finish", error=True)
                 return False
             self._busy = kind
-            self.idle.clear()
-        self.ask_button.disabled = True
-        self.stop_button.disabled = kind != "asking"
-        self._say("indexing..." if kind == "indexing" else "answering...")
-        threading.Thread(target=self._run, args=(kind, work), name=f"tgi_nb-rag-{kind}", daemon=True).start()
-        return True
+            self.ask_button.disabled = True
+            self.stop_button.disabled = kind != "asking"
+            self._say("indexing..." if kind == "indexing" else "answering...")
+            return self._worker.start(work, on_end=lambda error: self._ended(kind, error)) is not None
 
-    def _run(self, kind: str, work: Callable[[], Any]) -> None:
-        error = None
-        try:
-            work()
-        except Exception as exc:  # noqa: BLE001 - shown in the widget: a thread has nobody else to tell
-            error = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._stream = None
-            with self._lock:
-                self._busy = None
-            self.ask_button.disabled = False
-            self.stop_button.disabled = True
-            if error:
-                self._say(html.escape(error), error=True)
-            else:
-                self._show_status()
-            self.idle.set()
+    def _ended(self, kind: str, error: Optional[BaseException]) -> None:
+        # In the worker's thread, before ``idle`` is set: the status and buttons are right once it is.
+        if error is not None:
+            message = describe_error(error, self.pipeline.base_url)[1]
+            if kind == "asking":
+                self.answer.end_reply(message, role="error")
+            self._say(html.escape(message), error=True)
+        else:
+            self._show_status()
+        with self._lock:
+            self._busy = None
+        self.ask_button.disabled = False
+        self.stop_button.disabled = True
 
     def _say(self, message: str, error: bool = False) -> None:
         color = "var(--jp-error-color1, #c00)" if error else "inherit"
@@ -267,22 +272,6 @@ class RagWidget(w.VBox):
                           f"for piece in rag.ask({question!r}, stream=True):\n"
                           f"    print(piece, end=\"\")")
             + "</pre></details>")
-
-
-def _styled(widget: w.DOMWidget, css: str) -> Any:
-    widget.add_class(css)
-    return widget
-
-
-def _button(label: str, css: str, on_click: Callable[[], None], style: str = "") -> w.Button:
-    button = w.Button(description=label, button_style=style)
-    button.add_class(css)
-    button.on_click(lambda _: on_click())
-    return button
-
-
-def _answer_html(text: str) -> str:
-    return f'<div style="white-space: pre-wrap">{html.escape(text)}</div>'
 
 
 def _sources_html(sources: list[Source]) -> str:

@@ -81,6 +81,8 @@ class Transcript(anywidget.AnyWidget):
     Example:
         >>> t = Transcript()
         >>> t.add("user", "Hi"); t.start_reply(); t.append("Hel"); t.append("lo")
+        >>> t.last_text
+        'Hello'
         >>> t.end_reply("Hello", stats="2 tokens")
         >>> [(e["role"], e["text"]) for e in t.entries]
         [('user', 'Hi'), ('assistant', 'Hello')]
@@ -94,6 +96,15 @@ class Transcript(anywidget.AnyWidget):
         super().__init__(**kwargs)
         self.add_class("tgi-chat-transcript-widget")
         self.appends_sent = 0  # streamed updates sent to the browser, for tests and the update-rate figure
+        self._streamed: list[str] = []  # what the streaming reply shows so far (the browser has it, not entries)
+
+    @property
+    def last_text(self) -> str:
+        """The last message's text; while a reply streams, what it shows so far ("" with no message)."""
+        if not self.entries:
+            return ""
+        last = self.entries[-1]
+        return "".join(self._streamed) if last.get("streaming") else last.get("text") or ""
 
     def add(self, role: str, text: str, *, markdown: bool = False, stats: Optional[str] = None) -> None:
         """Append a finished message (role: user, assistant or error)."""
@@ -102,12 +113,14 @@ class Transcript(anywidget.AnyWidget):
 
     def start_reply(self) -> None:
         """Open an empty assistant message that ``append`` will fill."""
+        self._streamed = []
         self.entries = [*self.entries, {"role": "assistant", "text": "", "streaming": True}]
 
     def append(self, text: str) -> None:
         """Send ``text`` to be appended to the streaming reply (only the new text travels)."""
         if text:
             self.appends_sent += 1
+            self._streamed.append(text)
             self.send({"op": "append", "text": text})
 
     def end_reply(self, text: str, *, stats: Optional[str] = None, role: str = "assistant") -> None:

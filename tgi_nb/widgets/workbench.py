@@ -1,12 +1,12 @@
 """``tgi_nb.workbench()``: the widgets in tabs, wired together: the endpoint made or picked in the Endpoint
-tab is the one the Chat, Compare, Monitor and RAG tabs talk to, with the Parameters tab's values.
+tab is the one the Chat, Compare, Monitor and RAG tabs talk to, with the Parameters tab's values. The RAG tab
+is built once that endpoint runs (its pipeline needs the URL), when the Endpoint tab's status says so.
 """
 
 from __future__ import annotations
 
 import html
 import threading
-import time
 from typing import Any, Optional
 
 import ipywidgets as w
@@ -14,7 +14,7 @@ import ipywidgets as w
 from .chat import ChatWidget
 from .compare import CompareWidget
 from .endpoint import EndpointWidget
-from .lifecycle import replace_in_cell
+from .lifecycle import Worker, replace_in_cell
 from .monitor import MonitorWidget
 from .parameters import ParametersWidget
 
@@ -39,6 +39,8 @@ class Workbench(w.Tab):
         self.compare: Optional[CompareWidget] = None
         self.monitor: Optional[MonitorWidget] = None
         self.rag: Any = None
+        self._rag_for: Any = None  # the endpoint the RAG tab is built (or being built) for
+        self._rag_lock = threading.Lock()
         hint = "Create, connect to or pick an endpoint in the <b>Endpoint</b> tab first."
         self._chat_box, self._compare_box, self._monitor_box, self._rag_box = (
             w.VBox([w.HTML(hint)]) for _ in range(4))
@@ -46,6 +48,7 @@ class Workbench(w.Tab):
                           self._monitor_box, self._rag_box], titles=TAB_TITLES)
         self.add_class("tgi-workbench")
         self.endpoint_widget.observe(self._endpoint_changed, "endpoint")
+        self.endpoint_widget.observe(self._on_endpoint_status, "status")
         if endpoint is not None:
             self.endpoint_widget.use(endpoint)
         replace_in_cell(self)
@@ -55,6 +58,8 @@ class Workbench(w.Tab):
         for widget in (self.chat, self.compare, self.monitor, self.rag):
             if widget is not None:
                 widget.close()
+        with self._rag_lock:
+            self.rag, self._rag_for = None, None
         if endpoint is None:
             return
 
@@ -62,34 +67,49 @@ class Workbench(w.Tab):
         self.compare = CompareWidget([(endpoint, {"temperature": t}) for t in (0.0, 0.7, 1.2)],
                                      parameters=self.parameters)
         self.monitor = MonitorWidget(endpoint)
-        self._rag_box.children = [w.HTML("Loading the embedding model for the RAG tab…")]
-        threading.Thread(target=self._build_rag, args=(endpoint,), name="tgi_nb-workbench-rag", daemon=True).start()
+        self._rag_box.children = [w.HTML("The RAG tab starts once the endpoint runs.")]
         self._chat_box.children = [self.chat]
         self._compare_box.children = [self.compare]
         self._monitor_box.children = [self.monitor]
+        if endpoint.status == "running":  # picked running: its status may not change again
+            self._build_rag(endpoint)
+
+    def _on_endpoint_status(self, change: Any) -> None:
+        if change["new"] == "running":
+            self._build_rag(self.endpoint_widget.endpoint)
 
     def _build_rag(self, endpoint: Any) -> None:
-        # In a thread: importing LangChain and chromadb and loading the embedding model take seconds, and this
-        # runs from the Endpoint tab's handlers, which must return at once.
-        # A local endpoint made from the form has no URL until its server listens: wait for it here.
-        while getattr(endpoint, "url", None) is None:
-            if self.comm is None or self.endpoint_widget.endpoint is not endpoint:
+        with self._rag_lock:
+            if endpoint is None or endpoint is self._rag_for or self.comm is None:
                 return
-            time.sleep(0.2)
+            self._rag_for = endpoint
+        self._rag_box.children = [w.HTML("Loading the embedding model for the RAG tab…")]
+        # In the background: importing LangChain and chromadb and loading the embedding model take seconds, and
+        # this runs from the Endpoint tab's handlers and status changes, which must return at once. A worker
+        # per endpoint: a build for an endpoint picked since ends by closing what it made.
+        Worker("workbench-rag").start(lambda job: self._make_rag(endpoint))
+
+    def _make_rag(self, endpoint: Any) -> None:
         try:
             from .rag import RagWidget
 
             rag = RagWidget(endpoint)
         except Exception as exc:  # shown in the tab: the other tabs work without it
-            self._rag_box.children = [w.HTML(f"The RAG tab could not start: {html.escape(str(exc))}")]
+            if self._rag_for is endpoint:
+                self._rag_box.children = [w.HTML(f"The RAG tab could not start: {html.escape(str(exc))}")]
             return
-        if self.comm is None or self.endpoint_widget.endpoint is not endpoint:  # closed, or another endpoint picked
+        with self._rag_lock:
+            current = self.comm is not None and self._rag_for is endpoint  # not closed, no other endpoint picked
+            if current:
+                self.rag = rag
+        if not current:
             rag.close()
             return
-        self.rag = rag
         self._rag_box.children = [rag]
 
     def close(self) -> None:
+        with self._rag_lock:
+            self._rag_for = None
         for widget in (self.chat, self.compare, self.monitor, self.rag, self.endpoint_widget, self.parameters):
             if widget is not None:
                 widget.close()
