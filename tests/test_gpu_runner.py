@@ -52,7 +52,10 @@ def test_same_logits_and_tokens_as_the_cpu_runner(tiny_model_dir, arch, override
 
     steps = [([], [(a, 20), (b, 16)]), ([a], [(b, 14), (c, 5)])] + [([a, b, c], [])] * 4
     for decodes, prefills in steps:
-        expected, sampling, _ = cpu.run(SchedulerOutput(decodes=list(decodes), prefills=list(prefills)))
+        inputs = cpu.prepare(SchedulerOutput(decodes=list(decodes), prefills=list(prefills)))
+        expected = model.forward(inputs.input_ids, inputs.positions, inputs.batch, cpu.kv_caches,
+                                 inputs.logits_indices)
+        sampling = inputs.sampling
         result = gpu.execute(list(decodes), list(prefills))
         assert result.sampling == sampling
         torch.testing.assert_close(result.logits, expected, rtol=1e-4, atol=1e-4)

@@ -54,7 +54,7 @@ def mixed_step() -> SchedulerOutput:
 
 
 class CapturingModel:
-    """Stands in for the model so that ModelRunner.run hands over the batch it built (the CPU path's packing)."""
+    """Stands in for the model so that ModelRunner hands over the batch it built (the CPU path's packing)."""
 
     def __init__(self):
         self.spec = SimpleNamespace(num_layers=1, num_kv_heads=2, head_dim=16)
@@ -65,11 +65,15 @@ class CapturingModel:
         return torch.zeros(logits_indices.shape[0], 8)
 
 
-def test_packing_matches_the_cpu_model_runner():
-    step = mixed_step()
+def packed_by_the_cpu_runner(step):
     model = CapturingModel()
     ModelRunner(model, num_blocks=16, block_size=BLOCK).run(step)
-    input_ids, positions, batch, logits_indices = model.seen
+    return model.seen
+
+
+def test_packing_matches_the_cpu_model_runner():
+    step = mixed_step()
+    input_ids, positions, batch, logits_indices = packed_by_the_cpu_runner(step)
     inputs = StepPacker(torch.device("cpu"), BLOCK, block_table_width=5)
     layout = inputs.build(step.decodes, step.prefills)
     views = inputs.buffer.to_device()
@@ -97,9 +101,7 @@ def test_triton_attention_over_the_packed_step_equals_the_cpu_path():
     from tgi_nb.models.triton_attention import paged_attention
 
     step = mixed_step()
-    model = CapturingModel()
-    ModelRunner(model, num_blocks=16, block_size=BLOCK).run(step)
-    _, _, batch, _ = model.seen
+    _, _, batch, _ = packed_by_the_cpu_runner(step)
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, dim = 4, 2, 16
     k_cache = torch.randn(16, BLOCK, kv_heads, dim, generator=g)
