@@ -12,6 +12,8 @@ intermediate 8192: SmolLM2-1.7B's shape); ``--smoke`` builds one tiny model (hid
    the CPU sampler's.
 2. correctness, per model: float32 greedy tokens of tgi_nb equal transformers ``generate`` (6 prompts x 32
    tokens, each prompt alone and all six batched), and the agreement in bfloat16 (float16 on GPUs without it).
+   On the CPU the engine runs its GPU path too (``TGI_NB_GPU_PATH=1``, Triton interpreted; float16 for the
+   half-precision check).
 3. throughput on the largest model: bench_engine.py's workload (64 requests at t=0, prompts 16-512, outputs
    16-256, greedy, ``ignore_eos``) through tgi_nb, transformers ``generate_batch`` and padded ``generate``.
 4. single-stream decode (32-token prompt, 256 tokens) against the HBM ceiling (measured bandwidth / bytes read
@@ -253,6 +255,8 @@ def check_http_and_busy(report: Report, model_dir: Path, device: torch.device, d
     from tgi_nb.engine import EngineConfig, LLMEngine
     from tgi_nb.server import ServerSettings, ServerThread, build_app
 
+    bench_engine.free_memory()
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     engine = LLMEngine(EngineConfig(model_id=str(model_dir), device=device.type, dtype=dtype))
     server = ServerThread(build_app(engine, ServerSettings(max_concurrent_requests=1024)), port=0).start()
     try:
@@ -282,10 +286,24 @@ def check_http_and_busy(report: Report, model_dir: Path, device: torch.device, d
             share = used / ((time.perf_counter() - t0) * torch.get_num_threads())
             report.add(f"CPU busy share of the {len(workload)}-request run (process CPU time / wall x threads)",
                        f"{100 * share:.0f}%")
+        gpu = engine.runner.gpu
+        if gpu is not None:
+            st = gpu.graphs.stats
+            report.add("decode steps through CUDA graphs (GPU path)" if device.type == "cuda" else
+                       "decode steps through the graph stand-in (GPU path on the CPU)",
+                       f"{st.replays} replays, {st.eager} eager, buckets {gpu.graphs.sizes}; captured in "
+                       f"{st.capture_seconds:.1f} s, {st.capture_bytes / 2**20:.0f} MiB")
+        else:
+            report.add("GPU path", "off: " + ("the CPU path" if device.type == "cpu" else "see the start-up log"),
+                       "on" if device.type == "cuda" else "", None if device.type == "cpu" else False)
     finally:
         server.stop()
         engine.shutdown()
         bench_engine.free_memory()
+    if device.type == "cuda":   # what pause / scale to zero do: the engine shut down gives its memory back
+        left = torch.cuda.memory_allocated(device) - baseline
+        report.add("GPU memory held after the engine shut down (pause)", f"{left / 2**20:.1f} MiB", "< 1 MiB",
+                   left < 2**20)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -307,14 +325,20 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    half = "bfloat16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "float16"
+    if device.type == "cpu":
+        # the engine's GPU path on the CPU (Triton interpreted), so that the smoke runs what a GPU runs; the
+        # interpreter has no bfloat16 products, so the half-precision check is in float16
+        os.environ.setdefault("TGI_NB_GPU_PATH", "1")
+        half = "float16"
+    else:
+        half = "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16"
     speed_dtype = "float32" if device.type == "cpu" else half
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     started = time.perf_counter()
     report = Report()
     root = args.keep or Path(tempfile.mkdtemp(prefix="gpu_check-"))
     try:
-        check_kernels(report, device, getattr(torch, "float16" if device.type == "cpu" else half))
+        check_kernels(report, device, getattr(torch, half))
         dirs = {}
         for shape in shapes:
             path = root / shape

@@ -70,3 +70,38 @@ def test_same_logits_and_tokens_as_the_cpu_runner(tiny_model_dir, arch, override
     # the four decode steps of three sequences went through the bucket of 4, one padding row each
     assert gpu.graphs.stats.replays == 4 and gpu.graphs.stats.buckets == {4: 4}
     assert gpu.graphs.stats.padded_rows == 4
+
+
+def test_the_engine_through_the_gpu_path_on_the_cpu(tiny_model_dir, monkeypatch):
+    """LLMEngine with TGI_NB_GPU_PATH=1 runs every step through GpuStepRunner (Triton interpreted): the same greedy
+    tokens, log-probabilities and prompt log-probabilities as the CPU path, forks of ``n`` included; a seeded
+    request gives the same tokens alone and beside others."""
+    from tgi_nb.engine import EngineConfig, LLMEngine
+
+    config = EngineConfig(model_id=str(tiny_model_dir("llama")), device="cpu", max_total_tokens=128, max_num_seqs=8)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 40000, (n,), generator=g).tolist() for n in (5, 23, 40)]
+    greedy = SamplingParams(max_new_tokens=6, temperature=0, logprobs=2, prompt_logprobs=1, ignore_eos=True, n=2)
+
+    def run(engine):
+        return [[(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in r.outputs]
+                for r in engine.generate_sync(prompts, greedy)], engine.generate_sync(prompts[1], greedy)
+
+    with LLMEngine(config) as engine:
+        assert engine.runner.gpu is None
+        expected, expected_prompt = run(engine)
+    monkeypatch.setenv("TGI_NB_GPU_PATH", "1")
+    with LLMEngine(config) as engine:
+        assert engine.runner.gpu is not None
+        got, got_prompt = run(engine)
+        seeded = SamplingParams(max_new_tokens=8, temperature=0.8, seed=11, ignore_eos=True)
+        alone = engine.generate_sync(prompts[0], seeded).outputs[0].token_ids
+        beside = engine.generate_sync([prompts[2], prompts[0], prompts[1]], seeded)[1].outputs[0].token_ids
+        assert engine.runner.gpu.graphs.stats.replays > 0
+    assert [[t for t, _ in r] for r in got] == [[t for t, _ in r] for r in expected]
+    for r_got, r_expected in zip(got, expected):
+        for (_, lp_got), (_, lp_expected) in zip(r_got, r_expected):
+            assert lp_got == pytest.approx(lp_expected, abs=1e-4)
+    assert [p.logprob if p else None for p in got_prompt.prompt_logprobs] == pytest.approx(
+        [p.logprob if p else None for p in expected_prompt.prompt_logprobs], abs=1e-4)
+    assert alone == beside

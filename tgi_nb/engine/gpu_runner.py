@@ -26,6 +26,7 @@ from tgi_nb.models.triton_attention import PagedBatch
 from .cuda_graphs import DecodeGraphs, StaticInput
 from .device_sampler import DeviceSampler
 from .sampler import SampledToken
+from .scheduler import completes
 from .sequence import Sequence
 from .step_inputs import StepLayout, StepPacker
 
@@ -70,8 +71,10 @@ class GpuStepRunner:
         }, max_num_seqs, self.device, enforce_eager)
 
     def capture(self) -> None:
-        """Capture the decode graphs (a no-op on the CPU or with ``enforce_eager``)."""
-        self.graphs.capture()
+        """Capture the decode graphs (a no-op on the CPU or with ``enforce_eager``), in inference mode as the
+        engine's loop runs them."""
+        with torch.inference_mode():
+            self.graphs.capture()
 
     def release(self) -> None:
         """Drop the graphs and staging buffers' device memory (pause / scale to zero)."""
@@ -93,7 +96,7 @@ class GpuStepRunner:
         extra = buf.add(extra_logits_rows, torch.int64) if extra_logits_rows else None
         views = buf.to_device()
         ids, positions = views[layout.input_ids], views[layout.positions]
-        sampling = list(decodes) + [s for s, n in prefills if s.num_computed_tokens + n == len(s.token_ids)]
+        sampling = list(decodes) + [s for s, n in prefills if completes(s, n)]
         if decodes and not prefills and extra is None:
             logits = self.graphs.run(input_ids=ids, positions=positions, slot_mapping=views[layout.slot_mapping],
                                      seq_lens=views[layout.seq_lens], block_tables=views[layout.block_tables])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -49,6 +50,21 @@ class RunnerOutput:
     seqs: list[Sequence]
     tokens: list[SampledToken]
     prompt_rows: list[PromptRows]
+
+
+def gpu_path(model: CausalLM) -> bool:
+    """Whether steps of ``model`` take the GPU path: on CUDA, for our Llama-family forward, where Triton supports
+    the GPU. ``TGI_NB_GPU_PATH=0`` turns it off; ``=1`` turns it on wherever Triton runs, the CPU included (Triton
+    interpreted: slow, for tests of the path without a GPU).
+
+    Example:
+        >>> gpu_path(object())
+        False
+    """
+    switch = os.environ.get("TGI_NB_GPU_PATH")
+    if switch == "0" or not isinstance(model, LlamaModel):
+        return False
+    return (switch == "1" or model.device.type == "cuda") and triton_available(model.device)
 
 
 def _prompt_rows(seq: Sequence, n: int, start: int) -> Optional[PromptRows]:
@@ -119,7 +135,7 @@ class ModelRunner:
         self.device = model.device
         self.block_size = block_size
         spec = model.spec
-        gpu = self.device.type == "cuda" and isinstance(model, LlamaModel) and triton_available(self.device)
+        gpu = gpu_path(model)
         # the GPU path's CUDA graphs pad their batches with rows that write to one spare block, never handed out
         shape = (num_blocks + gpu, block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches = allocate_kv_caches(spec.num_layers, shape, kv_dtype or model.dtype, self.device)
@@ -127,7 +143,7 @@ class ModelRunner:
         if self.device.type == "cuda" and not gpu:
             logger.info("GPU path off (%s): torch attention, eager steps, sampling on the host",
                         "not our Llama-family forward" if not isinstance(model, LlamaModel) else
-                        "Triton is missing or does not support this GPU; see docs/gpu.md")
+                        "Triton is missing or does not support this GPU, or TGI_NB_GPU_PATH=0; see docs/gpu.md")
         if gpu:
             from .gpu_runner import GpuStepRunner
 

@@ -42,9 +42,7 @@ _TILE_N = 32
 @functools.lru_cache(maxsize=1)
 def _kernel():
     """The jitted kernel, built on first use (decorating reads TRITON_INTERPRET, so it is set first)."""
-    interpret = not torch.cuda.is_available()
-    if interpret:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    interpret = _import_triton()
     import triton
     import triton.language as tl
 
@@ -136,6 +134,17 @@ def _kernel():
     return triton, _paged_attention_kernel
 
 
+def _import_triton() -> bool:
+    """Import triton; without CUDA first ask for its interpreter (the only way it runs there), which must be set
+    before triton is first imported. Returns whether kernels are interpreted."""
+    interpret = not torch.cuda.is_available()
+    if interpret:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import triton  # noqa: F401
+
+    return interpret
+
+
 def _interpreted(fn) -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -156,7 +165,7 @@ def triton_available(device: Optional[torch.device] = None) -> bool:
     if switch == "0":
         return False
     try:
-        import triton  # noqa: F401
+        _import_triton()
     except ImportError:
         return False
     if device is not None and torch.device(device).type == "cuda" and switch != "1":
