@@ -49,16 +49,20 @@ def mix32(x):
     return x ^ (x >> 16)
 
 
-def noise_keys(seed: int, step: int) -> tuple[int, int]:
-    """The two 32-bit keys of a row's noise at ``step`` (tokens generated so far) for ``seed`` (any integer).
+def noise_keys(seed, step):
+    """The two 32-bit keys of a row's noise at ``step`` (tokens generated so far) for ``seed`` (a 64-bit seed, as
+    ``torch.Generator.initial_seed()`` gives it): Python ints, or numpy uint64 arrays of rows (the same values).
 
     Example:
         >>> noise_keys(7, 0) != noise_keys(7, 1) and noise_keys(7, 0) != noise_keys(8, 0)
         True
+        >>> k1, k2 = noise_keys(np.array([7, 8], np.uint64), np.array([0, 3], np.uint64))
+        >>> [int(k1[0]), int(k2[1])] == [noise_keys(7, 0)[0], noise_keys(8, 3)[1]]
+        True
     """
-    seed &= (1 << 64) - 1
-    k1 = mix32((seed & _M32) ^ mix32(seed >> 32))
-    return k1, mix32((step & _M32) ^ mix32((k1 + 0x9E3779B9) & _M32))
+    m32 = np.uint64(_M32) if isinstance(seed, np.ndarray) else _M32
+    k1 = mix32((seed & m32) ^ mix32(seed >> 32))
+    return k1, mix32((step & m32) ^ mix32((k1 + 0x9E3779B9) & m32))
 
 
 # Columns of the per-row float32 parameters.
@@ -139,17 +143,18 @@ class DeviceSampler:
         grammar = set(grammar_rows)
         batch.custom_rows = [i for i, s in enumerate(seqs) if s.logits_processor is not None and i not in grammar]
 
-        floats, ints = buf.host(batch.floats), buf.host(batch.ints)
-        for i, (seq, p) in enumerate(zip(seqs, params)):
-            temperature = 1.0 if p.greedy else p.temperature
-            # top_p = 1 must keep every token: a float32 cumulative sum can reach 1 before the tail
-            top_p = p.top_p if p.top_p < 1.0 else float("inf")
-            floats[i] = (temperature, top_p, p.min_p, p.repetition_penalty, p.frequency_penalty,
-                         p.presence_penalty)
-            top_k = p.top_k if 0 < p.top_k < self.vocab_size else self.vocab_size
-            seed = seq.generator.initial_seed() if seq.generator is not None else 0
-            k1, k2 = noise_keys(seed, seq.num_output_tokens)
-            ints[i] = (top_k, np.uint32(k1).view(np.int32), np.uint32(k2).view(np.int32), p.greedy)
+        # whole columns at once: a numpy assignment per row costs microseconds, and this runs every step
+        # (top_p = 1 must keep every token: a float32 cumulative sum can reach 1 before the tail, hence inf)
+        buf.host(batch.floats)[...] = [
+            (1.0 if p.greedy else p.temperature, p.top_p if p.top_p < 1.0 else float("inf"), p.min_p,
+             p.repetition_penalty, p.frequency_penalty, p.presence_penalty) for p in params]
+        seeds = np.array([s.generator.initial_seed() if s.generator is not None else 0 for s in seqs], np.uint64)
+        k1, k2 = noise_keys(seeds, np.array([s.num_output_tokens for s in seqs], np.uint64))
+        ints = buf.host(batch.ints)
+        ints[:, _TOP_K] = [p.top_k if 0 < p.top_k < self.vocab_size else self.vocab_size for p in params]
+        ints[:, _KEY1] = k1.astype(np.uint32).view(np.int32)   # the keys' bit patterns
+        ints[:, _KEY2] = k2.astype(np.uint32).view(np.int32)
+        ints[:, _GREEDY] = batch.greedy
         batch.needs_sort = any(not g and (p.top_k or p.top_p < 1.0) for g, p in zip(batch.greedy, params))
         batch.needs_min_p = any(not g and p.min_p > 0 for g, p in zip(batch.greedy, params))
         if batch.penalty_ids is not None:
@@ -267,7 +272,7 @@ class DeviceSampler:
 
     def _gumbel(self, ints: torch.Tensor) -> torch.Tensor:
         """Gumbel noise ``-log(-log(u))`` from the counter-based hash: 24 bits of ``u`` per (row, token)."""
-        keys = ints[:, (_KEY1, _KEY2)].long() & _M32
+        keys = ints[:, _KEY1:_KEY2 + 1].long() & _M32   # a slice: a list index would be a host->device copy
         x = mix32(self._token_hash[None, :] ^ keys[:, :1])
         x = mix32((x + keys[:, 1:]) & _M32)
         u = ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))

@@ -13,6 +13,7 @@ On the CPU nothing is copied: the views are of the staging tensor itself.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -34,7 +35,7 @@ class Field:
 
     @property
     def words(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * (2 if self.dtype == torch.int64 else 1)
+        return math.prod(self.shape) * (2 if self.dtype == torch.int64 else 1)
 
 
 class HostBuffer:
