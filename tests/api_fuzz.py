@@ -58,6 +58,9 @@ class FuzzStats:
     streamed: int = 0
 
 
+_RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")
+
+
 def _is_error_event(event: Any) -> bool:
     return isinstance(event, dict) and "error" in event
 
@@ -93,6 +96,12 @@ def check_response(path: str, response: httpx.Response, lines: list[str]) -> boo
         check_error_shape(path, errors[0])
         kind = errors[0]["error"]["type"] if is_openai_path(path) else errors[0]["error_type"]
         assert kind not in _SERVER_ERROR_TYPES, f"a server-side failure inside the stream of {path}: {errors[0]}"
+    elif path.startswith("/v1/responses"):
+        # Typed events, numbered from 0, ending with the response's last state (OpenAI sends no [DONE]).
+        assert [e["sequence_number"] for e in events] == list(range(len(events))), events[:3]
+        assert events[-1]["type"] in _RESPONSE_ENDS, f"a stream of {path} that ended with {events[-1]['type']}"
+        assert events[-1]["type"] != "response.failed" or events[-1]["response"]["error"]["code"] != "server_error", \
+            f"a server-side failure inside the stream of {path}: {events[-1]['response']['error']}"
     elif is_openai_path(path):
         assert events[-1] == "[DONE]", f"a stream of {path} that ended without [DONE]: {events[-2:]}"
     return True
@@ -103,7 +112,8 @@ def _streamed(case: Any) -> Any:
     the generated requests reach the streaming code rather than stopping at validation."""
     if isinstance(case.body, dict):
         body = {**case.body, "stream": True}
-        for name, small in (("max_tokens", 8), ("max_completion_tokens", 8), ("n", 2), ("best_of", None)):
+        for name, small in (("max_tokens", 8), ("max_completion_tokens", 8), ("max_output_tokens", 8), ("n", 2),
+                            ("best_of", None)):
             if name in body:
                 body[name] = small
         if isinstance(body.get("parameters"), dict):

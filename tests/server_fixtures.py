@@ -153,7 +153,14 @@ def engine(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
+def served(engine):
+    """``(server, app)``: a server on a free port in front of the module's ``engine``, and its app."""
+    with running_server(engine) as (server, app):
+        yield server, app
+
+
+@pytest.fixture(scope="module")
 def server(engine):
-    """A server on a free port in front of the module's ``engine``."""
+    """A server on a free port in front of the module's ``engine`` (:func:`served` when the app is needed too)."""
     with running_server(engine) as (server, _):
         yield server

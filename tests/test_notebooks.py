@@ -90,3 +90,13 @@ def test_04_rag(tmp_path, no_token, smollm2_dir):
     assert "answer contains the fact: " in text
     assert any("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
     assert "deleted" in text
+
+
+def test_05_responses_api(tmp_path, no_token, smollm2_dir):
+    text = outputs(execute("05_responses_api.ipynb", tmp_path))
+    assert text.count("Paris") >= 3                                   # both APIs, and the streamed one
+    assert "'response.completed': 1" in text and "completed True" in text
+    assert "function_call get_weather" in text                        # the tool round trip
+    assert "name=" in text and "country=" in text                     # the parsed structured output
+    assert "reasoning:" in text and "reasoning tokens:" in text       # a reasoning item, and its tokens
+    assert "thinking: " in text and "400: tools.0.type" in text

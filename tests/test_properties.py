@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tgi_nb.engine.detokenizer import IncrementalDetokenizer
-from tgi_nb.server.tools import ToolCallParser, parse_tool_calls
+from tgi_nb.server.tool_parser import ToolCallParser, parse_tool_calls
 
 PROPERTY = settings(derandomize=True, deadline=None, database=None, max_examples=300,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

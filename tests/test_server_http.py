@@ -11,16 +11,10 @@ import pytest
 
 from server_fixtures import (BorrowedEngine, FailingEngine, SlowEngine, client, kv_free, running_server, sse_events,
                              wait_until)
-from server_fixtures import engine  # noqa: F401  (module-scoped fixtures)
+from server_fixtures import engine, served  # noqa: F401  (module-scoped fixtures)
 from tgi_nb.server import ServerThread, build_app, ServerSettings
 
 CHAT = {"model": "tgi", "messages": [{"role": "user", "content": "Hi"}]}
-
-
-@pytest.fixture(scope="module")
-def served(engine):
-    with running_server(engine) as (server, app):
-        yield server, app
 
 
 @pytest.fixture(scope="module")

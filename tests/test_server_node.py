@@ -1,5 +1,6 @@
 """The official openai npm package, run by Node against a real server: the guide's Node example (plain JS),
-the cookbook's streaming example, the ``chat.completions.stream()`` helper and error classes.
+the cookbook's streaming example, the ``chat.completions.stream()`` helper, error classes, and the
+Responses API with its ``responses.stream()`` helper.
 
 tests/node/node_modules is installed by ``npm ci`` (the Makefile's test-deps target); when it is missing
 and npm is available the first test installs it, so the suite also runs from a bare checkout.
@@ -110,3 +111,15 @@ def test_embeddings(node_modules, server):
         np.testing.assert_allclose(np.array([d["embedding"] for d in result[key]["data"]]), expected, atol=1e-6)
     assert result["asFloat"]["usage"]["prompt_tokens"] > 0
     assert result["dimensionsError"] == {"class": "BadRequestError", "status": 400, "param": "dimensions"}
+
+
+def test_responses_create_and_stream_helper(node_modules, server):
+    result = json.loads(run_node("responses.mjs", server))
+    created, final = result["created"], result["final"]
+    assert created["status"] == "incomplete" and created["output_text"]
+    types = [e["type"] for e in result["events"]]
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    assert [e["sequence_number"] for e in result["events"]] == list(range(len(types)))
+    assert final["status"] == "completed" and final["previous_response_id"] == created["id"]
+    assert json.loads(final["output_text"])["answer"] in ("yes", "no")
+    assert result["notFound"] == {"status": 404, "name": "NotFoundError"}

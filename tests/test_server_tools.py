@@ -15,7 +15,8 @@ from server_fixtures import client, kv_free, make_engine, wait_until
 from server_fixtures import server  # noqa: F401  (module-scoped fixtures)
 from tgi_nb.server.chat import render_chat
 from tgi_nb.server.protocol import ChatMessage
-from tgi_nb.server.tools import ToolCallParser, parse_tool_calls, plan_tools
+from tgi_nb.server.tool_parser import ToolCallParser, parse_tool_calls
+from tgi_nb.server.tools import plan_tools
 
 WEATHER_PARAMS = {
     "type": "object",

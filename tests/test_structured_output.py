@@ -16,7 +16,8 @@ from server_fixtures import kv_free, make_engine, running_server, wait_until
 from tgi_nb.engine.guided_decoding import (MAX_FRACTION_DIGITS, MAX_INTEGER_DIGITS, GrammarCompiler,
                                            GrammarError, json_object_grammar, json_schema_grammar, lark_grammar,
                                            with_json_style)
-from tgi_nb.server.tools import ToolCallGuard, ToolCallParser, parse_tool_calls, tool_call_text
+from tgi_nb.server.tool_parser import ToolCallGuard, ToolCallParser, parse_tool_calls
+from tgi_nb.server.tools import tool_call_text
 
 EOS = 2  # SmolLM2's <|im_end|>
 

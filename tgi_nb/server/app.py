@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from .auth import APIKeyMiddleware
 from .errors import install_error_handlers
 from .openai_routes import router as openai_router
+from .responses_routes import router as responses_router
 from .context import EngineHolder, ServerContext
 from .settings import ServerSettings
 from .tgi_routes import router as tgi_router
@@ -74,6 +75,7 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(responses_router)
     app.include_router(tgi_router)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)

@@ -29,22 +29,33 @@ def load_chat_template(value: Optional[str]) -> Optional[str]:
     return value
 
 
-def _content_text(message: ChatMessage, index: int) -> Optional[str]:
-    content = message.content
-    if content is None or isinstance(content, str):
-        return content
+def parts_text(parts: list[Any], param: str) -> str:
+    """The text of content parts (``text`` / ``input_text`` / ``output_text`` / ``refusal``, the chat and
+    Responses kinds); any other part is a 400 naming ``param.j.type``.
+
+    Example:
+        >>> parts_text([{"type": "input_text", "text": "a"}, {"type": "text", "text": "b"}], "input.0.content")
+        'a\\nb'
+    """
     texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type")
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("text", "input_text", "output_text"):
             texts.append(str(part.get("text", "")))
         elif kind == "refusal":
             texts.append(str(part.get("refusal", "")))
         else:
-            raise BadRequest(f"messages[{index}].content[{j}].type: only 'text' parts are supported by this "
-                             f"text-only model, got {kind!r}", param=f"messages.{index}.content.{j}.type")
+            raise BadRequest(f"{param}.{j}.type: only text parts are supported by this text-only model, got "
+                             f"{kind!r}", param=f"{param}.{j}.type")
     # vLLM joins text parts with a newline; so do we, so that prompts match across servers.
     return "\n".join(texts)
+
+
+def _content_text(message: ChatMessage, index: int) -> Optional[str]:
+    content = message.content
+    if content is None or isinstance(content, str):
+        return content
+    return parts_text(content, f"messages.{index}.content")
 
 
 def to_template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
@@ -65,6 +76,9 @@ def to_template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]
             item["name"] = message.name
         if message.tool_call_id is not None:
             item["tool_call_id"] = message.tool_call_id
+        thinking = message.reasoning_content or message.reasoning
+        if thinking:
+            item["reasoning_content"] = thinking
         if message.tool_calls:
             calls = []
             for call in message.tool_calls:
@@ -147,11 +161,13 @@ def render_chat(tokenizer, messages: Sequence[ChatMessage], *, chat_template: Op
 
 
 def render_chat_request(tokenizer, req: ChatCompletionRequest, tools: ToolPlan,
-                        chat_template: Optional[str] = None) -> str:
+                        chat_template: Optional[str] = None,
+                        template_kwargs: Optional[dict[str, Any]] = None) -> str:
     """:func:`render_chat` for a chat completion request and its planned ``tools``: the prompt
-    /v1/chat/completions generates from, and /chat_tokenize shows."""
+    /v1/chat/completions generates from, and /chat_tokenize shows. ``template_kwargs`` replace the
+    request's ``chat_template_kwargs`` (the generation path adds what the reasoning effort maps to)."""
     return render_chat(tokenizer, req.messages, chat_template=chat_template,
                        add_generation_prompt=req.add_generation_prompt,
                        continue_final_message=req.continue_final_message,
                        tools=tools.template_tools, tool_instructions=tools.instructions(),
-                       chat_template_kwargs=req.chat_template_kwargs)
+                       chat_template_kwargs=req.chat_template_kwargs if template_kwargs is None else template_kwargs)

@@ -14,6 +14,7 @@ from tgi_nb.engine.capacity import RequestLimits
 from tgi_nb.engine.interface import GenerationEngine
 
 from .chat import load_chat_template
+from .responses_store import ResponseStore
 from .errors import ModelNotReady, Overloaded
 from .metrics import ServerMetrics
 from .settings import ServerSettings
@@ -161,6 +162,7 @@ class ServerContext:
         self.metrics = ServerMetrics(self._engine_stats)
         self.started = int(time.time())
         self.chat_template = load_chat_template(settings.chat_template)
+        self.responses = ResponseStore()  # /v1/responses with store=true (bounded; see responses_store.py)
         # Open GenerationStreams, so that a shutdown can end them all at once (see drain()).
         self.streams: set["GenerationStream"] = set()
         self.draining = False

@@ -22,26 +22,24 @@ from starlette.responses import Response
 from tgi_nb.engine.outputs import ResultAccumulator, TokenLogprob
 from tgi_nb.engine.interface import GenerationEngine
 
-from .chat import render_chat_request
 from .errors import APIError, BadRequest, NotFound
 from .guided import compile_guide, request_guide
 from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatDelta, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
                        CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, ModelCard,
-                       ModelList, PromptTokensDetails, UsageInfo, ignored_fields)
+                       ModelList, UsageInfo, ignored_fields)
 from .context import ServerContext
-from .params import log_ignored, make_sampling_params, new_id, parse_logit_bias, resolve_max_new_tokens, stop_list, tokenize
+from .generation import ChatRun, error_kind, internal_error, sampling_params, start_chat, usage_info
+from .params import log_ignored, new_id, resolve_max_new_tokens, tokenize
 from .streaming import (KEEP_ALIVE, SSE_DONE, SSE_KEEP_ALIVE, ClientDisconnected, GenerationStream, SSEResponse,
                         check_finished, sse)
 from .tokens import TokenTable, cumulative_logprob, token_table
-from .tools import ToolCallParser, parse_tool_calls, plan_tools
 
 logger = logging.getLogger("tgi_nb.server")
 
 SYSTEM_FINGERPRINT = "tgi_nb"
 
 # Engine field -> what the client called it, for error messages.
-_CHAT_NAMES = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs", "prompt": "messages"}
 _COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "prompt": "prompt"}
 
 
@@ -60,41 +58,8 @@ def finish_reason(reason: Optional[str], tool_calls: bool = False) -> Optional[s
     return "tool_calls" if tool_calls else "stop"
 
 
-def _sampling(req: Any, engine: GenerationEngine, max_new_tokens: int, logprobs: Optional[int], n: int,
-              names: dict[str, str], logits_processor_factory: Any = None):
-    temperature = 1.0 if req.temperature is None else req.temperature
-    top_p = 1.0 if req.top_p is None else req.top_p
-    top_k = 0 if req.top_k in (None, -1) else req.top_k
-    if top_p == 0:  # OpenAI accepts 0: only the most likely token is left
-        top_p, top_k = 1.0, 1
-    return make_sampling_params(
-        names,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        min_p=req.min_p or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
-        logit_bias=parse_logit_bias(req.logit_bias, engine.vocab_size), seed=req.seed,
-        stop=stop_list(req.stop), stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-        logprobs=logprobs, n=n, logits_processor_factory=logits_processor_factory)
-
-
-def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> UsageInfo:
-    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
-
-
-def _error_kind(err: APIError) -> str:
-    return {400: "validation", 429: "overloaded", 503: "unavailable"}.get(err.status_code, "generation")
-
-
 def _error_event(err: APIError) -> bytes:
     return sse(json.dumps(err.openai_body()))
-
-
-def _internal_error(exc: Exception) -> APIError:
-    logger.exception("stream failed")
-    return APIError(f"internal server error: {type(exc).__name__}: {exc}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,81 +86,62 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     """POST /v1/chat/completions."""
     log_ignored("/v1/chat/completions", ignored_fields(req))
     _reject_unsupported_chat(req)
-    tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
-    # A forced call leaves no content for a response_format to shape (OpenAI accepts both): the call's
-    # grammar wins. Under a response_format the content is that format, so only forced calls are parsed.
-    constraint = request_guide(req)
-    spec = tools.guide() or constraint
-    tool_names = tools.names if tools.forced or (tools.mode == "auto" and spec is None) else None
-    engine = ctx.require_engine()
-    prompt = render_chat_request(engine.tokenizer, req, tools, ctx.chat_template)
-    ids = tokenize(engine, prompt, "messages")
-    max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_new = resolve_max_new_tokens(req.max_completion_tokens or req.max_tokens, len(ids), ctx.limits(engine),
-                                     field=max_field, prompt_field="messages")
-    names = {**_CHAT_NAMES, "max_new_tokens": max_field}
-    guide = await compile_guide(engine, spec) if spec is not None else None
-    processors = guide.processor if guide is not None else None
-    if tool_names is not None:  # the output is parsed for calls: end it at a repeated (or, single, a first) call
-        processors = tools.processor_factory(processors, engine.tokenizer, engine.eos_token_ids)
-    params = _sampling(req, engine, max_new, (req.top_logprobs or 0) if req.logprobs else None, req.n, names,
-                       processors)
-    request_id = new_id("chatcmpl")
-    stream = GenerationStream(ctx, engine, "chat_completions")
-    stream.submit([ids], params, request_id, names)
-    table = token_table(engine)
+    run = await start_chat(ctx, req, "chat_completions", new_id("chatcmpl"))
+    stream = run.stream
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = _chat_events(ctx, stream, request, request_id, req.n, req.logprobs, include_usage, table,
-                              tool_names, tools.forced, not tools.parallel)
-        return SSEResponse(events, on_close=stream.close)
+        return SSEResponse(_chat_events(ctx, run, request, req.logprobs, include_usage), on_close=stream.close)
     try:
         outputs = (await stream.collect(request))[0]
+        acc = ResultAccumulator(run.request_id, req.n)
+        parsers = [run.parser() for _ in range(req.n)]
         for out in outputs:
             check_finished(out)
-        acc = ResultAccumulator(request_id, req.n)
-        for out in outputs:
             acc.add(out)
+            for d in out.outputs:
+                parsers[d.index].feed(d.text, len(d.token_ids), d.finish_reason is not None)
         result = acc.result()
         choices = []
         for o in result.outputs:
-            content, calls = (parse_tool_calls(o.text, tool_names, single=not tools.parallel)
-                              if tool_names is not None else (o.text, []))
-            choices.append(ChatChoice(index=o.index, message=ChatResponseMessage(content=content,
-                                                                                 tool_calls=calls or None),
-                                      logprobs=chat_logprobs(table, o.logprobs or []) if req.logprobs else None,
-                                      finish_reason=finish_reason(o.finish_reason, bool(calls))))
-        response = ChatCompletionResponse(id=request_id, model=ctx.served_model_name, choices=choices,
-                                          usage=_usage(len(ids), result.completion_tokens, result.num_cached_tokens),
+            parser = parsers[o.index]
+            reasoning = parser.reasoning or None
+            message = ChatResponseMessage(content=parser.content, tool_calls=parser.tool_calls or None,
+                                          reasoning_content=reasoning, reasoning=reasoning)
+            choices.append(ChatChoice(index=o.index, message=message,
+                                      logprobs=chat_logprobs(run.table, o.logprobs or []) if req.logprobs else None,
+                                      finish_reason=finish_reason(o.finish_reason, bool(parser.tool_calls))))
+        thinking = sum(p.reasoning_tokens for p in parsers) if run.reasoning is not None else None
+        response = ChatCompletionResponse(id=run.request_id, model=ctx.served_model_name, choices=choices,
+                                          usage=usage_info(len(run.prompt_ids), result.completion_tokens,
+                                                           result.num_cached_tokens, thinking),
                                           system_fingerprint=SYSTEM_FINGERPRINT)
         stream.succeed()
         return Response(response.model_dump_json(), media_type="application/json")
     except ClientDisconnected:
         return Response(status_code=499)
     except APIError as err:
-        stream.fail(_error_kind(err))
+        stream.fail(error_kind(err))
         raise
     finally:
         stream.close()
 
 
-async def _chat_events(ctx: ServerContext, stream: GenerationStream, request: Request, request_id: str, n: int,
-                       want_logprobs: bool, include_usage: bool, table: TokenTable,
-                       tool_names: Optional[list[str]], forced_tools: bool, single_call: bool
-                       ) -> AsyncIterator[bytes]:
+async def _chat_events(ctx: ServerContext, run: ChatRun, request: Request, want_logprobs: bool,
+                       include_usage: bool) -> AsyncIterator[bytes]:
     created = int(time.time())
     model = ctx.served_model_name
-    parsers = [ToolCallParser(tool_names, single_call) for _ in range(n)] if tool_names is not None else None
+    stream, n = run.stream, run.n
+    parsers = [run.parser() for _ in range(n)]
 
     def chunk(choices: list[ChatChunkChoice], usage: Optional[UsageInfo] = None) -> bytes:
-        return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices,
+        return sse(ChatCompletionChunk(id=run.request_id, created=created, model=model, choices=choices,
                                        system_fingerprint=SYSTEM_FINGERPRINT, usage=usage).model_dump_json())
 
     stream.watch_disconnect(request)
     try:
         # Sent before the first token: the client sees the stream open at once, and role appears once.
         # A forced tool call has no content: OpenAI's first delta then carries none either.
-        first = ChatDelta(role="assistant", content=None if forced_tools else "")
+        first = ChatDelta(role="assistant", content=None if run.tools.forced else "")
         for index in range(n):
             yield chunk([ChatChunkChoice(index=index, delta=first)])
         cached = 0
@@ -207,33 +153,30 @@ async def _chat_events(ctx: ServerContext, stream: GenerationStream, request: Re
             check_finished(out)
             cached = out.num_cached_tokens
             for d in out.outputs:
-                logprobs = chat_logprobs(table, d.logprobs) if want_logprobs and d.logprobs else None
-                text, calls, made_calls = d.text, [], False
-                if parsers is not None:
-                    parser = parsers[d.index]
-                    text, calls = parser.feed(d.text)
-                    if d.finish_reason is not None:
-                        more_text, more_calls = parser.finish()
-                        text, calls = text + more_text, calls + more_calls
-                    made_calls = bool(parser.calls)
-                if not text and not calls and d.finish_reason is None and logprobs is None:
+                logprobs = chat_logprobs(run.table, d.logprobs) if want_logprobs and d.logprobs else None
+                parser = parsers[d.index]
+                piece = parser.feed(d.text, len(d.token_ids), d.finish_reason is not None)
+                if not piece and d.finish_reason is None and logprobs is None:
                     continue
-                delta = ChatDelta(content=text if (text or (logprobs and not calls)) else None,
-                                  tool_calls=calls or None)
+                calls = piece.tool_calls
+                delta = ChatDelta(content=piece.content if (piece.content or (logprobs and not calls)) else None,
+                                  tool_calls=calls or None, reasoning_content=piece.reasoning or None,
+                                  reasoning=piece.reasoning or None)
                 yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
-                                             finish_reason=finish_reason(d.finish_reason, made_calls))])
+                                             finish_reason=finish_reason(d.finish_reason, bool(parser.tool_calls)))])
         if include_usage:
-            yield chunk([], usage=_usage(stream.prompt_lens[0], stream.generated[0], cached))
+            thinking = sum(p.reasoning_tokens for p in parsers) if run.reasoning is not None else None
+            yield chunk([], usage=usage_info(stream.prompt_lens[0], stream.generated[0], cached, thinking))
         yield SSE_DONE
         stream.succeed()
     except ClientDisconnected:
         return
     except APIError as err:
-        stream.fail(_error_kind(err))
+        stream.fail(error_kind(err))
         yield _error_event(err)
     except Exception as exc:  # noqa: BLE001 - the client must learn the stream failed, in OpenAI's shape
         stream.fail("internal")
-        yield _error_event(_internal_error(exc))
+        yield _error_event(internal_error(exc))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +253,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
     guide = await compile_guide(engine, spec) if spec is not None else None
     # Scoring best_of candidates needs each token's log-probability even if the client asked for none.
     engine_logprobs = req.logprobs if req.logprobs is not None else (0 if best_of > req.n else None)
-    params = [_sampling(req, engine, resolve_max_new_tokens(req.max_tokens, len(ids), limits, field="max_tokens",
+    params = [sampling_params(req, engine, resolve_max_new_tokens(req.max_tokens, len(ids), limits, field="max_tokens",
                                                             prompt_field="prompt"),
                         engine_logprobs, best_of, _COMPLETION_NAMES, guide.processor if guide is not None else None)
               for ids, _ in prompts]
@@ -356,14 +299,14 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
                                                 logprobs=logprobs, finish_reason=finish_reason(o.finish_reason)))
         prompt_tokens = sum(stream.prompt_lens)
         response = CompletionResponse(id=request_id, model=ctx.served_model_name, choices=choices,
-                                      usage=_usage(prompt_tokens, completion_tokens, cached),
+                                      usage=usage_info(prompt_tokens, completion_tokens, cached),
                                       system_fingerprint=SYSTEM_FINGERPRINT)
         stream.succeed()
         return Response(response.model_dump_json(), media_type="application/json")
     except ClientDisconnected:
         return Response(status_code=499)
     except APIError as err:
-        stream.fail(_error_kind(err))
+        stream.fail(error_kind(err))
         raise
     finally:
         stream.close()
@@ -413,17 +356,17 @@ async def _completion_events(ctx: ServerContext, stream: GenerationStream, reque
                                               finish_reason=finish_reason(d.finish_reason))])
         if include_usage:
             prompt_tokens, completion_tokens = sum(stream.prompt_lens), sum(stream.generated)
-            yield chunk([], usage=_usage(prompt_tokens, completion_tokens, cached))
+            yield chunk([], usage=usage_info(prompt_tokens, completion_tokens, cached))
         yield SSE_DONE
         stream.succeed()
     except ClientDisconnected:
         return
     except APIError as err:
-        stream.fail(_error_kind(err))
+        stream.fail(error_kind(err))
         yield _error_event(err)
     except Exception as exc:  # noqa: BLE001
         stream.fail("internal")
-        yield _error_event(_internal_error(exc))
+        yield _error_event(internal_error(exc))
 
 
 # ----------------------------------------------------------------------------------------------

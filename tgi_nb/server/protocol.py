@@ -52,11 +52,17 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: Optional[PromptTokensDetails] = Field(**_OMIT)
+    # Only when a reasoning parser ran: tokens spent thinking, as OpenAI's reasoning models report them.
+    completion_tokens_details: Optional[CompletionTokensDetails] = Field(**_OMIT)
 
 
 class _SamplingFields(_Request):
@@ -102,6 +108,9 @@ class ChatMessage(_Request):
     name: Optional[str] = None
     tool_calls: Optional[list[dict[str, Any]]] = None
     tool_call_id: Optional[str] = None
+    # An earlier assistant turn's thinking, under either name (templates read ``reasoning_content``).
+    reasoning_content: Optional[str] = None
+    reasoning: Optional[str] = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -116,6 +125,8 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
+    # OpenAI's reasoning models' knob, mapped to the chat template's thinking switch (reasoning.py).
+    reasoning_effort: Optional[str] = None
     # Chat-template controls, as vLLM names them.
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_generation_prompt: Optional[bool] = None
@@ -123,10 +134,15 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class ChatResponseMessage(BaseModel):
+    """``reasoning_content`` (DeepSeek's, llama.cpp's, the openai-agents SDK's and LiteLLM's field) and
+    ``reasoning`` (vLLM's and OpenRouter's) carry the same thinking, present only when a reasoning parser ran."""
+
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
     refusal: Optional[str] = None
     tool_calls: Optional[list[dict[str, Any]]] = Field(**_OMIT)
+    reasoning_content: Optional[str] = Field(**_OMIT)
+    reasoning: Optional[str] = Field(**_OMIT)
 
 
 class ChatTopLogprob(BaseModel):
@@ -174,6 +190,8 @@ class ChatDelta(BaseModel):
     role: Optional[Literal["assistant"]] = Field(**_OMIT)
     content: Optional[str] = Field(**_OMIT)
     tool_calls: Optional[list[dict[str, Any]]] = Field(**_OMIT)
+    reasoning_content: Optional[str] = Field(**_OMIT)  # both names, as on ChatResponseMessage
+    reasoning: Optional[str] = Field(**_OMIT)
 
 
 class ChatChunkChoice(BaseModel):

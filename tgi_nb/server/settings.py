@@ -7,6 +7,8 @@ from typing import Optional
 
 from tgi_nb.models.embedding import DEFAULT_EMBEDDING_MODEL_ID
 
+from .reasoning import check_parser_name
+
 
 class SettingsError(ValueError):
     """Settings that cannot work together; the message names the values involved."""
@@ -21,7 +23,8 @@ class ServerSettings:
     defaults to the engine's model id; clients may send any ``model`` and get this name back.
     ``embedding_model`` is the sentence-transformers model behind /v1/embeddings (a Hub id or a folder;
     None serves no embeddings); it loads on the first embedding request.
-    ``keep_alive_interval`` is how long a stream may stay silent (a long prefill, a full queue)
+    ``reasoning_parser`` splits thinking from answers (reasoning.py's names; None: the chat template decides,
+    ``none``: never). ``keep_alive_interval`` is how long a stream may stay silent (a long prefill, a full queue)
     before an SSE comment is sent so that proxies and clients do not time out.
 
     Example:
@@ -46,6 +49,7 @@ class ServerSettings:
     max_best_of: int = 2
     max_stop_sequences: int = 4
     chat_template: Optional[str] = None
+    reasoning_parser: Optional[str] = None
     keep_alive_interval: float = 10.0
     retry_after: int = 1
     cors_allow_origins: list[str] = field(default_factory=list)
@@ -73,6 +77,10 @@ class ServerSettings:
             raise SettingsError(conflict[1])
         if not self.keep_alive_interval > 0:
             raise SettingsError(f"keep_alive_interval: must be > 0 seconds, got {self.keep_alive_interval!r}")
+        try:
+            check_parser_name(self.reasoning_parser)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         if self.api_key == "":
             self.api_key = None
         if self.embedding_model == "":
