@@ -56,10 +56,10 @@ def test_same_logits_and_tokens_as_the_cpu_runner(tiny_model_dir, arch, override
         expected = model.forward(inputs.input_ids, inputs.positions, inputs.batch, cpu.kv_caches,
                                  inputs.logits_indices)
         sampling = inputs.sampling
-        result = gpu.execute(list(decodes), list(prefills))
-        assert result.sampling == sampling
+        result = gpu.execute(SchedulerOutput(decodes=list(decodes), prefills=list(prefills)))
+        assert result.sampling == sampling and result.num_rows == len(sampling)
         torch.testing.assert_close(result.logits, expected, rtol=1e-4, atol=1e-4)
-        tokens = [t.token_id for t in gpu.sample(result.logits, result.sampling)]
+        tokens = [t.token_id for t in gpu.sample(result)]
         assert tokens == [t.token_id for t in sample(expected, sampling)]
         for seq in decodes:
             seq.num_computed_tokens += 1

@@ -183,9 +183,9 @@ class ModelRunner:
         inputs = self.prepare(step)
         logits = self.model.forward(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches,
                                     inputs.logits_indices).cpu()
-        sampling = inputs.sampling
-        self._score_prompts(inputs.prompt_rows, logits[len(sampling):])
-        logits, sampling = self._with_forks(step, logits[:len(sampling)], sampling)
+        self._score_prompts(inputs.prompt_rows, logits[len(inputs.sampling):])
+        sampling, rows = step.sampling()   # the forked samples sample from their parent's row
+        logits = logits[rows] if len(rows) != len(inputs.sampling) else logits[:len(rows)]
         return RunnerOutput(sampling, sample(logits, sampling), inputs.prompt_rows)
 
     def _run_gpu(self, step: SchedulerOutput) -> RunnerOutput:
@@ -197,12 +197,10 @@ class ModelRunner:
                 prompt_rows.append(rows)
             start += n
         extra = [r for rows in prompt_rows for r in range(rows.start, rows.start + len(rows.positions))]
-        result = self.gpu.execute(step.decodes, step.prefills, extra)
-        sampling, logits = result.sampling, result.logits
+        result = self.gpu.execute(step, extra)
         if prompt_rows:   # their own device->host copy, only for requests that ask for prompt log-probabilities
-            self._score_prompts(prompt_rows, logits[len(sampling):].float().cpu())
-        logits, sampling = self._with_forks(step, logits[:len(sampling)], sampling)
-        return RunnerOutput(sampling, self.gpu.sample(logits, sampling), prompt_rows)
+            self._score_prompts(prompt_rows, result.logits[result.num_rows:].float().cpu())
+        return RunnerOutput(result.sampling, self.gpu.sample(result), prompt_rows)
 
     def _score_prompts(self, prompt_rows: list[PromptRows], logits: torch.Tensor) -> None:
         """``logits``: the prompt-scoring rows of every chunk, in order (they follow the sampling rows)."""
@@ -210,19 +208,6 @@ class ModelRunner:
         for rows in prompt_rows:
             self._score_prompt(rows, logits[first:first + len(rows.positions)])
             first += len(rows.positions)
-
-    @staticmethod
-    def _with_forks(step: SchedulerOutput, logits: torch.Tensor, sampling: list[Sequence]
-                    ) -> tuple[torch.Tensor, list[Sequence]]:
-        """The samples forked this step sample from their parent's row."""
-        if not step.forks:
-            return logits, sampling
-        rows = list(range(len(sampling)))
-        for row, seq in enumerate(list(sampling)):
-            for child in step.forks.get(seq, ()):
-                sampling.append(child)
-                rows.append(row)
-        return logits[rows], sampling
 
     def prepare(self, step: SchedulerOutput) -> StepInputs:
         """The step's inputs on the device: decodes first, then prefill chunks, packed without padding."""
