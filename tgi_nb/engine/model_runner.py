@@ -183,9 +183,12 @@ class ModelRunner:
         inputs = self.prepare(step)
         logits = self.model.forward(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches,
                                     inputs.logits_indices).cpu()
-        self._score_prompts(inputs.prompt_rows, logits[len(inputs.sampling):])
-        sampling, rows = step.sampling()   # the forked samples sample from their parent's row
-        logits = logits[rows] if len(rows) != len(inputs.sampling) else logits[:len(rows)]
+        sampling = inputs.sampling
+        self._score_prompts(inputs.prompt_rows, logits[len(sampling):])
+        logits = logits[:len(sampling)]
+        if step.forks:   # the forked samples sample from their parent's row
+            sampling, rows = step.sampling()
+            logits = logits[rows]
         return RunnerOutput(sampling, sample(logits, sampling), inputs.prompt_rows)
 
     def _run_gpu(self, step: SchedulerOutput) -> RunnerOutput:
