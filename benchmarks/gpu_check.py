@@ -348,11 +348,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
+    note = "; on the CPU the GPU path runs Triton interpreted: its speeds mean nothing" if device.type == "cpu" else ""
     print(f"\n<!-- benchmarks/gpu_check.py{' --smoke' if args.smoke else ''} on {name}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}, {time.perf_counter() - started:.0f} s; throughput, decode, HTTP and busy "
-          f"rows on the {shapes[-1]} shape in {speed_dtype}"
-          f"{'; on the CPU the GPU path runs Triton interpreted: its speeds mean nothing' if device.type == 'cpu' else ''}"
-          f" -->")
+          f"rows on the {shapes[-1]} shape in {speed_dtype}{note} -->")
     print(report.markdown())
     if args.json:
         args.json.write_text(json.dumps({"device": name, "rows": report.rows}, indent=2))
