@@ -227,15 +227,22 @@ class GrammarLogitsProcessor:
         self._consumed = 0
         self._bitmask = torch.zeros((mask_size + 31) // 32, dtype=torch.int32)
 
-    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+    def fill_bitmask(self, generated: list[int], out: torch.Tensor) -> None:
+        """Advance over the sample's new tokens and write the allowed next tokens into ``out``: one bit per token,
+        32 to an int32 (a contiguous CPU int32 tensor covering the model's whole row: see GrammarCompiler). The
+        GPU sampler masks a whole batch from these rows in one operation."""
         matcher = self._matcher
         if len(generated) > self._consumed:
             matcher.consume_tokens(generated[self._consumed:])
             self._consumed = len(generated)
-        matcher.unsafe_compute_mask_ptr(self._bitmask.data_ptr(), self._bitmask.numel() * 4)
+        if out.dtype != torch.int32 or not out.is_contiguous() or out.numel() < self._bitmask.numel():
+            raise ValueError(f"out must be a contiguous int32 tensor of >= {self._bitmask.numel()} elements")
+        matcher.unsafe_compute_mask_ptr(out.data_ptr(), self._bitmask.numel() * 4)
         if matcher.is_error():
             raise RuntimeError(f"grammar: {matcher.get_error().splitlines()[0]}")
-        # One bit per token, 32 to an int32 (the mask covers the model's whole row: see GrammarCompiler).
+
+    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        self.fill_bitmask(generated, self._bitmask)
         allowed = ((self._bitmask.unsqueeze(1) >> _SHIFTS) & 1).flatten().bool()
         return logits.masked_fill_(~allowed[:logits.shape[0]], float("-inf"))
 

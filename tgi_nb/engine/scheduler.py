@@ -57,6 +57,22 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.decodes and not self.prefills
 
+    def sampling(self) -> tuple[list[Sequence], list[int]]:
+        """The sequences that sample this step and the logits row each samples from: the decodes and the prefills
+        whose chunk ends their tokens (rows 0, 1, ...), then the forked samples, each from its parent's row.
+
+        Example:
+            >>> SchedulerOutput().sampling()
+            ([], [])
+        """
+        seqs = list(self.decodes) + [seq for seq, n in self.prefills if completes(seq, n)]
+        rows = list(range(len(seqs)))
+        for row, seq in enumerate(list(seqs)):
+            for child in self.forks.get(seq, ()):
+                seqs.append(child)
+                rows.append(row)
+        return seqs, rows
+
 
 class Scheduler:
     """Keeps the requests, the waiting queue and the running list; fills each step and applies its output.

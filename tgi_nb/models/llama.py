@@ -24,6 +24,7 @@ from .linear import linear
 from . import quant
 from .quant import QuantizedTensor, read_gguf_quantized
 from .rope import rope_and_write_kv
+from .triton_attention import PagedBatch, attend_paged
 
 logger = logging.getLogger("tgi_nb")
 
@@ -320,7 +321,12 @@ class LlamaModel:
 
         Decode tokens (the batch's first ``num_decodes``, each its own logits row) take the fused native step
         when it applies (:mod:`tgi_nb.models.decode_step`), always, whatever else shares the step, so that a
-        sequence's tokens never depend on its neighbours; prefill chunks take the per-layer path."""
+        sequence's tokens never depend on its neighbours; prefill chunks take the per-layer path.
+
+        A :class:`~tgi_nb.models.triton_attention.PagedBatch` (the GPU path) runs the per-layer path with Triton
+        attention, reading nothing back on the host (the rotary table covers ``max_position_embeddings``)."""
+        if isinstance(batch, PagedBatch):
+            return self._layered_forward(input_ids, positions, batch, kv_caches, logits_indices)
         self._ensure_rope(int(positions.max()) + 1)
         nd = batch.num_decodes
         fused = self._fused_decode() if nd else None
@@ -357,7 +363,7 @@ class LlamaModel:
         eps = s.rms_norm_eps
         numerics = self.numerics
         if logits_indices.numel() == 0:      # a prefill chunk that samples nothing: skip the lm_head
-            logits_out = torch.empty(0, s.vocab_size, dtype=torch.float32)
+            logits_out = torch.empty(0, s.vocab_size, dtype=torch.float32, device=input_ids.device)
         else:
             logits_out = None
 
@@ -365,11 +371,12 @@ class LlamaModel:
         # o product adding the residual, RMSNorm fused into gate|up with silu(gate) * up as its epilogue, the
         # down product adding the residual. On CPU float32 each of these is one native call.
         x = self.embed.dequantize(input_ids) if isinstance(self.embed, QuantizedTensor) else self.embed[input_ids]
+        attend_fn = attend_paged if isinstance(batch, PagedBatch) else attend
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             qkv = linear(x, layer["qkv"], layer["qkv_bias"], norm=(layer["input_norm"], eps), numerics=numerics)
             q, k, v = rope_and_write_kv(qkv, positions, self._cos, self._sin, k_cache, v_cache, batch.slot_mapping,
                                         s.num_heads, layer["q_norm"], layer["k_norm"], eps)
-            attn = attend(q, k, v, k_cache, v_cache, batch, s.head_dim ** -0.5, s.sliding_window, write_kv=False)
+            attn = attend_fn(q, k, v, k_cache, v_cache, batch, s.head_dim ** -0.5, s.sliding_window, write_kv=False)
             x = linear(attn.view(num_tokens, -1), layer["o"], residual=x, numerics=numerics)
             mlp = linear(x, layer["gate_up"], norm=(layer["post_norm"], eps), silu_mul=True, numerics=numerics)
             x = linear(mlp, layer["down"], residual=x, numerics=numerics)

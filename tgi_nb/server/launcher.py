@@ -15,6 +15,18 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+
+
+def _switch(raw: str) -> bool:
+    """A boolean option's value: a flag alone is true; an environment variable says 1/true/yes or 0/false/no."""
+    value = str(raw).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
 # (dest, flags, environment variables, type, default, help). Environment variables are read in order:
 # MAX_INPUT_LENGTH is the old name of MAX_INPUT_TOKENS, still set by many deployments (and the cookbook).
 _OPTIONS: tuple = (
@@ -49,7 +61,8 @@ _OPTIONS: tuple = (
     ("api_key", ("--api-key",), ("API_KEY",), str, None,
      "require 'Authorization: Bearer KEY' on every route but /health"),
     ("dtype", ("--dtype",), ("DTYPE",), str, None,
-     "float32, bfloat16, float16 or float64 (default: float32 on CPU, bfloat16 on CUDA)"),
+     "float32, bfloat16, float16 or float64 (default: float32 on CPU; on CUDA bfloat16, float16 on GPUs "
+     "before compute capability 8.0 such as the T4)"),
     ("device", ("--device",), ("DEVICE",), str, None, "cpu or cuda (default: cuda when available)"),
     ("quantize", ("--quantize",), ("QUANTIZE",), str, None,
      "weights on CPU in float32: q8_0 or q4_0 quantizes a float model at load; float dequantizes a GGUF "
@@ -59,6 +72,11 @@ _OPTIONS: tuple = (
      "activations: faster batches and prompts, a few greedy tokens differ)"),
     ("kv_cache_dtype", ("--kv-cache-dtype",), ("KV_CACHE_DTYPE",), str, None,
      "float32, bfloat16, float16 or float64: the KV cache's type; float16 halves its memory (default: --dtype)"),
+    ("enforce_eager", ("--enforce-eager",), ("ENFORCE_EAGER",), _switch, False,
+     "CUDA: run decode steps op by op instead of replaying CUDA graphs (vLLM's flag)"),
+    ("cuda_memory_fraction", ("--cuda-memory-fraction",), ("CUDA_MEMORY_FRACTION",), float, 1.0,
+     "CUDA: share of the GPU's memory the server may use, weights included; the KV cache is sized within it "
+     "(default: %(default)s)"),
     ("chat_template", ("--chat-template",), ("CHAT_TEMPLATE",), str, None,
      "a Jinja chat template, inline or as a file path, replacing the model's"),
     ("reasoning_parser", ("--reasoning-parser",), ("REASONING_PARSER",), str, None,
@@ -90,7 +108,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """
     for dest, flags, envs, kind, default, help_text in _OPTIONS:
         env_note = f" [env: {', '.join(envs)}]" if envs else ""
-        parser.add_argument(*flags, dest=dest, type=kind, default=None,
+        switch = {"nargs": "?", "const": True} if kind is _switch else {}   # --enforce-eager alone means true
+        parser.add_argument(*flags, dest=dest, type=kind, default=None, **switch,
                             help=(help_text % {"default": default} if "%(default)" in help_text else help_text)
                             + env_note)
 
@@ -115,8 +134,8 @@ def resolve_options(args: argparse.Namespace, environ: Optional[dict] = None) ->
                     try:
                         value = kind(raw)
                     except ValueError:
-                        raise LaunchError(f"{env}={raw!r}: must be {'an integer' if kind is int else kind.__name__}") \
-                            from None
+                        expected = {int: "an integer", float: "a number", _switch: "true or false"}.get(kind, "text")
+                        raise LaunchError(f"{env}={raw!r}: must be {expected}") from None
                     break
         out[dest] = default if value is None else value
     return out
@@ -142,6 +161,9 @@ def check_limits(opts: dict[str, Any], *, pairs: bool = True) -> None:
             raise LaunchError(f"{name} ({get(name)}) must be >= 1")
     if not 0 <= (get("port") or 0) <= 65535:
         raise LaunchError(f"port ({get('port')}) must be in [0, 65535]")
+    fraction = opts.get("cuda_memory_fraction")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise LaunchError(f"cuda_memory_fraction ({fraction}) must be in (0, 1]")
     if get("max_top_n_tokens") is not None and not 0 <= get("max_top_n_tokens") <= 20:
         raise LaunchError(f"max_top_n_tokens ({get('max_top_n_tokens')}) must be in [0, 20]")
     from tgi_nb.engine.capacity import limit_conflict
@@ -203,6 +225,9 @@ def plan_from_options(opts: dict[str, Any], *, fit_limits: bool = False) -> Serv
         engine_kwargs["numerics"] = opts["numerics"]
     if opts["max_batch_size"] is not None:
         engine_kwargs["max_num_seqs"] = opts["max_batch_size"]
+    for name in ("enforce_eager", "cuda_memory_fraction"):
+        if opts.get(name) is not None:
+            engine_kwargs[name] = opts[name]
     try:
         config = EngineConfig(**engine_kwargs)  # validated now, before the model loads
         settings = ServerSettings(
