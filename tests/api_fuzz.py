@@ -122,6 +122,21 @@ def _streamed(case: Any) -> Any:
     return case
 
 
+def _multipart(files: Optional[list]) -> Optional[list]:
+    """schemathesis' multipart parts (/v1/files) as httpx can send them: numbers and nulls as JSON text, text
+    with lone surrogates as the bytes a client would send."""
+    if not files:
+        return None
+
+    def text(value: Any) -> Any:
+        if isinstance(value, bytes):
+            return value
+        return (value if isinstance(value, str) else json.dumps(value)).encode("utf-8", "surrogatepass")
+
+    return [(name.encode("utf-8", "surrogatepass").decode("utf-8", "replace"), (part[0], text(part[1]), *part[2:]))
+            for name, part in files]
+
+
 def send(http: httpx.Client, case: Any, auth: Optional[str]) -> tuple[httpx.Response, list[str]]:
     """Send a schemathesis case with httpx, reading the whole body (line by line for event streams)."""
     kwargs = case.as_transport_kwargs(base_url=str(http.base_url).rstrip("/"))
@@ -136,7 +151,8 @@ def send(http: httpx.Client, case: Any, auth: Optional[str]) -> tuple[httpx.Resp
         if isinstance(content, str):
             content = content.encode("utf-8", "surrogatepass")
     with http.stream(kwargs["method"], kwargs["url"], params=kwargs.get("params") or None, headers=headers,
-                     content=content, cookies=kwargs.get("cookies") or None) as response:
+                     content=content, files=_multipart(kwargs.get("files")),
+                     cookies=kwargs.get("cookies") or None) as response:
         if response.headers.get("content-type", "").startswith("text/event-stream"):
             return response, list(response.iter_lines())
         response.read()

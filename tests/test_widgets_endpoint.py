@@ -158,7 +158,7 @@ def test_pick_a_running_endpoint_and_workbench_tabs(tiny):
                                                 env={"MAX_TOTAL_TOKENS": "512", "MAX_BATCH_TOTAL_TOKENS": "4096"})
     bench = tgi_nb.workbench()
     try:
-        assert bench.titles == ("Endpoint", "Parameters", "Chat", "Compare", "Monitor", "RAG")
+        assert bench.titles == ("Endpoint", "Parameters", "Chat", "Compare", "Monitor", "RAG", "Migration")
         form = bench.endpoint_widget
         form.refresh_running()
         assert "widget-pick" in [value for _, value in form.running.options]

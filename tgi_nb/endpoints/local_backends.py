@@ -260,7 +260,9 @@ class ProcessBackend(LocalBackend):
                 "args": list(launch.args), "api_key": launch.api_key, "accelerator": launch.accelerator,
                 "scale_to_zero_after": launch.scale_to_zero_after, "host": launch.host, "port": port or 0,
                 "port_fallback": launch.port is None, "control_token": self._control_token,
-                "port_file": str(self._port_file), "parent_pid": os.getpid()}
+                "port_file": str(self._port_file), "parent_pid": os.getpid(),
+                # /v1/files under this backend's folder: removed with it even if the child is killed
+                "files_dir": str(self._dir / "files")}
         env = host_env_for_child(launch)
         env["TGI_NB_ENDPOINT_SPEC"] = json.dumps(spec)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -418,13 +418,15 @@ def parse_container_args(args: tuple[str, ...]):
 def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str, str], args: tuple[str, ...] = (),
                        api_key: Optional[str] = None, accelerator: Optional[str] = None,
                        scale_to_zero_after: Optional[float] = None, control_token: Optional[str] = None,
-                       wake_timeout: float = WAKE_TIMEOUT, machine: Optional[StatusMachine] = None
-                       ) -> ControlledApp:
+                       wake_timeout: float = WAKE_TIMEOUT, machine: Optional[StatusMachine] = None,
+                       files_dir: Optional[str] = None) -> ControlledApp:
     """The server app for one endpoint, configured as ``text-generation-launcher`` would be by ``env`` (TGI's
     variable names, read from this dict only, never from the process environment) and ``args`` (its flags).
 
     Settings that contradict each other raise ``LaunchError`` here; the model loads when the app starts (in the
-    server's loader thread), and its limits are fitted to the model and memory as it loads. ``machine``: the
+    server's loader thread), and its limits are fitted to the model and memory as it loads. ``files_dir`` holds
+    /v1/files and the Batch API's records unless ``FILES_DIR`` says otherwise (None: a temporary folder removed
+    when the server stops). ``machine``: the
     endpoint's status machine, which the app's controller drives (None: its own).
 
     Example:
@@ -441,6 +443,7 @@ def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str,
         opts["model_id"] = model_id
     opts["revision"] = opts["revision"] or revision
     opts["api_key"] = api_key
+    opts["files_dir"] = opts["files_dir"] or files_dir  # FILES_DIR wins; None: a folder removed with the server
     choose_device(opts, accelerator, notes)
     # Validates every option now; the engine's capacity planner fits the limits to the model and memory.
     settings = plan_from_options(opts, fit_limits=True).settings
@@ -453,4 +456,6 @@ def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str,
     controller = EndpointController(notes, scale_to_zero_after=scale_to_zero_after, machine=machine)
     app = build_app(controller.track_loads(load_engine), settings)
     controller.attach(app.state.holder)
-    return ControlledApp(app, controller, api_key=api_key, control_token=control_token, wake_timeout=wake_timeout)
+    controlled = ControlledApp(app, controller, api_key=api_key, control_token=control_token, wake_timeout=wake_timeout)
+    app.state.batches.app = controlled  # batch lines wait while paused and wake a scaled-to-zero model, as requests do
+    return controlled

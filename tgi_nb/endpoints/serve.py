@@ -43,7 +43,7 @@ def main() -> int:
         app = build_endpoint_app(model_id=spec["model_id"], revision=spec["revision"], env=spec["env"],
                                  args=tuple(spec["args"]), api_key=spec["api_key"], accelerator=spec["accelerator"],
                                  scale_to_zero_after=spec["scale_to_zero_after"],
-                                 control_token=spec["control_token"])
+                                 control_token=spec["control_token"], files_dir=spec.get("files_dir"))
     except (LaunchError, ValueError) as exc:
         print(f"tgi_nb endpoint: error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -176,9 +176,11 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: Optional[str] = None,
                     on_output: Optional[Callable[[RequestOutput], None]] = None,
-                    add_special_tokens: bool = False) -> str:
+                    add_special_tokens: bool = False, priority: int = 0) -> str:
         """Validate and queue a request; ``on_output`` is called from the engine thread with each
-        ``RequestOutput``. Raises ``ValidationError`` (naming the field) before anything is queued."""
+        ``RequestOutput``. Raises ``ValidationError`` (naming the field) before anything is queued.
+        ``priority``: smaller is scheduled first (the server's Batch API lines use 1, interactive requests 0);
+        equal priorities go in arrival order."""
         if self._stopped:
             raise RuntimeError("the engine has been shut down")
         token_ids = self.tokenize(prompt, add_special_tokens)
@@ -193,7 +195,7 @@ class LLMEngine:
                      f"{blocks * bs} tokens of KV cache, more than its max_batch_total_tokens "
                      f"({self.block_manager.num_blocks * bs}); ask for fewer samples or fewer max_new_tokens")
         request_id = request_id or uuid.uuid4().hex
-        request = Request(request_id, token_ids, params, on_output or (lambda _: None), time.monotonic())
+        request = Request(request_id, token_ids, params, on_output or (lambda _: None), time.monotonic(), priority)
         for index in range(params.n):
             generator = None
             if not params.greedy:

@@ -80,11 +80,12 @@ class Request:
     """A prompt and its ``n`` samples; outputs go to ``on_output`` from the engine thread."""
 
     __slots__ = ("request_id", "prompt_token_ids", "params", "seqs", "on_output", "arrival",
-                 "num_cached_tokens", "first_scheduled", "started", "prompt_logprobs")
+                 "num_cached_tokens", "first_scheduled", "started", "prompt_logprobs", "priority")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 on_output: Callable[[RequestOutput], None], arrival: float):
+                 on_output: Callable[[RequestOutput], None], arrival: float, priority: int = 0):
         self.request_id = request_id
+        self.priority = priority   # smaller first: interactive requests (0) before the Batch API's lines
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.seqs: list[Sequence] = []

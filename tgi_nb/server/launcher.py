@@ -87,6 +87,9 @@ _OPTIONS: tuple = (
     ("cors_allow_origin", ("--cors-allow-origin",), ("CORS_ALLOW_ORIGIN",), str, None,
      "comma-separated origins allowed by CORS (default: none)"),
     ("log_level", ("--log-level",), ("LOG_LEVEL",), str, "info", "default: %(default)s"),
+    ("files_dir", ("--files-dir",), ("FILES_DIR",), str, None,
+     "folder of /v1/files and /v1/batches; batches left running resume when the server starts again on it "
+     "(default for tgi-nb serve: ~/.cache/tgi_nb/files; for endpoints: a temporary folder removed with them)"),
 )
 
 
@@ -235,7 +238,7 @@ def plan_from_options(opts: dict[str, Any], *, fit_limits: bool = False) -> Serv
             max_concurrent_requests=opts["max_concurrent_requests"], max_top_n_tokens=opts["max_top_n_tokens"],
             max_best_of=opts["max_best_of"], max_stop_sequences=opts["max_stop_sequences"],
             cors_allow_origins=[o.strip() for o in (opts["cors_allow_origin"] or "").split(",") if o.strip()],
-            log_level=opts["log_level"])
+            log_level=opts["log_level"], files_dir=opts.get("files_dir"))
     except (ValueError, SettingsError) as exc:
         raise LaunchError(str(exc)) from None
     return ServePlan(lambda: LLMEngine(config), settings, model_id)
@@ -265,7 +268,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from .runner import DrainingServer, bind_socket, run_in_new_loop
 
     try:
-        plan = plan_from_options(resolve_options(args))
+        opts = resolve_options(args)
+        if opts["files_dir"] is None:  # a server of its own keeps its files; an endpoint's go with it
+            from tgi_nb.models.loader import cache_root
+
+            opts["files_dir"] = str(cache_root() / "files")
+        plan = plan_from_options(opts)
     except LaunchError as exc:
         print(f"tgi-nb serve: error: {exc}", file=sys.stderr)
         return 2

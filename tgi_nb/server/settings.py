@@ -23,6 +23,9 @@ class ServerSettings:
     defaults to the engine's model id; clients may send any ``model`` and get this name back.
     ``embedding_model`` is the sentence-transformers model behind /v1/embeddings (a Hub id or a folder;
     None serves no embeddings); it loads on the first embedding request.
+    ``files_dir`` holds /v1/files and the Batch API's records (None: a temporary folder removed when the
+    server stops), bounded by ``max_file_bytes`` per upload, ``max_files_bytes`` and ``max_files`` in all;
+    a batch has at most ``max_batch_requests`` lines, of which ``batch_concurrency`` run at once.
     ``reasoning_parser`` splits thinking from answers (reasoning.py's names; None: the chat template decides,
     ``none``: never). ``keep_alive_interval`` is how long a stream may stay silent (a long prefill, a full queue)
     before an SSE comment is sent so that proxies and clients do not time out.
@@ -56,11 +59,18 @@ class ServerSettings:
     root_path: str = ""
     graceful_shutdown_timeout: float = 5.0
     log_level: str = "info"
+    files_dir: Optional[str] = None
+    max_file_bytes: int = 200 * 2**20  # OpenAI's limit for a batch input file
+    max_files_bytes: int = 2**30
+    max_files: int = 1000
+    max_batch_requests: int = 50_000  # OpenAI's
+    batch_concurrency: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise SettingsError(f"port: must be an integer in [0, 65535], got {self.port!r}")
-        for name in ("max_concurrent_requests", "max_best_of", "max_stop_sequences", "retry_after"):
+        for name in ("max_concurrent_requests", "max_best_of", "max_stop_sequences", "retry_after", "max_file_bytes",
+                     "max_files_bytes", "max_files", "max_batch_requests", "batch_concurrency"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise SettingsError(f"{name}: must be an integer >= 1, got {value!r}")

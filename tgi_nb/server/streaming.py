@@ -20,6 +20,7 @@ from tgi_nb.engine.outputs import OUT_OF_MEMORY
 from .context import ServerContext
 from .errors import GenerationFailed, ModelNotReady, OutOfMemory
 from .params import bad_request
+from .priority import request_priority
 
 logger = logging.getLogger("tgi_nb.server")
 
@@ -98,7 +99,8 @@ class GenerationStream:
                     loop.call_soon_threadsafe(put, (i, out))
 
             try:
-                self.engine.add_request(ids, params, rid, on_output)
+                # The Batch API's lines run at their own priority (set by the batch runner), after interactive ones.
+                self.engine.add_request(ids, params, rid, on_output, priority=request_priority.get())
             except ValidationError as exc:
                 self.fail("validation")
                 raise bad_request(exc, names) from exc
