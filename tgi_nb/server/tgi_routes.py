@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
 from tgi_nb.engine.interface import GenerationEngine
+from tgi_nb.models.native import kernel_paths
 
 from . import tgi_serving
 from .protocol import (ChatCompletionRequest, ChatTokenizeResponse, DetokenizeRequest, DetokenizeResponse,
@@ -76,7 +77,8 @@ def _capacity_fields(engine: GenerationEngine) -> dict[str, Any]:
                 kv_cache_dtype=getattr(config, "kv_cache_dtype", None),
                 num_threads=getattr(config, "num_threads", None),
                 capacity_reasons=plan.reasons() if plan is not None else None,
-                weight_formats=_weight_formats(engine), numerics=getattr(config, "numerics", None))
+                weight_formats=_weight_formats(engine), numerics=getattr(config, "numerics", None),
+                kernels=kernel_paths() if engine is not None else None)
 
 
 def _weight_formats(engine: GenerationEngine) -> Optional[str]:
