@@ -4,6 +4,7 @@ failure, auth, 429, 503 while loading, client disconnects freeing KV blocks, met
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import httpx
@@ -443,6 +444,18 @@ def test_info_and_models(http):
     assert models["data"][0]["max_model_len"] == 512
     assert http.get("/docs").status_code == 200
     assert "/v1/chat/completions" in http.get("/openapi.json").json()["paths"]
+
+
+def test_docs_work_offline_from_the_servers_own_files(http):
+    """/docs loads nothing from a CDN (the page runs in Jupyter's origin behind jupyter-server-proxy, often
+    with no network): every script, style and icon it names is relative, and the server serves it."""
+    page = http.get("/docs").text
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page)
+    assert any(a.endswith("swagger-ui-bundle.js") for a in assets) and any(a.endswith(".css") for a in assets)
+    for asset in assets:
+        assert "//" not in asset and not asset.startswith("/"), asset     # relative: works under a proxy prefix
+        r = http.get(f"/{asset}")
+        assert r.status_code == 200 and len(r.content) > 1000, asset
 
 
 def test_metrics(http):

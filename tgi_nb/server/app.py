@@ -6,9 +6,13 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Callable, Optional, Union
 
+from pathlib import Path
+
+import fastapi_offline
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.middleware.cors import CORSMiddleware
+from starlette.staticfiles import StaticFiles
 
 from .auth import APIKeyMiddleware
 from .errors import install_error_handlers
@@ -17,6 +21,9 @@ from .context import EngineHolder, ServerContext
 from .settings import ServerSettings
 from .tgi_routes import router as tgi_router
 from .version import server_version
+
+
+DOCS_ASSETS = "docs-assets"   # where /docs's swagger-ui scripts are served
 
 
 def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Optional[ServerSettings] = None,
@@ -65,9 +72,16 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
-        # A relative schema URL: behind a proxy that adds a prefix the server does not know
-        # (jupyter-server-proxy's /user/<name>/proxy/<port>/), /docs still finds its openapi.json.
-        return get_swagger_ui_html(openapi_url="openapi.json", title="tgi_nb - Swagger UI")
+        # Relative URLs: behind a proxy that adds a prefix the server does not know (jupyter-server-proxy's
+        # /user/<name>/proxy/<port>/), /docs still finds its openapi.json and scripts. The scripts are the
+        # copy of swagger-ui that fastapi-offline ships, not a CDN's: /docs works offline, and no unpinned
+        # script from elsewhere runs in the Jupyter origin the page is served from.
+        return get_swagger_ui_html(openapi_url="openapi.json", title="tgi_nb - Swagger UI",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png")
+    app.mount(f"/{DOCS_ASSETS}", StaticFiles(directory=Path(fastapi_offline.__file__).with_name("static")),
+              name=DOCS_ASSETS)
     app.state.ctx = ctx
     app.state.holder = holder
     app.state.drain = ctx.drain  # called by DrainingServer when shutdown begins
