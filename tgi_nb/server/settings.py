@@ -35,7 +35,7 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    api_key: Optional[str] = None
+    api_key: Optional[str] = field(default=None, repr=False)   # never in a repr, a log line or a traceback
     served_model_name: Optional[str] = None
     model_id: Optional[str] = None
     embedding_model: Optional[str] = DEFAULT_EMBEDDING_MODEL_ID

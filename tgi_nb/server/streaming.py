@@ -18,7 +18,7 @@ from tgi_nb.engine.interface import GenerationEngine
 from tgi_nb.engine.outputs import OUT_OF_MEMORY
 
 from .context import ServerContext
-from .errors import GenerationFailed, ModelNotReady, OutOfMemory
+from .errors import GenerationFailed, ModelNotReady, OutOfMemory, logged_failure
 from .params import bad_request
 
 logger = logging.getLogger("tgi_nb.server")
@@ -228,7 +228,7 @@ def check_finished(out: RequestOutput) -> None:
     if out.error:
         if out.error.startswith(OUT_OF_MEMORY):
             raise OutOfMemory(out.error)
-        raise GenerationFailed(f"generation failed: {out.error}")
+        raise GenerationFailed(logged_failure("generation failed", out.error))   # the engine's text: log only
     for d in out.outputs:
         if d.finish_reason == "error":
             raise GenerationFailed("generation failed")

@@ -19,6 +19,8 @@ from .version import server_version
 
 router = APIRouter(tags=["Text Generation Inference"])
 
+FAILED_TO_LOAD = "the model failed to load; the server's log has the details"
+
 _ERRORS = {code: {"model": TGIError} for code in (401, 422, 424, 429, 500, 503)}
 
 
@@ -89,12 +91,14 @@ def _weight_formats(engine: GenerationEngine) -> Optional[str]:
 @router.get("/health", responses={503: {"model": TGIError}})
 @router.get("/", responses={503: {"model": TGIError}}, include_in_schema=False)
 async def health(ctx: ServerContext = Depends(get_ctx)) -> Response:
-    """200 once the model is loaded; 503 while it loads or if it failed (the body says which)."""
+    """200 once the model is loaded; 503 while it loads or if it failed (the body says which). Open to anyone
+    even with an API key, so a failure's text (local paths...) stays in the log and the authenticated routes'
+    503 errors."""
     holder = ctx.holder
     if holder.status == "ready":
         return Response(status_code=200)
     message = {"loading": "the model is loading", "idle": "the model is not loaded",
-               "stopped": "the server is shutting down"}.get(holder.status, f"the model failed to load: {holder.error}")
+               "stopped": "the server is shutting down"}.get(holder.status, FAILED_TO_LOAD)
     return JSONResponse({"error": message, "error_type": "healthcheck", "status": holder.status}, status_code=503)
 
 
