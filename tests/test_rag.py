@@ -229,3 +229,12 @@ def test_targets_and_bad_arguments(server, embeddings):
 def test_chromadb_never_fetched_its_default_model():
     # chromadb's default embedding function downloads an ONNX model here on first use.
     assert not (Path.home() / ".cache" / "chroma" / "onnx_models").exists()
+
+
+def test_a_base_url_gets_hf_token_only_on_hugging_face(monkeypatch):
+    from tgi_nb.rag.pipeline import _connection
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_from_env")
+    assert _connection("http://gpu-box:8000", None) == ("http://gpu-box:8000/v1", "-")
+    assert _connection("https://x.endpoints.huggingface.cloud", None)[1] == "hf_secret_from_env"
+    assert _connection("http://gpu-box:8000/v1", "k") == ("http://gpu-box:8000/v1", "k")
