@@ -272,6 +272,24 @@ def test_incremental_detokenizer_matches_full_decode(tokenizer, text):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_held_back_stop_prefix_is_the_longest_one_as_text_grows(tokenizer):
+    """The overlap is followed character by character (no slice per prefix length): it must equal, after each
+    piece of text, the longest prefix of any stop string that ends the text (a direct check), stop strings with
+    repeats (KMP's borders) included, and after a cut at a matched stop string."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 8))) for _ in range(rng.randint(1, 4))]
+        detok = IncrementalDetokenizer(tokenizer, [], stop=stops)
+        for _ in range(rng.randint(1, 12)):
+            detok.text += "".join(rng.choice("abc") for _ in range(rng.randint(0, 5)))
+            if rng.random() < 0.1:
+                detok.text = detok.text[:rng.randint(0, len(detok.text))]      # as check_stop cuts it
+            expected = max((k for s in stops for k in range(len(s)) if detok.text.endswith(s[:k])), default=0)
+            assert detok._stop_prefix_overlap() == expected, (stops, detok.text)
+
+
 def test_detokenizer_holds_back_partial_stop(tokenizer):
     detok = IncrementalDetokenizer(tokenizer, [], stop=["STOP"])
     emitted = ""
