@@ -130,6 +130,24 @@ def test_logit_bias_forces_a_token(engine):
     assert out.token_ids == [42] * 4
 
 
+def test_logit_bias_tensors_are_built_once_per_request(monkeypatch):
+    """A logit_bias map is turned into tensors when the request arrives, not at each step of each sample."""
+    import torch
+
+    from tgi_nb.engine import sampler
+    from tgi_nb.engine.sequence import Request, Sequence
+
+    request = Request("r", [1, 2], SamplingParams(logit_bias={3: 5.0, 7: -5.0}, n=2), lambda out: None, 0.0)
+    seqs = [Sequence(request, i, [1, 2], IncrementalDetokenizer(None, [1, 2]), None) for i in range(2)]
+    built = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(sampler.torch, "tensor", lambda *a, **k: built.append(a) or real_tensor(*a, **k))
+    for step in range(3):
+        rows = [sampler._apply_penalties(torch.zeros(8), seq) for seq in seqs]
+    assert built == []
+    assert all(row.tolist() == [0, 0, 0, 5, 0, 0, 0, -5] for row in rows)
+
+
 def test_logits_processor_hook_and_failure_isolated(engine):
     seen = []
 

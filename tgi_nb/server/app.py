@@ -16,6 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 from .auth import APIKeyMiddleware
 from .errors import install_error_handlers
+from .limits import PayloadLimitMiddleware
 from .openai_routes import router as openai_router
 from .context import EngineHolder, ServerContext
 from .settings import ServerSettings
@@ -91,6 +92,7 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
     app.include_router(tgi_router)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(PayloadLimitMiddleware, limit=settings.payload_limit)
     if settings.cors_allow_origins:
         # Added last so it wraps auth: browsers' preflight requests never carry the key.
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["*"],

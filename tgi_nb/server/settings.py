@@ -45,6 +45,8 @@ class ServerSettings:
     max_top_n_tokens: int = 5
     max_best_of: int = 2
     max_stop_sequences: int = 4
+    max_client_batch_size: int = 4
+    payload_limit: int = 2_000_000
     chat_template: Optional[str] = None
     keep_alive_interval: float = 10.0
     retry_after: int = 1
@@ -56,7 +58,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise SettingsError(f"port: must be an integer in [0, 65535], got {self.port!r}")
-        for name in ("max_concurrent_requests", "max_best_of", "max_stop_sequences", "retry_after"):
+        for name in ("max_concurrent_requests", "max_best_of", "max_stop_sequences", "max_client_batch_size",
+                     "payload_limit", "retry_after"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise SettingsError(f"{name}: must be an integer >= 1, got {value!r}")

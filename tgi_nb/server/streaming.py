@@ -19,6 +19,7 @@ from tgi_nb.engine.outputs import OUT_OF_MEMORY
 
 from .context import ServerContext
 from .errors import GenerationFailed, ModelNotReady, OutOfMemory, logged_failure
+from .limits import reserve_sequences
 from .params import bad_request
 
 logger = logging.getLogger("tgi_nb.server")
@@ -70,6 +71,7 @@ class GenerationStream:
         self._closed = False
         self._outcome: Optional[str] = None
         self._interruption: Optional[BaseException] = None
+        self._sequences = 0   # counted in ctx.sequences_in_flight until close()
         ctx.streams.add(self)
 
     # -- submission ----------------------------------------------------------------------------
@@ -87,6 +89,7 @@ class GenerationStream:
     def _submit(self, prompts: list[list[int]], params: Union[SamplingParams, list[SamplingParams]],
                 request_id: str, names: dict[str, str]) -> None:
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        self._sequences = reserve_sequences(self.ctx, sum(p.n for p in per_prompt))   # 429 when the server is full
         for i, (ids, params) in enumerate(zip(prompts, per_prompt)):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
             put = self._queue.put_nowait
@@ -214,6 +217,7 @@ class GenerationStream:
         if self._watcher is not None and not self._watcher.done():
             self._watcher.cancel()
         self.ctx.release_slot()
+        self.ctx.sequences_in_flight -= self._sequences
         route = self.route
         if self._outcome == "success":
             self.metrics.request_success.labels(route=route).inc()

@@ -62,7 +62,7 @@ async def info(ctx: ServerContext = Depends(get_ctx)) -> Info:
     limits = ctx.limits(engine) if engine is not None else None
     return Info(model_id=(engine.model_id if engine is not None else s.model_id) or ctx.served_model_name,
                 max_concurrent_requests=s.max_concurrent_requests, max_best_of=s.max_best_of,
-                max_stop_sequences=s.max_stop_sequences,
+                max_stop_sequences=s.max_stop_sequences, max_client_batch_size=s.max_client_batch_size,
                 max_input_tokens=limits.max_input_tokens if limits else s.max_input_tokens,
                 max_total_tokens=limits.max_total_tokens if limits else s.max_total_tokens,
                 version=server_version(), served_model_name=ctx.served_model_name, model_status=ctx.holder.status,
