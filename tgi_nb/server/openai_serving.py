@@ -23,7 +23,7 @@ from tgi_nb.engine.outputs import ResultAccumulator, TokenLogprob
 from tgi_nb.engine.interface import GenerationEngine
 
 from .chat import render_chat_request
-from .errors import APIError, BadRequest, NotFound
+from .errors import APIError, BadRequest, NotFound, logged_failure
 from .guided import compile_guide, request_guide
 from .protocol import (ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatDelta, ChatResponseMessage, ChatTokenLogprob, ChatTopLogprob,
@@ -93,8 +93,7 @@ def _error_event(err: APIError) -> bytes:
 
 
 def _internal_error(exc: Exception) -> APIError:
-    logger.exception("stream failed")
-    return APIError(f"internal server error: {type(exc).__name__}: {exc}")
+    return APIError(logged_failure("stream failed", "internal server error", exc))   # its text in the log only
 
 
 # ----------------------------------------------------------------------------------------------
