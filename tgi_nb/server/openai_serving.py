@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 from typing import Any, AsyncIterator, Optional
 
@@ -36,7 +35,6 @@ from .streaming import (KEEP_ALIVE, SSE_DONE, SSE_KEEP_ALIVE, ClientDisconnected
 from .tokens import TokenTable, cumulative_logprob, token_table
 from .tools import ToolCallParser, parse_tool_calls, plan_tools
 
-logger = logging.getLogger("tgi_nb.server")
 
 SYSTEM_FINGERPRINT = "tgi_nb"
 
