@@ -3,6 +3,7 @@ before the heavy work it would cause, and what stays in bounds inside (seeds, st
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -101,23 +102,33 @@ def test_payload_limit_refuses_a_large_body_before_reading_it(engine):
         assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
-def test_admission_comes_before_templating_and_sequences_are_bounded(engine):
+@contextlib.contextmanager
+def long_stream(c: httpx.Client, n: int):
+    """A streamed chat request of ``n`` samples in flight (on a slow engine) for the block's duration."""
+    done = threading.Event()
+
+    def read() -> None:
+        with c.stream("POST", "/v1/chat/completions",
+                      json={**CHAT, "max_tokens": 200, "n": n, "stream": True, "ignore_eos": True}) as r:
+            for _ in r.iter_lines():
+                if done.is_set():
+                    break
+
+    worker = threading.Thread(target=read)
+    worker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        worker.join(60)
+
+
+def test_sequences_in_flight_are_bounded(engine):
     slow = SlowEngine(engine, delay=0.05)
     with running_server(slow, max_concurrent_requests=2, max_client_batch_size=2) as (server, app), \
             client(server) as c:
         ctx = app.state.ctx
-        done = threading.Event()
-
-        def long_request() -> None:
-            with c.stream("POST", "/v1/chat/completions",
-                          json={**CHAT, "max_tokens": 200, "n": 3, "stream": True, "ignore_eos": True}) as r:
-                for _ in r.iter_lines():
-                    if done.is_set():
-                        break
-
-        worker = threading.Thread(target=long_request)
-        worker.start()
-        try:
+        with long_stream(c, n=3):
             assert wait_until(lambda: ctx.sequences_in_flight == 3)
             # 3 of the 4 sequences (max_concurrent_requests x max_client_batch_size) are taken: n=2 waits its turn
             r = c.post("/v1/chat/completions", json={**CHAT, "n": 2})
@@ -125,33 +136,16 @@ def test_admission_comes_before_templating_and_sequences_are_bounded(engine):
             assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
             # more samples than the server ever runs at once: a 400, not a 429 to retry forever
             assert openai_error(c.post("/v1/chat/completions", json={**CHAT, "n": 5}), 400, "n")
-        finally:
-            done.set()
-            worker.join(60)
         assert wait_until(lambda: ctx.sequences_in_flight == 0 and ctx.in_flight == 0)
 
 
 def test_a_full_server_refuses_before_the_chat_template_runs(engine):
     slow = SlowEngine(engine, delay=0.05)
     with running_server(slow, max_concurrent_requests=1) as (server, app), client(server) as c:
-        done = threading.Event()
-
-        def long_request() -> None:
-            with c.stream("POST", "/v1/chat/completions",
-                          json={**CHAT, "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
-                for _ in r.iter_lines():
-                    if done.is_set():
-                        break
-
-        worker = threading.Thread(target=long_request)
-        worker.start()
-        try:
+        with long_stream(c, n=1):
             assert wait_until(lambda: app.state.ctx.in_flight == 1)
             # A prompt over max_input_tokens, which only templating and tokenizing can tell: 429 all the same,
             # since nothing is templated or tokenized while the server is full
             long = {**CHAT, "messages": [{"role": "user", "content": "hello " * 2000}]}
             r = c.post("/v1/chat/completions", json=long)
             assert r.status_code == 429 and "max_concurrent_requests" in r.json()["error"]["message"], r.text
-        finally:
-            done.set()
-            worker.join(60)
