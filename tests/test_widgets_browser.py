@@ -240,6 +240,13 @@ def test_docs_link_goes_through_jupyter_server_proxy(page, lab):
     assert href.startswith("/proxy/") and href.endswith("/docs")
     response = page.request.get(base + href)  # the page's cookies: the user's Jupyter session
     assert response.status == 200 and "swagger" in response.text().lower()
+    # swagger-ui renders the API from the server's own copy of its scripts, under the proxy's prefix (the
+    # test machine has no network: a CDN's script would never load)
+    docs = page.context.new_page()
+    docs.goto(base + href)
+    expect(docs.locator(".swagger-ui .info .title")).to_contain_text("tgi_nb")
+    expect(docs.locator(".swagger-ui .opblock-summary-path").first).to_be_visible()
+    docs.close()
 
 
 def test_rag_tab_indexes_pasted_text_and_answers_with_sources(page, shots):

@@ -314,8 +314,11 @@ class ControlledApp:
         ctl = self.controller
         if path in PASSIVE_PATHS:
             if path == "/health" and ctl.status != RUNNING:
-                # huggingface_hub's status words, so that connect() from elsewhere reads the same life cycle.
-                await _json(send, 503, {"error": ctl.machine.message or f"the endpoint is {ctl.status}",
+                # huggingface_hub's status words, so that connect() from elsewhere reads the same life cycle; a
+                # failure's text (local paths...) stays with the endpoint's owner: /health needs no key.
+                message = ("the endpoint failed; its status message and log, where it runs, say why"
+                           if ctl.status == FAILED else ctl.machine.message)
+                await _json(send, 503, {"error": message or f"the endpoint is {ctl.status}",
                                         "error_type": "healthcheck", "status": ctl.status})
                 return
             await self.app(scope, receive, send)

@@ -7,6 +7,7 @@ Nothing here imports the server or torch: ``create_inference_endpoint`` must ret
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping, Optional
@@ -41,9 +42,20 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def new_local_token() -> str:
+    """A random bearer token for a protected local endpoint created without one (never the user's Hugging Face
+    token: whoever is given a local endpoint's password must not hold a Hub credential).
+
+    Example:
+        >>> new_local_token().startswith("tgi-nb-") and new_local_token() != new_local_token()
+        True
+    """
+    return "tgi-nb-" + secrets.token_urlsafe(24)
+
+
 def resolve_token(token: Any) -> Optional[str]:
-    """The token that protects a local endpoint and that its clients send, as huggingface_hub resolves it:
-    a string is used as is, ``False`` means none, ``None``/``True`` mean ``HF_TOKEN`` or the saved login.
+    """A token as huggingface_hub resolves it, for Hugging Face's own endpoints: a string is used as is,
+    ``False`` means none, ``None``/``True`` mean ``HF_TOKEN`` or the saved login.
 
     Example:
         >>> resolve_token("hf_abc"), resolve_token(False)
@@ -107,7 +119,7 @@ class LaunchSpec:
     - ``model_id``: what the engine loads (MODEL_ID, where "/repository" means ``repository``).
     - ``env``: the launcher's environment variables (TGI's names), from ``custom_image`` then ``env``.
     - ``args``: launcher flags (``container_args``); a flag wins over its variable, as with TGI.
-    - ``api_key``: the bearer token every route but /health requires; None for public endpoints.
+    - ``api_key``: the bearer token every route but /health requires; None for public endpoints (not in the repr).
     - ``scale_to_zero_after``: seconds without requests before the model is freed (None: never).
     """
 
@@ -115,7 +127,7 @@ class LaunchSpec:
     revision: Optional[str]
     env: tuple[tuple[str, str], ...]
     args: tuple[str, ...]
-    api_key: Optional[str]
+    api_key: Optional[str] = field(repr=False)
     accelerator: Optional[str]
     scale_to_zero_after: Optional[float]
     backend: str
@@ -140,12 +152,13 @@ class EndpointRequest:
     name: str
     repository: str
     type: str
-    token: Optional[str]
+    token: Optional[str] = field(repr=False)
     launch: LaunchSpec
     framework: Optional[str]
     task: Optional[str]
     health_route: str
     recorded: dict[str, Any]
+    token_generated: bool = False   # the token is new_local_token()'s: none was given for a protected endpoint
 
     def raw(self, *, state: str, url: Optional[str], message: Optional[str], created_at: datetime,
             updated_at: datetime, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -260,13 +273,18 @@ def build_request(name: str, *, repository: str, framework: Optional[str] = None
     revision = revision or launcher_env.pop("REVISION", None) or None
     launcher_env.pop("REVISION", None)
 
-    resolved_token = resolve_token(token)
+    if token is not None and not isinstance(token, (str, bool)):
+        raise TypeError(f"token: expected a string, True, False or None, got {type(token).__name__}")
+    # Locally the token is only the endpoint's password: None makes a random one rather than taking HF_TOKEN;
+    # True asks for huggingface_hub's token explicitly.
+    token_generated = token is None and type_ != "public"
+    resolved_token = new_local_token() if token_generated else None if token is None else resolve_token(token)
     api_key = None
     if type_ != "public":
         if not resolved_token:
             raise ValueError(
-                f"type={type_!r} endpoints require a token: pass token='...' or set HF_TOKEN (locally any string "
-                f"works: it is the password clients send as 'Authorization: Bearer ...'), or use type='public'")
+                f"type={type_!r} endpoints require a token: pass token='...' (any string: it is the password "
+                f"clients send as 'Authorization: Bearer ...'), leave it out for a random one, or use type='public'")
         api_key = resolved_token
     # HF's scale-to-zero: with min_replica=0 the model is freed after scale_to_zero_timeout idle minutes.
     idle_after = float(scale_to_zero_timeout) * 60 if (scale_to_zero_timeout and min_replica == 0) else None
@@ -285,7 +303,7 @@ def build_request(name: str, *, repository: str, framework: Optional[str] = None
                     cache_http_responses=cache_http_responses, tags=tags, namespace=namespace)
     return EndpointRequest(name=name, repository=repository, type=type_, token=resolved_token, launch=launch,
                            framework=framework, task=task, health_route=image_health or "/health",
-                           recorded=recorded)
+                           recorded=recorded, token_generated=token_generated)
 
 
 def _redacted_image(custom_image: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:

@@ -291,6 +291,9 @@ class GrammarCompiler:
     _instances: "weakref.WeakKeyDictionary[Any, dict[tuple, GrammarCompiler]]" = weakref.WeakKeyDictionary()
     _instances_lock = threading.Lock()
     CACHE_SIZE = 128
+    # The cache's bound in grammar text (a compiled grammar grows with its text): a client sending large schemas
+    # must not fill the memory; one larger than a quarter of it is compiled but not kept.
+    CACHE_BYTES = 16 << 20
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]):
         self.vocab_size = max(vocab_size, len(tokenizer))
@@ -300,6 +303,7 @@ class GrammarCompiler:
         except ValueError as exc:
             raise GrammarError(f"guided decoding needs a fast (Rust) tokenizer: {exc}") from exc
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
+        self._cache_bytes = 0
         self._lock = threading.Lock()
 
     @classmethod
@@ -325,8 +329,12 @@ class GrammarCompiler:
         if template.is_error():
             raise GrammarError(template.get_error())
         compiled = Grammar(template, self._ll_tokenizer, self.vocab_size)
+        if len(grammar) > self.CACHE_BYTES // 4:
+            return compiled
         with self._lock:
-            self._cache[grammar] = compiled
-            while len(self._cache) > self.CACHE_SIZE:
-                self._cache.popitem(last=False)
+            if grammar not in self._cache:
+                self._cache[grammar] = compiled
+                self._cache_bytes += len(grammar)
+            while len(self._cache) > self.CACHE_SIZE or self._cache_bytes > self.CACHE_BYTES:
+                self._cache_bytes -= len(self._cache.popitem(last=False)[0])
         return compiled

@@ -7,6 +7,7 @@ files (chat template included). GGUF files are converted to that layout once and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -365,9 +366,11 @@ def source_gguf(model_dir: str | Path) -> Optional[Path]:
     """The GGUF file a converted folder came from, when it is still there; None for any other folder.
 
     The engine reads that file's quantized blocks (Q4_0, Q4_1, Q8_0) as stored and the rest from the folder.
-    Folders converted by this version name their file in ``gguf_source.json`` (with its size, so a replaced
-    file is not taken for it); older conversions of the bundled model are recognised by the file name
-    recorded in their safetensors metadata.
+    Folders converted by this version record their file's size and SHA-256 in ``gguf_source.json``, and the file
+    is found by its content, not its path: the converted bundled model is shared by every virtual environment
+    and clone on the machine, so this environment's own copy is taken when it holds the same bytes, else the
+    recorded file if it still does (a replaced file is never taken for it). Older conversions of the bundled
+    model are recognised by the file name recorded in their safetensors metadata.
 
     Example:
         >>> p = bundled_gguf_path()
@@ -379,9 +382,12 @@ def source_gguf(model_dir: str | Path) -> Optional[Path]:
     if record.is_file():
         try:
             info = json.loads(record.read_text())
-            path = Path(info["file"])
-            if path.is_file() and path.stat().st_size == info["size"]:
-                return path
+            recorded, size = Path(info["file"]), info["size"]
+            # records written before the hash: the recorded file's bytes, when it still has the recorded size
+            digest = info.get("sha256") or (_sha256(recorded) if _has_size(recorded, size) else None)
+            if digest:
+                candidates = dict.fromkeys(p for p in (bundled_gguf_path(), recorded) if p is not None)
+                return next((p for p in candidates if _has_size(p, size) and _sha256(p) == digest), None)
         except (OSError, ValueError, KeyError, TypeError):
             pass
     weights = model_dir / "model.safetensors"
@@ -392,6 +398,26 @@ def source_gguf(model_dir: str | Path) -> Optional[Path]:
     with safe_open(weights, framework="pt") as f:
         source = (f.metadata() or {}).get("source", "")
     return bundled_gguf_path() if source == f"gguf:{BUNDLED_GGUF_NAME}" else None
+
+
+def _has_size(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
+def _sha256(path: Path) -> str:
+    """The file's SHA-256, computed once per process for each (path, size, modification time)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _sha256_of(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _announce(message: str) -> None:
@@ -433,7 +459,8 @@ def _write_converted(gguf_file: Path, out: Path) -> None:
         state.pop("lm_head.weight", None)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt", "source": f"gguf:{name}"})
-    (out / GGUF_SOURCE_FILE).write_text(json.dumps({"file": str(gguf_file), "size": gguf_file.stat().st_size}) + "\n")
+    (out / GGUF_SOURCE_FILE).write_text(json.dumps({"file": str(gguf_file), "size": gguf_file.stat().st_size,
+                                                    "sha256": _sha256(gguf_file)}) + "\n")
 
     if model.generation_config is not None:
         model.generation_config.save_pretrained(str(out))

@@ -6,14 +6,19 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Callable, Optional, Union
 
+from pathlib import Path
+
+import fastapi_offline
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.middleware.cors import CORSMiddleware
+from starlette.staticfiles import StaticFiles
 
 from .auth import APIKeyMiddleware
 from .batch_routes import router as batch_router
 from .batches import BatchService
 from .errors import install_error_handlers
+from .limits import PayloadLimitMiddleware
 from .openai_routes import router as openai_router
 from .responses_routes import router as responses_router
 from .context import EngineHolder, ServerContext
@@ -21,6 +26,9 @@ from .files import FilesStore
 from .settings import ServerSettings
 from .tgi_routes import router as tgi_router
 from .version import server_version
+
+
+DOCS_ASSETS = "docs-assets"   # where /docs's swagger-ui scripts are served
 
 
 def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Optional[ServerSettings] = None,
@@ -82,9 +90,16 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
-        # A relative schema URL: behind a proxy that adds a prefix the server does not know
-        # (jupyter-server-proxy's /user/<name>/proxy/<port>/), /docs still finds its openapi.json.
-        return get_swagger_ui_html(openapi_url="openapi.json", title="tgi_nb - Swagger UI")
+        # Relative URLs: behind a proxy that adds a prefix the server does not know (jupyter-server-proxy's
+        # /user/<name>/proxy/<port>/), /docs still finds its openapi.json and scripts. The scripts are the
+        # copy of swagger-ui that fastapi-offline ships, not a CDN's: /docs works offline, and no unpinned
+        # script from elsewhere runs in the Jupyter origin the page is served from.
+        return get_swagger_ui_html(openapi_url="openapi.json", title="tgi_nb - Swagger UI",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png")
+    app.mount(f"/{DOCS_ASSETS}", StaticFiles(directory=Path(fastapi_offline.__file__).with_name("static")),
+              name=DOCS_ASSETS)
     app.state.ctx = ctx
     app.state.holder = holder
     app.state.drain = drain  # called by DrainingServer when shutdown begins
@@ -99,6 +114,7 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
     app.include_router(tgi_router)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(PayloadLimitMiddleware, limit=settings.payload_limit)
     if settings.cors_allow_origins:
         # Added last so it wraps auth: browsers' preflight requests never carry the key.
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["*"],

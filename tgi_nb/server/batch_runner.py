@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -26,9 +25,8 @@ from pydantic import ValidationError
 
 from .batch_protocol import Batch, BatchInputLine, BatchLineError, BatchLineResponse, BatchOutputLine
 from .priority import BATCH_PRIORITY, request_priority
-from .errors import APIError, BadRequest
+from .errors import APIError, BadRequest, logged_failure
 
-logger = logging.getLogger("tgi_nb.server")
 
 # The routes a batch may target (OpenAI's Batch API endpoints that this server serves).
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
@@ -82,8 +80,7 @@ async def call_app(app: Any, path: str, payload: bytes, headers: dict[str, str])
         await app(scope, receive, send)
     except Exception as exc:  # noqa: BLE001 - Starlette re-raises after sending its 500; the line records it
         if status is None:
-            logger.exception("batch line on %s failed", path)
-            err = APIError(f"internal server error: {type(exc).__name__}: {exc}")
+            err = APIError(logged_failure(f"batch line on {path} failed", "internal server error", exc))
             return 500, {}, json.dumps(err.openai_body()).encode()
     return status or 500, response_headers, b"".join(chunks)
 

@@ -57,7 +57,12 @@ _OPTIONS: tuple = (
     ("max_top_n_tokens", ("--max-top-n-tokens",), ("MAX_TOP_N_TOKENS",), int, 5,
      "largest top_n_tokens a /generate request may ask for (default: %(default)s)"),
     ("max_best_of", ("--max-best-of",), ("MAX_BEST_OF",), int, 2, "default: %(default)s"),
-    ("max_stop_sequences", ("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), int, 4, "default: %(default)s"),
+    ("max_stop_sequences", ("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), int, 4,
+     "stop strings per request, on every route (default: %(default)s)"),
+    ("max_client_batch_size", ("--max-client-batch-size",), ("MAX_CLIENT_BATCH_SIZE",), int, 4,
+     "prompts in one /v1/completions request (default: %(default)s)"),
+    ("payload_limit", ("--payload-limit",), ("PAYLOAD_LIMIT",), int, 2_000_000,
+     "largest request body in bytes; a larger one gets 413 before it is read (default: %(default)s)"),
     ("api_key", ("--api-key",), ("API_KEY",), str, None,
      "require 'Authorization: Bearer KEY' on every route but /health"),
     ("dtype", ("--dtype",), ("DTYPE",), str, None,
@@ -237,6 +242,7 @@ def plan_from_options(opts: dict[str, Any], *, fit_limits: bool = False) -> Serv
             embedding_model=_embedding_model(opts.get("embedding_model")),
             max_concurrent_requests=opts["max_concurrent_requests"], max_top_n_tokens=opts["max_top_n_tokens"],
             max_best_of=opts["max_best_of"], max_stop_sequences=opts["max_stop_sequences"],
+            max_client_batch_size=opts["max_client_batch_size"], payload_limit=opts["payload_limit"],
             cors_allow_origins=[o.strip() for o in (opts["cors_allow_origin"] or "").split(",") if o.strip()],
             log_level=opts["log_level"], files_dir=opts.get("files_dir"))
     except (ValueError, SettingsError) as exc:

@@ -41,7 +41,7 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    api_key: Optional[str] = None
+    api_key: Optional[str] = field(default=None, repr=False)   # never in a repr, a log line or a traceback
     served_model_name: Optional[str] = None
     model_id: Optional[str] = None
     embedding_model: Optional[str] = DEFAULT_EMBEDDING_MODEL_ID
@@ -51,6 +51,8 @@ class ServerSettings:
     max_top_n_tokens: int = 5
     max_best_of: int = 2
     max_stop_sequences: int = 4
+    max_client_batch_size: int = 4
+    payload_limit: int = 2_000_000
     chat_template: Optional[str] = None
     reasoning_parser: Optional[str] = None
     keep_alive_interval: float = 10.0
@@ -69,8 +71,9 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise SettingsError(f"port: must be an integer in [0, 65535], got {self.port!r}")
-        for name in ("max_concurrent_requests", "max_best_of", "max_stop_sequences", "retry_after", "max_file_bytes",
-                     "max_files_bytes", "max_files", "max_batch_requests", "batch_concurrency"):
+        for name in ("max_concurrent_requests", "max_best_of", "max_stop_sequences", "max_client_batch_size",
+                     "payload_limit", "retry_after", "max_file_bytes", "max_files_bytes", "max_files",
+                     "max_batch_requests", "batch_concurrency"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise SettingsError(f"{name}: must be an integer >= 1, got {value!r}")
