@@ -502,3 +502,32 @@ def test_paused_while_loading_is_freed_once_loaded_and_resumes(make):
     assert httpx.get(endpoint._backend.server_url + "/health").json()["status"] == "paused"
     endpoint.resume().wait(timeout=120)
     assert endpoint.status == "running" and chat(endpoint.url)
+
+
+def test_a_check_never_writes_a_stale_status_over_a_pushed_one():
+    """A pushed machine's controller is its one writer. A check that read "initializing" just before the model
+    finished loading must not write it back over "running" (the workbench then showed initializing for ever);
+    a dead server thread, which only a check can find, is still recorded."""
+    from tgi_nb.endpoints.backends import Backend, BackendState
+
+    class Pushed(Backend):
+        watch_every = None   # as the thread backend: the controller pushes every change
+
+        def _check(self) -> BackendState:
+            seen = BackendState(self.machine.status)
+            self.machine.move(self.next_status)   # the controller moves between the read and the record
+            return seen
+
+    backend = Pushed("stale-check", None)
+    backend.machine.move("initializing")
+    backend.next_status = "running"
+    assert backend.state().status == "initializing" and backend.machine.status == "running"
+
+    class Died(Pushed):
+        def _check(self) -> BackendState:
+            return BackendState("failed", "the server thread stopped")
+
+    died = Died("dead-thread", None)
+    died.machine.move("initializing")
+    died.state()
+    assert died.machine.status == "failed"
