@@ -56,8 +56,13 @@ def cache_dir() -> Path:
 
 
 def converter_path() -> Path:
-    """Where the sdist's ``convert_hf_to_gguf.py`` is kept (with its ``gguf-py`` beside it) once a tool was built."""
+    """Where the sdist's ``convert_hf_to_gguf.py`` is kept (with the ``gguf-py`` and ``conversion`` packages it
+    imports beside it) once a tool was built."""
     return cache_dir() / "convert" / "convert_hf_to_gguf.py"
+
+
+def _converter_kept() -> bool:
+    return (converter_path().parent / ".complete").is_file()
 
 
 def find_llama_tool(tool: str, build: bool = True, log=print) -> str | None:
@@ -78,7 +83,7 @@ def find_llama_tool(tool: str, build: bool = True, log=print) -> str | None:
             raise FileNotFoundError(f"{TOOLS[tool]}={explicit!r} is not an executable file")
         return explicit
     binary = cache_dir() / "bin" / tool
-    if binary.is_file() and (tool == "llama-server" or converter_path().is_file()):
+    if binary.is_file() and (tool == "llama-server" or _converter_kept()):
         return str(binary)
     if not build:
         return None
@@ -104,7 +109,7 @@ def _build(tool: str, log) -> Path:
     binary.parent.parent.mkdir(parents=True, exist_ok=True)
     with open(binary.parent.parent / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if binary.is_file() and converter_path().is_file():
+        if binary.is_file() and _converter_kept():
             return binary
         with tempfile.TemporaryDirectory(prefix="llama-cpp-build-") as tmp:
             log(f"{tool}: downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} sources")
@@ -122,13 +127,17 @@ def _build(tool: str, log) -> Path:
 
 
 def _keep_converter(source: Path) -> None:
-    """The sdist's HF -> GGUF converter and the gguf-py it imports first (newer than PyPI's gguf, maybe)."""
+    """The sdist's HF -> GGUF converter, the gguf-py it imports first (newer than PyPI's gguf, maybe) and its
+    per-architecture ``conversion`` package; ``.complete`` marks a whole copy."""
     final = converter_path().parent
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shutil.copy2(source / "convert_hf_to_gguf.py", tmp / "convert_hf_to_gguf.py")
-    shutil.copytree(source / "gguf-py", tmp / "gguf-py")
+    for package in ("gguf-py", "conversion"):
+        if (source / package).is_dir():
+            shutil.copytree(source / package, tmp / package)
+    (tmp / ".complete").write_text(LLAMA_CPP_PYTHON_VERSION + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 

@@ -332,6 +332,55 @@ def test_engine_runs_a_q4_k_m_file_with_its_blocks_kept(tiny_q4_k_m_model, numer
                 assert ours[0] == tokens[0] or margins[0] < 0.5, prompt
 
 
+def llama_cpp_file(quant: str):
+    """The bundled model quantized by llama.cpp's llama-quantize (benchmarks/gguf_files.py, `make test-deps`)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "gguf_files", Path(__file__).resolve().parents[1] / "benchmarks" / "gguf_files.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = module.gguf_path("smollm2-135m", quant)
+    if not path.is_file():
+        pytest.skip(f"{path.name} is not made on this machine: run `python benchmarks/gguf_files.py` once "
+                    "(`make test-deps` does)")
+    return path
+
+
+# llama.cpp's mixes at 135M: SmolLM2's 576 columns are not whole superblocks, so most tensors fall back to
+# 32-weight types (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0) and ffn_down (1536 columns) is Q4_K / Q5_K / Q6_K.
+@pytest.mark.parametrize("quant,types", [("Q4_K_M", {"q5_0", "q8_0", "q4_k", "q6_k"}),
+                                         ("Q5_K_M", {"q5_1", "q8_0", "q5_k", "q6_k"})])
+def test_llama_cpp_k_quant_files_keep_their_blocks_and_greedy_tokens(quant, types):
+    path = llama_cpp_file(quant)
+    with LLMEngine(EngineConfig(model_id=str(path))) as engine:
+        formats = dict(f.rsplit(" (", 1) for f in engine.model.weight_formats().split(", "))
+        assert set(formats) == types | {"float32"} and formats["float32"] == "61)"     # the norms only
+        assert engine.model._fused_decode() is not None
+        ref = TransformersReference(engine.model_dir, torch.float32)
+        for prompt in PROMPTS[1:3]:
+            ids = engine.tokenize(prompt)
+            ours = engine.generate_sync(ids, SamplingParams(max_new_tokens=16, **GREEDY)).outputs[0].token_ids
+            tokens, margins, _ = ref.greedy(ids, 16)
+            assert_same_greedy(ours, tokens, margins, clear_margin=1e-3, label=f"{quant} {prompt[:20]}")
+
+
+def test_a_llama_family_file_converts_tensor_by_tensor_as_transformers_does(tmp_path):
+    """The streamed conversion (one tensor in memory at a time) writes what transformers' GGUF loader loads."""
+    from safetensors.torch import load_file
+
+    from tgi_nb.models import convert_gguf
+    from tgi_nb.models.gguf_convert import _write_with_transformers
+
+    path = llama_cpp_file("Q4_K_M")
+    streamed = load_file(convert_gguf(path) / "model.safetensors")
+    _write_with_transformers(path, tmp_path)
+    reference = load_file(tmp_path / "model.safetensors")
+    assert sorted(streamed) == sorted(reference)
+    assert all(torch.equal(streamed[k], reference[k]) for k in reference)
+
+
 def test_quantize_at_load_stays_close_to_float(tiny_model_dir):
     path = tiny_model_dir("qwen2")
     dense = LlamaModel.load(path)

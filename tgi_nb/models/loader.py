@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .gguf_convert import GGUF_SOURCE_FILE, write_converted
+
 logger = logging.getLogger("tgi_nb")
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -320,7 +322,8 @@ def convert_gguf(gguf_file: Path, estimate: Optional[str] = None, identity: Opti
     """Convert a GGUF model to a safetensors folder once and return the cached folder.
 
     ``estimate`` is shown in the progress message; ``identity`` keys the cache (see
-    :func:`converted_dir`). Weights are dequantized to float32. The folder appears complete or not at all: it is written
+    :func:`converted_dir`). Weights are dequantized to float32 (a Llama-family file tensor by tensor:
+    :mod:`tgi_nb.models.gguf_convert`). The folder appears complete or not at all: it is written
     beside its final place and renamed into it, under a file lock so that concurrent processes
     (parallel tests, several kernels) convert once and wait for each other.
 
@@ -348,7 +351,7 @@ def convert_gguf(gguf_file: Path, estimate: Optional[str] = None, identity: Opti
             _announce(f"Converting {gguf_file.name} to safetensors once "
                       f"({estimate or 'this can take a few minutes for large files'})…")
             start = time.monotonic()
-            _write_converted(gguf_file, tmp)
+            write_converted(gguf_file, tmp, _announce)
             if target.exists():  # an incomplete leftover, e.g. written by hand; the lock makes this safe
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -356,9 +359,6 @@ def convert_gguf(gguf_file: Path, estimate: Optional[str] = None, identity: Opti
             shutil.rmtree(tmp, ignore_errors=True)
         _announce(f"Converted {gguf_file.name} in {time.monotonic() - start:.0f} s; cached at {target}")
     return target
-
-
-GGUF_SOURCE_FILE = "gguf_source.json"
 
 
 def source_gguf(model_dir: str | Path) -> Optional[Path]:
@@ -399,59 +399,3 @@ def _announce(message: str) -> None:
     # even with logging unconfigured (a notebook, a fresh shell).
     print(message, file=sys.stderr, flush=True)
     logger.debug(message)
-
-
-def _write_converted(gguf_file: Path, out: Path) -> None:
-    """Dequantize ``gguf_file`` with transformers and write config, safetensors, tokenizer into ``out``."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf_file.parent), gguf_file.name
-    _announce("  [1/3] reading the tokenizer and chat template")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if not tokenizer.chat_template:
-        logger.warning("%s carries no chat template; chat requests will need one (EngineConfig.chat_template)",
-                       name)
-    _announce("  [2/3] dequantizing the weights to float32")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-
-    _announce("  [3/3] writing safetensors and tokenizer files")
-    # to_json_string rather than to_dict: it turns dtypes and nested configs into JSON values.
-    config = json.loads(model.config.to_json_string(use_diff=False))
-    # The weights are plain float32 now; a quantization_config would make loaders look for GGUF.
-    config.pop("quantization_config", None)
-    config.pop("_model_name_or_path", None)  # GGUF metadata "general.name", not a path
-    config.pop("_name_or_path", None)  # the folder the GGUF file happened to be in
-    config["architectures"] = [type(model).__name__]
-    config["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    state = model.state_dict()
-    if config.get("tie_word_embeddings"):
-        # Tied tensors share storage, which safetensors refuses; loaders re-tie from the config.
-        state.pop("lm_head.weight", None)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt", "source": f"gguf:{name}"})
-    (out / GGUF_SOURCE_FILE).write_text(json.dumps({"file": str(gguf_file), "size": gguf_file.stat().st_size}) + "\n")
-
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(str(out))
-    # GGUF leaves the tokenizer unbounded; the model's context is the true limit.
-    tokenizer.model_max_length = config.get("max_position_embeddings", tokenizer.model_max_length)
-    tokenizer.save_pretrained(str(out))
-    _drop_keys(out / "tokenizer_config.json", ("is_local", "local_files_only"))  # load-time flags, not config
-    # mkdtemp makes the folder private; the cache is as readable as any other file the user writes.
-    umask = os.umask(0)
-    os.umask(umask)
-    out.chmod(0o777 & ~umask)
-    for f in out.iterdir():
-        f.chmod(0o666 & ~umask)
-
-
-def _drop_keys(json_file: Path, keys: tuple[str, ...]) -> None:
-    if json_file.is_file():
-        data = json.loads(json_file.read_text())
-        for key in keys:
-            data.pop(key, None)
-        json_file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -15,24 +15,32 @@ from .quant_formats import BLOCK_BYTES, BLOCK_WEIGHTS, QTYPE_IDS, QuantizedTenso
 
 logger = logging.getLogger("tgi_nb")
 
-# GGUF tensor names of a Llama-family block -> the transformers names our loader uses.
+# GGUF tensor names of a Llama-family model -> transformers' names (what LlamaModel loads).
+_GGUF_MODEL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
+                     "output_norm.weight": "model.norm.weight"}
 _GGUF_LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 # Architectures whose GGUF tensors map onto LlamaModel's; llama.cpp's converter permutes llama's q/k rows.
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
-def _hf_name(gguf_name: str) -> Optional[str]:
-    if gguf_name == "token_embd.weight":
-        return "model.embed_tokens.weight"
-    if gguf_name == "output.weight":
-        return "lm_head.weight"
+def hf_tensor_name(gguf_name: str) -> Optional[str]:
+    """transformers' name of a Llama-family GGUF tensor (None for one it has no parameter for, e.g. llama 3's
+    ``rope_freqs.weight``, which its config carries).
+
+    Example:
+        >>> hf_tensor_name("blk.3.ffn_norm.weight"), hf_tensor_name("blk.0.attn_q.bias")
+        ('model.layers.3.post_attention_layernorm.weight', 'model.layers.0.self_attn.q_proj.bias')
+    """
+    if gguf_name in _GGUF_MODEL_NAMES:
+        return _GGUF_MODEL_NAMES[gguf_name]
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _GGUF_LAYER_NAMES:
-        return f"model.layers.{int(parts[1])}.{_GGUF_LAYER_NAMES[parts[2]]}.weight"
+    if len(parts) == 4 and parts[0] == "blk" and parts[3] in ("weight", "bias") and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{int(parts[1])}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
     return None
 
 
@@ -138,8 +146,8 @@ def read_gguf_quantized(gguf_file: str | Path, num_heads: int, num_kv_heads: int
     file = np.memmap(gguf_file, dtype=np.uint8, mode="r")
     out = {}
     for gguf_name, type_id, dims, offset in table:
-        name = _hf_name(gguf_name)
-        if name is None or type_id not in names or len(dims) != 2:
+        name = hf_tensor_name(gguf_name)
+        if name is None or type_id not in names or len(dims) != 2 or name.endswith(".bias"):
             continue
         qtype = names[type_id]
         cols, rows = dims                                    # GGUF lists dimensions innermost first
@@ -150,3 +158,42 @@ def read_gguf_quantized(gguf_file: str | Path, num_heads: int, num_kv_heads: int
             data = data[_unpermute_rows(rows, heads)].contiguous()
         out[name] = QuantizedTensor(data, qtype, (rows, cols))
     return out
+
+
+def iter_gguf_dense(gguf_file: str | Path, num_heads: int, num_kv_heads: int):
+    """``(transformers name, shape, read)`` for each tensor of a Llama-family GGUF file (``arch`` in
+    :data:`GGUF_ARCHITECTURES`), ``read()`` giving it dequantized to float32 as transformers' GGUF loader does
+    (gguf's dequantizer, llama's q/k rows un-permuted): one tensor in memory at a time, for a streaming
+    conversion. Tensors without a transformers parameter are left out.
+
+    Example:
+        >>> from tgi_nb.models.loader import bundled_gguf_path
+        >>> name, shape, read = next(iter_gguf_dense(bundled_gguf_path(), 9, 3))      # doctest: +SKIP
+        >>> name, shape, read().dtype                                                  # doctest: +SKIP
+        ('model.embed_tokens.weight', (49152, 576), torch.float32)
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+    arch, table = read_gguf_tensor_table(gguf_file)
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"{gguf_file}: architecture {arch!r} is not one of {', '.join(GGUF_ARCHITECTURES)}")
+    file = np.memmap(gguf_file, dtype=np.uint8, mode="r")
+    for gguf_name, type_id, dims, offset in table:
+        name = hf_tensor_name(gguf_name)
+        if name is None:
+            logger.info("GGUF tensor %s has no transformers parameter; left out", gguf_name)
+            continue
+        shape = tuple(reversed(dims))                       # GGUF lists dimensions innermost first
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
+        row_bytes = shape[-1] // block * size
+
+        def read(offset=offset, shape=shape, row_bytes=row_bytes, type_id=type_id, gguf_name=gguf_name):
+            rows = int(np.prod(shape[:-1]))
+            raw = np.asarray(file[offset:offset + rows * row_bytes]).reshape(rows, row_bytes)
+            dense = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType(type_id)).astype(np.float32))
+            dense = dense.reshape(shape)
+            if arch == "llama" and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
+                dense = dense[_unpermute_rows(shape[0], num_heads if ".attn_q." in gguf_name else num_kv_heads)]
+            return dense.contiguous()
+
+        yield name, shape, read
