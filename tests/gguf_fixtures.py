@@ -38,6 +38,11 @@ def write_gguf(path, arch: str, tensors: dict[str, tuple[torch.Tensor, str]],
     writer = GGUFWriter(str(path), arch)
     for key, value in (metadata or {}).items():
         writer.add_key_value(key, value, _value_type(value))
+    return _write_tensors(writer, tensors)
+
+
+def _write_tensors(writer: GGUFWriter, tensors: dict[str, tuple[torch.Tensor, str]]) -> dict[str, QuantizedTensor]:
+    """Add the tensors (quantized to their type, or f32), write the file and close it; the blocks written."""
     written = {}
     for name, (tensor, qtype) in tensors.items():
         if qtype == "f32":
@@ -93,3 +98,44 @@ def gguf_model(src: Path, out: Path, types: dict[str, str]) -> Path:
 def source_file(folder: Path) -> str:
     """The GGUF file a gguf_model folder came from."""
     return json.loads((folder / GGUF_SOURCE_FILE).read_text())["file"]
+
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's byte-level alphabet: one token per byte, so any text tokenizes without merges."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+# The byte alphabet, one merge (" t": a merge list must not be empty), and the chat specials.
+TINY_TOKENS = [*_byte_tokens(), "\u0120t", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_VOCAB = len(TINY_TOKENS)
+
+
+def write_model_gguf(path, arch: str, hparams: dict, tensors: dict[str, tuple[torch.Tensor, str]],
+                     name: str = "tiny") -> Path:
+    """A complete tiny model GGUF as llama.cpp writes one: ``{arch}.{key}`` metadata from ``hparams``, a byte-level
+    BPE tokenizer of 260 tokens (<|im_end|> ends a turn), and ``tensors`` (GGUF names -> (float tensor, type)).
+    transformers' GGUF loader (and so tgi_nb's conversion) reads it like a real file."""
+    metadata = {"general.name": name, f"{arch}.vocab_size": TINY_VOCAB,
+                **{f"{arch}.{k}": v for k, v in hparams.items()},
+                "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+                "tokenizer.ggml.bos_token_id": TINY_TOKENS.index("<|im_start|>"),
+                "tokenizer.ggml.eos_token_id": TINY_TOKENS.index("<|im_end|>"),
+                "tokenizer.ggml.padding_token_id": TINY_TOKENS.index("<|endoftext|>"),
+                "tokenizer.ggml.unknown_token_id": TINY_TOKENS.index("<|endoftext|>")}
+    path = Path(path)
+    writer = GGUFWriter(str(path), arch)
+    for key, value in metadata.items():
+        writer.add_key_value(key, value, _value_type(value))
+    writer.add_token_list(TINY_TOKENS)
+    writer.add_token_types([1] * 257 + [3] * 3)
+    writer.add_token_merges(["\u0120 t"])
+    _write_tensors(writer, tensors)
+    return path

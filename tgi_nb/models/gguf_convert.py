@@ -23,6 +23,45 @@ logger = logging.getLogger("tgi_nb")
 GGUF_SOURCE_FILE = "gguf_source.json"
 
 
+class UnsupportedArchitecture(ValueError):
+    """A GGUF file of an architecture neither tgi_nb's forward nor transformers' GGUF loader takes; the message
+    names it and what is supported."""
+
+    def __init__(self, gguf_file: Path, architecture: str):
+        self.architecture = architecture
+        ours, theirs = supported_architectures()
+        super().__init__(
+            f"{gguf_file.name}: GGUF architecture {architecture!r} is not supported. tgi_nb runs {', '.join(ours)} "
+            f"on its own forward with the GGUF blocks kept as stored, and {', '.join(theirs)} through transformers "
+            f"with the weights dequantized to float32; llama.cpp's llama-server runs more (tgi_nb.connect() to one)")
+
+
+def supported_architectures() -> tuple[list[str], list[str]]:
+    """The GGUF architectures tgi_nb loads: on its own forward (blocks kept), and through transformers' GGUF loader
+    (dequantized). Mistral's files say ``llama``.
+
+    Example:
+        >>> ours, theirs = supported_architectures()
+        >>> ours, "phi3" in theirs
+        (['llama', 'qwen2', 'qwen3'], True)
+    """
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from .quant_gguf import GGUF_ARCHITECTURES
+
+    theirs = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES
+                    if a not in ("general", "tokenizer", "mistral") and a not in GGUF_ARCHITECTURES)
+    return list(GGUF_ARCHITECTURES), theirs
+
+
+def _check_architecture(gguf_file: Path, arch: str) -> None:
+    ours, theirs = supported_architectures()
+    # transformers' own renames of llama.cpp's names (qwen2moe -> qwen2_moe, gpt-oss -> gpt_oss, t5encoder -> t5)
+    names = {arch, arch.replace("-", "_"), arch.replace("moe", "_moe"), arch.replace("encoder", "")}
+    if not names & set(ours + theirs):
+        raise UnsupportedArchitecture(gguf_file, arch)
+
+
 def write_converted(gguf_file: Path, out: Path, announce: Callable[[str], None]) -> None:
     """Write ``gguf_file``'s folder into ``out`` (an empty folder); ``announce`` reports the stages."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -31,13 +70,14 @@ def write_converted(gguf_file: Path, out: Path, announce: Callable[[str], None])
     from .quant_gguf import GGUF_ARCHITECTURES, read_gguf_tensor_table
 
     folder, name = str(gguf_file.parent), gguf_file.name
+    arch, _ = read_gguf_tensor_table(gguf_file)
+    _check_architecture(gguf_file, arch)
     announce("  [1/3] reading the tokenizer and chat template")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if not tokenizer.chat_template:
         logger.warning("%s carries no chat template; chat requests will need one (EngineConfig.chat_template)",
                        name)
     announce("  [2/3] dequantizing the weights to float32")
-    arch, _ = read_gguf_tensor_table(gguf_file)
     if arch in GGUF_ARCHITECTURES:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
