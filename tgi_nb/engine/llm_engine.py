@@ -197,9 +197,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, kv_dtype)
         reserve_kv_bytes(self, plan.kv_cache_bytes)
         formats = getattr(self.model, "weight_formats", lambda: str(dtype))()
-        if any(q in formats for q in ("q4_0", "q4_1", "q8_0")):   # how quantized products compute, and on what
-            from tgi_nb.models.quant import kernel_variant
+        from tgi_nb.models.quant import QTYPE_IDS, kernel_variant
 
+        if any(q in formats for q in QTYPE_IDS):   # how quantized products compute, and on what
             formats += f"; {config.numerics} numerics on the {kernel_variant() or 'torch'} kernels"
         logger.info("engine ready: %s (%s) on %s %s, weights %.0f MiB (%s), %d KV blocks x %d tokens (%.0f MiB %s, "
                     "resident as used), threads=%d, %.1fs",
