@@ -44,8 +44,25 @@ typedef struct {
     const int32_t *sk;   /* [M, K/16] their sums per 16 */
 } xin_t;
 
-static inline vf byte_f(vu w, int s) { return __builtin_convertvector((vi)((w >> (8 * s)) & 0xffu), vf); }
 static inline vf sbyte_f(vu w, int s) { return __builtin_convertvector((vi)(w << (24 - 8 * s)) >> 24, vf); }
+
+/* The 4-bit (nib4_f) or 5-bit (nib5_f) unsigned quant at bit `shift` of each lane, as a float. On AVX-512 a table
+   lookup: vpermps reads only the low 4 bits of each index (vpermt2ps the low 5), so a shift and one permute do
+   what a shift, a mask and a conversion do elsewhere. The values are the same exact small integers either way. */
+#if defined(__AVX512F__)
+static const float QUANT_VALUES[32] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                       16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+static inline vf nib4_f(vu w, int shift) {
+    return (vf)_mm512_permutexvar_ps((__m512i)(w >> shift), _mm512_loadu_ps(QUANT_VALUES));
+}
+static inline vf nib5_f(vu w, int shift) {
+    return (vf)_mm512_permutex2var_ps(_mm512_loadu_ps(QUANT_VALUES), (__m512i)(w >> shift),
+                                      _mm512_loadu_ps(QUANT_VALUES + 16));
+}
+#else
+static inline vf nib4_f(vu w, int shift) { return __builtin_convertvector((vi)((w >> shift) & 15u), vf); }
+static inline vf nib5_f(vu w, int shift) { return __builtin_convertvector((vi)((w >> shift) & 31u), vf); }
+#endif
 
 /* 4 bits per lane (the low bits of v) spread to bit 0 of each of its 4 bytes: b0 + 2 b1 + 4 b2 + 8 b3 times
    1 + 2^7 + 2^14 + 2^21 puts b_k at bit 8k, and no two shifted copies overlap. */
@@ -53,10 +70,14 @@ static inline vu spread4(vu bits) { return (bits * 0x00204081u) & 0x01010101u; }
 
 /* The unsigned quants of chunk c of a 32-weight block, lanes l * VW..: lo = columns 4c..4c+3 (byte s: column
    4c + s), hi = columns 4c+16..; Q5's fifth bit (qh bit i for column i) put in bit 4 of each byte. */
+static inline vu nibble_word(int qtype, const uint8_t *blk, int c, int l) {
+    const int qs = qtype == Q4_0 ? 2 : qtype == Q4_1 ? 4 : qtype == Q5_0 ? 6 : 8;
+    return load_words(blk + GROUP * qs + (size_t)(c * GROUP + l * VW) * 4);
+}
+
 static inline __attribute__((always_inline)) void nibble_words(int qtype, const uint8_t *blk, int c, int l, vu *lo,
                                                                vu *hi) {
-    const int qs = qtype == Q4_0 ? 2 : qtype == Q4_1 ? 4 : qtype == Q5_0 ? 6 : 8;
-    const vu v = load_words(blk + GROUP * qs + (size_t)(c * GROUP + l * VW) * 4);
+    const vu v = nibble_word(qtype, blk, c, l);
     *lo = v & 0x0f0f0f0fu;
     *hi = (v >> 4) & 0x0f0f0f0fu;
     if (qtype == Q5_0 || qtype == Q5_1) {
@@ -68,9 +89,13 @@ static inline __attribute__((always_inline)) void nibble_words(int qtype, const 
 
 /* Q4_K / Q5_K: the quants of pair i (sub-blocks 2i, 2i + 1), chunk cq: byte s of lo = column 64i + 4cq + s,
    of hi = column 64i + 32 + 4cq + s (Q5_K: qh byte l holds bit j of sub-block j's column l). */
+static inline vu k4_word(int qtype, const uint8_t *blk, int i, int cq, int l) {
+    return load_words(blk + GROUP * (qtype == Q4_K ? 16 : 48) + (size_t)((8 * i + cq) * GROUP + l * VW) * 4);
+}
+
 static inline __attribute__((always_inline)) void k4_words(int qtype, const uint8_t *blk, int i, int cq, int l,
                                                            vu *lo, vu *hi) {
-    const vu v = load_words(blk + GROUP * (qtype == Q4_K ? 16 : 48) + (size_t)((8 * i + cq) * GROUP + l * VW) * 4);
+    const vu v = k4_word(qtype, blk, i, cq, l);
     *lo = v & 0x0f0f0f0fu;
     *hi = (v >> 4) & 0x0f0f0f0fu;
     if (qtype == Q5_K) {
@@ -133,12 +158,14 @@ static inline __attribute__((always_inline)) void tile_32(int qtype, const uint8
                     }
                 }
         } else {
+            const int q5 = qtype == Q5_0 || qtype == Q5_1;
             for (int c = 0; c < 4; c++)
                 for (int l = 0; l < NL; l++) {
-                    vu lo, hi;
-                    nibble_words(qtype, blk, c, l, &lo, &hi);
+                    vu lo = nibble_word(qtype, blk, c, l), hi = lo;     /* Q4: the nibbles straight from the word */
+                    if (q5) nibble_words(qtype, blk, c, l, &lo, &hi);
                     for (int s = 0; s < 4; s++) {
-                        const vf lf = byte_f(lo, s), hf = byte_f(hi, s);
+                        const vf lf = q5 ? nib5_f(lo, 8 * s) : nib4_f(lo, 8 * s);
+                        const vf hf = q5 ? nib5_f(hi, 8 * s) : nib4_f(hi, 8 * s + 4);
                         for (int i = 0; i < MM; i++) {
                             const float *xr = xb + (size_t)i * K + 4 * c + s;
                             part[i][l] = fmadd(lf, splat(xr[0]), part[i][l]);
@@ -178,10 +205,11 @@ static inline __attribute__((always_inline)) void tile_k4(int qtype, const uint8
                 vf lo_sum[MR], hi_sum[MR];
                 for (int i = 0; i < MM; i++) lo_sum[i] = hi_sum[i] = splat(0);
                 for (int cq = 0; cq < 8; cq++) {
-                    vu lo, hi;
-                    k4_words(qtype, blk, p, cq, l, &lo, &hi);
+                    vu lo = k4_word(qtype, blk, p, cq, l), hi = lo;     /* Q4_K: the nibbles straight from the word */
+                    if (qtype == Q5_K) k4_words(qtype, blk, p, cq, l, &lo, &hi);
                     for (int s = 0; s < 4; s++) {
-                        const vf lf = byte_f(lo, s), hf = byte_f(hi, s);
+                        const vf lf = qtype == Q5_K ? nib5_f(lo, 8 * s) : nib4_f(lo, 8 * s);
+                        const vf hf = qtype == Q5_K ? nib5_f(hi, 8 * s) : nib4_f(hi, 8 * s + 4);
                         for (int i = 0; i < MM; i++) {
                             const float *xr = xb + (size_t)i * K + 64 * p + 4 * cq + s;
                             lo_sum[i] = fmadd(lf, splat(xr[0]), lo_sum[i]);
