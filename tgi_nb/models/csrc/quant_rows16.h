@@ -26,10 +26,12 @@
 #define MR 8                     /* rows of x per tile, 32-weight types: MR * 2 sums + temporaries of 32 registers */
 #define ROW_TILES(X, F) X(8, F) X(4, F) X(2, F) X(1, F)
 #define K_ROW_TILES(X, F) X(4, F) X(2, F) X(1, F)     /* K-quants keep three sums per row */
+#define K_FAST_ROW_TILES(X, F) X(8, F) X(4, F) X(2, F) X(1, F)
 #else
 #define MR 2
 #define ROW_TILES(X, F) X(2, F) X(1, F)
 #define K_ROW_TILES(X, F) X(2, F) X(1, F)
+#define K_FAST_ROW_TILES K_ROW_TILES
 #endif
 
 /* A product's input: x and what each numerics derives from it (prepared once per call, shared by all groups). */
@@ -669,9 +671,9 @@ INSTANCE(fast_q4_1, Q4_1, tile_q8_32, ROW_TILES)
 INSTANCE(fast_q5_0, Q5_0, tile_q8_32, ROW_TILES)
 INSTANCE(fast_q5_1, Q5_1, tile_q8_32, ROW_TILES)
 INSTANCE(fast_q8_0, Q8_0, tile_q8_32, ROW_TILES)
-INSTANCE(fast_q4_k, Q4_K, tile_q8_k4, K_ROW_TILES)
-INSTANCE(fast_q5_k, Q5_K, tile_q8_k4, K_ROW_TILES)
-INSTANCE(fast_q6_k, Q6_K, TILE_Q8_Q6, K_ROW_TILES)
+INSTANCE(fast_q4_k, Q4_K, tile_q8_k4, K_FAST_ROW_TILES)
+INSTANCE(fast_q5_k, Q5_K, tile_q8_k4, K_FAST_ROW_TILES)
+INSTANCE(fast_q6_k, Q6_K, TILE_Q8_Q6, K_FAST_ROW_TILES)
 #undef INSTANCE
 #undef STEP
 
