@@ -139,3 +139,28 @@ def write_model_gguf(path, arch: str, hparams: dict, tensors: dict[str, tuple[to
     writer.add_token_merges(["\u0120 t"])
     _write_tensors(writer, tensors)
     return path
+
+
+def tiny_q4_k_m_gguf(path) -> Path:
+    """A complete tiny llama GGUF (hidden 256: whole K-quant superblocks) in llama.cpp's Q4_K_M mix: Q4_K q, k, o,
+    gate, up; Q6_K v, down and the tied embedding; the tiny byte-level tokenizer."""
+    g = torch.Generator().manual_seed(256)
+    h, ff, heads, kv, head_dim = 256, 512, 8, 4, 32
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) * 0.05
+
+    tensors = {"token_embd.weight": (w(TINY_VOCAB, h), "q6_k"), "output_norm.weight": (torch.ones(h), "f32")}
+    for i in range(2):
+        b = f"blk.{i}."
+        tensors.update({b + "attn_norm.weight": (torch.ones(h), "f32"), b + "ffn_norm.weight": (torch.ones(h), "f32"),
+                        b + "attn_q.weight": (w(heads * head_dim, h), "q4_k"),
+                        b + "attn_k.weight": (w(kv * head_dim, h), "q4_k"),
+                        b + "attn_v.weight": (w(kv * head_dim, h), "q6_k"),
+                        b + "attn_output.weight": (w(h, heads * head_dim), "q4_k"),
+                        b + "ffn_gate.weight": (w(ff, h), "q4_k"), b + "ffn_up.weight": (w(ff, h), "q4_k"),
+                        b + "ffn_down.weight": (w(h, ff), "q6_k")})
+    hparams = {"context_length": 1024, "embedding_length": h, "feed_forward_length": ff, "block_count": 2,
+               "attention.head_count": heads, "attention.head_count_kv": kv, "rope.dimension_count": head_dim,
+               "attention.layer_norm_rms_epsilon": 1e-6, "rope.freq_base": 10000.0}
+    return write_model_gguf(path, "llama", hparams, tensors)

@@ -94,3 +94,26 @@ def test_a_tagged_model_resolves_and_converts_offline(hf_cache):
     assert r.source == "hub" and r.model_id == "user/SmolLM2-135M-Instruct-GGUF:q4_1"
     assert (r.path / "config.json").is_file()
     assert source_gguf(r.path) == (snapshot / "SmolLM2-135M-Instruct.Q4_1.gguf").resolve()
+
+
+def test_an_endpoint_serves_a_k_quant_file_by_tag_with_its_blocks_kept(hf_cache, tmp_path):
+    """create_inference_endpoint(repository="user/repo-GGUF:Q4_K_M") from the Hugging Face cache, offline: the
+    file of that tag is served with its Q4_K and Q6_K blocks as stored, as /info's weight_formats says."""
+    import httpx
+
+    from gguf_fixtures import tiny_q4_k_m_gguf
+    from tgi_nb import create_inference_endpoint
+
+    gguf = tiny_q4_k_m_gguf(tmp_path / "tiny-Q4_K_M.gguf")
+    hf_cache("user/tiny-GGUF", {"tiny-Q4_K_M.gguf": gguf, "tiny-Q8_0.gguf": b"GGUF"})
+    endpoint = create_inference_endpoint("k-quant-by-tag", repository="user/tiny-GGUF:q4_k_m", type="public",
+                                         env={"MAX_TOTAL_TOKENS": "256", "MAX_BATCH_TOTAL_TOKENS": "2048"})
+    try:
+        endpoint.wait(timeout=300)
+        info = httpx.get(endpoint.url + "/info").json()
+        assert info["model_id"] == "user/tiny-GGUF:q4_k_m"
+        assert "q4_k (" in info["weight_formats"] and "q6_k (" in info["weight_formats"]
+        reply = httpx.post(endpoint.url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 4}).json()
+        assert reply["usage"]["completion_tokens"] == 4
+    finally:
+        endpoint.delete()
