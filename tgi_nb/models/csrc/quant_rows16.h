@@ -67,7 +67,8 @@ static inline vf nib5_f(vu w, int shift) { return __builtin_convertvector((vi)((
 #endif
 
 /* 4 bits per lane (the low bits of v) spread to bit 0 of each of its 4 bytes: b0 + 2 b1 + 4 b2 + 8 b3 times
-   1 + 2^7 + 2^14 + 2^21 puts b_k at bit 8k, and no two shifted copies overlap. */
+   1 + 2^7 + 2^14 + 2^21 puts b_k at bit 8k, and no two shifted copies overlap (where AVX-512BW's byte shuffles
+   and masks are not there). */
 static inline vu spread4(vu bits) { return (bits * 0x00204081u) & 0x01010101u; }
 
 /* The unsigned quants of chunk c of a 32-weight block, lanes l * VW..: lo = columns 4c..4c+3 (byte s: column
@@ -84,8 +85,21 @@ static inline __attribute__((always_inline)) void nibble_words(int qtype, const 
     *hi = (v >> 4) & 0x0f0f0f0fu;
     if (qtype == Q5_0 || qtype == Q5_1) {
         const vu h = load_words(blk + GROUP * (qtype == Q5_0 ? 2 : 4) + (size_t)l * VW * 4);
+#if defined(__AVX512BW__) && VW == 16
+        /* Byte s of a lane needs bit 4c + s (lo) or 16 + 4c + s (hi) of the lane's qh: copy qh's byte c / 2 (or
+           2 + c / 2) into the lane's 4 bytes, test each against its bit, add 16 where set. */
+        const __m512i lane = _mm512_set4_epi32(0x0c0c0c0c, 0x08080808, 0x04040404, 0);
+        const __m512i bits = _mm512_set1_epi32((int)(0x08040201u << (4 * (c % 2))));
+        const __mmask64 lo_set = _mm512_test_epi8_mask(
+            _mm512_shuffle_epi8((__m512i)h, _mm512_add_epi8(lane, _mm512_set1_epi8((char)(c / 2)))), bits);
+        const __mmask64 hi_set = _mm512_test_epi8_mask(
+            _mm512_shuffle_epi8((__m512i)h, _mm512_add_epi8(lane, _mm512_set1_epi8((char)(2 + c / 2)))), bits);
+        *lo = (vu)_mm512_mask_add_epi8((__m512i)*lo, lo_set, (__m512i)*lo, _mm512_set1_epi8(16));
+        *hi = (vu)_mm512_mask_add_epi8((__m512i)*hi, hi_set, (__m512i)*hi, _mm512_set1_epi8(16));
+#else
         *lo |= spread4((h >> (4 * c)) & 15u) << 4;
         *hi |= spread4((h >> (4 * c + 16)) & 15u) << 4;
+#endif
     }
 }
 
@@ -102,8 +116,17 @@ static inline __attribute__((always_inline)) void k4_words(int qtype, const uint
     *hi = (v >> 4) & 0x0f0f0f0fu;
     if (qtype == Q5_K) {
         const vu h = load_words(blk + GROUP * 16 + (size_t)(cq * GROUP + l * VW) * 4);
+#if defined(__AVX512BW__) && VW == 16
+        const __m512i sixteen = _mm512_set1_epi8(16);
+        *lo = (vu)_mm512_mask_add_epi8((__m512i)*lo, _mm512_test_epi8_mask((__m512i)h, _mm512_set1_epi8((char)(1 << (2 * i)))),
+                                       (__m512i)*lo, sixteen);
+        *hi = (vu)_mm512_mask_add_epi8((__m512i)*hi,
+                                       _mm512_test_epi8_mask((__m512i)h, _mm512_set1_epi8((char)(1 << (2 * i + 1)))),
+                                       (__m512i)*hi, sixteen);
+#else
         *lo |= ((h >> (2 * i)) & 0x01010101u) << 4;
         *hi |= ((h >> (2 * i + 1)) & 0x01010101u) << 4;
+#endif
     }
 }
 
