@@ -82,6 +82,24 @@ def test_architectures_load_with_transformers_greedy_tokens(tmp_path, arch, name
         assert_same_greedy(ours.outputs[0].token_ids, tokens, margins, clear_margin=1e-3, label=arch)
 
 
+@pytest.mark.parametrize("arch,head_dim", [("llama", 16), ("qwen2", 16), ("qwen3", 128)])
+def test_llama_family_files_convert_tensor_by_tensor_as_transformers_does(tmp_path, arch, head_dim):
+    """The streamed conversion (one tensor in memory at a time; llama's q/k rows un-permuted, qwen2's biases,
+    qwen3's q/k norms) writes what transformers' GGUF loader loads, bit for bit."""
+    from safetensors.torch import load_file
+
+    from tgi_nb.models.gguf_convert import _write_streamed, _write_with_transformers
+
+    path = tiny_gguf(tmp_path / f"{arch}.gguf", arch, head_dim=head_dim)
+    (tmp_path / "reference").mkdir()
+    config, _ = _write_with_transformers(path, tmp_path / "reference")
+    _write_streamed(path, config, tmp_path / "streamed.safetensors")
+    streamed, reference = load_file(tmp_path / "streamed.safetensors"), load_file(tmp_path / "reference" /
+                                                                                  "model.safetensors")
+    assert sorted(streamed) == sorted(reference)
+    assert all(torch.equal(streamed[k], reference[k]) for k in reference)
+
+
 def test_gemma2_is_refused_at_load_naming_what_it_lacks(tmp_path):
     path = tiny_gguf(tmp_path / "gemma2.gguf", "gemma2")
     with pytest.raises(ValueError, match=r"gemma2: attention logit soft-capping \(attn_logit_softcapping=50.0\) is "
