@@ -111,8 +111,9 @@ class LoadedModel:
     def weight_formats(self, numerics: str) -> str:
         """How the weights are held, for the log; for quantized weights, how their products compute."""
         formats = getattr(self.model, "weight_formats", lambda: str(self.dtype))()
-        if any(q in formats for q in ("q4_0", "q4_1", "q8_0")):
-            from tgi_nb.models.quant import kernel_variant
+        from tgi_nb.models.quant import QTYPE_IDS, kernel_variant
+
+        if any(q in formats for q in QTYPE_IDS):
 
             formats += f"; {numerics} numerics on the {kernel_variant() or 'torch'} kernels"
         return formats
