@@ -156,22 +156,40 @@ def test_protected_endpoint_requires_the_token_and_public_does_not(make, monkeyp
 
 
 def test_protected_without_a_token_gets_a_random_one_not_the_hub_token(make, monkeypatch, capsys):
-    """Whoever is given a local endpoint's password must not hold the user's Hugging Face credential."""
+    """Whoever is given a local endpoint's password must not hold the user's Hugging Face credential; the
+    cookbook's own client (``api_key=HF_API_KEY``) still works on this machine, where the Hub token never leaves
+    loopback, and the server keeps only its digest."""
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
     endpoint = make("random-token", type="authenticated")
     token = endpoint.token
     assert token.startswith("tgi-nb-") and len(token) > 30 and "hf_from_env" not in repr(endpoint.raw)
-    assert capsys.readouterr().out.count(token) == 1                 # shown once
+    out = capsys.readouterr().out
+    assert out.count(token) == 1 and "Hugging Face token works too" in out   # shown once
+    launch = endpoint._backend.launch
+    assert "hf_from_env" not in repr(launch) + str(launch.accepted_key_digests)
     endpoint.wait(timeout=120)
     assert chat(endpoint.url, token)
+    assert chat(endpoint.url, "hf_from_env")                         # the cookbook's api_key=HF_API_KEY
     with pytest.raises(openai.AuthenticationError):
-        chat(endpoint.url, "hf_from_env")
+        chat(endpoint.url, "hf_not_it")
     url = endpoint.url
     again = make("random-token", type="authenticated")               # the cell run again: same token, same server
     assert again is endpoint and again.token == token and again.url == url and token not in capsys.readouterr().out
     assert chat(endpoint.url, token)
     explicit = make("hub-token-asked-for", type="authenticated", token=True)   # huggingface_hub's, when asked
     assert explicit.token == "hf_from_env"
+
+
+def test_the_hub_token_is_not_accepted_off_loopback(make, monkeypatch, capsys):
+    """On an endpoint listening beyond this machine a client would send the Hub token over plain HTTP: only the
+    random token opens it there."""
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    endpoint = make("all-interfaces", type="protected", host="0.0.0.0")
+    assert "Hugging Face token works too" not in capsys.readouterr().out
+    endpoint.wait(timeout=120)
+    assert chat(endpoint.url, endpoint.token)
+    with pytest.raises(openai.AuthenticationError):
+        chat(endpoint.url, "hf_from_env")
 
 
 def test_protected_without_any_token_is_refused_at_once(tiny, monkeypatch):

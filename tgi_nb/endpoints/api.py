@@ -115,14 +115,16 @@ def create_inference_endpoint(
                   container_args=container_args, env=env, secrets=secrets, type=type, domain=domain, path=path,
                   cache_http_responses=cache_http_responses, tags=tags, namespace=namespace, token=token,
                   backend=backend, host=host, port=port, embedding_model=embedding_model)
-    request = build_request(name, **kwargs)
-    if request.token_generated:  # a random password: the same when the cell runs again, shown once
+    with _REGISTRY_LOCK:
+        remembered = _LOCAL_TOKENS.get(name)
+    request = build_request(name, **kwargs, generated_token=remembered)
+    if request.token_generated and remembered is None:  # a random password: the same when the cell runs again
         with _REGISTRY_LOCK:
-            kwargs["token"] = _LOCAL_TOKENS.setdefault(name, request.token)
-        if kwargs["token"] == request.token:
-            print(f"Endpoint {name!r} is protected by a new random token (endpoint.token): {request.token}\n"
-                  f"Clients send it as their API key ('Authorization: Bearer ...'); pass token='...' to choose one.")
-        request = build_request(name, **kwargs)
+            _LOCAL_TOKENS.setdefault(name, request.token)
+        hub = (" Your Hugging Face token works too, from this machine only, so code written for Inference Endpoints "
+               "runs unchanged." if request.launch.accepted_key_digests else "")
+        print(f"Endpoint {name!r} is protected by a new random token (endpoint.token): {request.token}\n"
+              f"Clients send it as their API key ('Authorization: Bearer ...'); pass token='...' to choose one.{hub}")
     with _REGISTRY_LOCK:
         existing = _REGISTRY.get(name)
         if existing is not None:

@@ -113,7 +113,7 @@ def build_app(engine_or_factory: Union[Any, Callable[[], Any]], settings: Option
     app.include_router(batch_router)
     app.include_router(tgi_router)
     if settings.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, accepted_digests=settings.accepted_key_digests)
     app.add_middleware(PayloadLimitMiddleware, limit=settings.payload_limit)
     if settings.cors_allow_origins:
         # Added last so it wraps auth: browsers' preflight requests never carry the key.

@@ -42,6 +42,9 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: Optional[str] = field(default=None, repr=False)   # never in a repr, a log line or a traceback
+    # Further keys accepted beside api_key, as SHA-256 digests (auth.key_digest): a local endpoint's owner's
+    # Hugging Face token, so that code written for Inference Endpoints runs unchanged; never sent anywhere.
+    accepted_key_digests: tuple[str, ...] = field(default=(), repr=False)
     served_model_name: Optional[str] = None
     model_id: Optional[str] = None
     embedding_model: Optional[str] = DEFAULT_EMBEDDING_MODEL_ID
