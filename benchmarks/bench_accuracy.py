@@ -2,11 +2,13 @@
 
     .venv/bin/python benchmarks/bench_accuracy.py --markdown          # README.md as the text, 4 chat prompts
     .venv/bin/python benchmarks/bench_accuracy.py --max-tokens 512 --formats gguf q8_0    # quicker
+    .venv/bin/python benchmarks/bench_accuracy.py --gguf FILE --formats gguf fast --markdown    # a K-quant file
 
 Formats (``EngineConfig.quantize``): ``gguf`` (the default: the bundled GGUF's Q4_1 / Q8_0 blocks as stored,
 exact numerics), ``fast`` (the same blocks with ``--numerics fast``: activations quantized to int8 per block, as
 llama.cpp computes), ``q8_0`` and ``q4_0`` (the float32 model quantized at load, as ``--quantize``), each against
-``float`` (every weight float32; the GGUF dequantized). The text (default: the project's README.md, a file that
+``float`` (every weight float32; the GGUF dequantized). ``--gguf FILE`` takes another GGUF file than the bundled
+one (e.g. a Q4_K_M of benchmarks/gguf_files.py): its blocks as stored against its own dequantized weights. The text (default: the project's README.md, a file that
 ships with it) is cut into windows of ``--window`` tokens, each run as one sequence in chunks of 64 tokens so
 every product takes the small-batch kernels a decode step uses. Per format: perplexity ratio (format / float),
 mean and p99 KL divergence KL(float || format) over positions, top-1 agreement, and over ``--prompts`` chat
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", nargs="+", default=["gguf", "fast", "q8_0", "q4_0"],
                         choices=["gguf", "fast", "q8_0", "q4_0"])
     parser.add_argument("--greedy-tokens", type=int, default=64)
+    parser.add_argument("--gguf", help="a GGUF file instead of the bundled SmolLM2-135M Q4_1")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
     for fmt in ["float", *args.formats]:
         quantize = None if fmt in ("gguf", "fast") else fmt
         numerics = "fast" if fmt == "fast" else "exact"
-        with LLMEngine(EngineConfig(quantize=quantize, numerics=numerics, max_total_tokens=2048)) as engine:
+        with LLMEngine(EngineConfig(model_id=args.gguf, quantize=quantize, numerics=numerics,
+                                    max_total_tokens=2048)) as engine:
             log(f"[{fmt}] weights: {engine.model.weight_formats()}")
             ids = engine.tokenizer.encode(Path(args.text).read_text(), add_special_tokens=False)[:args.max_tokens]
             with torch.inference_mode():
@@ -107,7 +111,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if args.markdown:
-        print(f"{next(iter(results.values()))['positions']} positions of {Path(args.text).name}, windows of "
+        print(f"{args.gguf or 'The bundled Q4_1 GGUF'}: "
+              f"{next(iter(results.values()))['positions']} positions of {Path(args.text).name}, windows of "
               f"{args.window} tokens fed in chunks of {CHUNK}; greedy: {len(PROMPTS)} chat prompts x "
               f"{args.greedy_tokens} tokens.\n")
         print("| weights | perplexity ratio | mean KLD | p99 KLD | top-1 agreement | first greedy divergence |")

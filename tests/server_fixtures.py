@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -102,6 +103,24 @@ class SlowEngine(BorrowedEngine):
         return self._engine.add_request(prompt, params, request_id, slow, **kwargs)
 
 
+class GatedEngine(BorrowedEngine):
+    """A shared engine whose outputs wait for ``gate`` (the engine thread blocks on it): nothing submitted can
+    finish before the test opens it; ``submitted`` counts the requests."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.gate = threading.Event()
+        self.submitted = 0
+
+    def add_request(self, prompt, params, request_id=None, on_output=None, **kwargs):
+        def gated(out):
+            self.gate.wait()
+            on_output(out)
+
+        self.submitted += 1
+        return self._engine.add_request(prompt, params, request_id, gated, **kwargs)
+
+
 class FailingEngine:
     """A real engine whose requests fail after ``fail_after`` outputs, as an engine error would.
 
@@ -157,6 +176,17 @@ def served(engine):
     """``(server, app)``: a server on a free port in front of the module's ``engine``, and its app."""
     with running_server(engine) as (server, app):
         yield server, app
+
+
+@pytest.fixture(scope="module")
+def engine64(tiny_model_dir):
+    """The tiny random llama in float64, for one test module: a greedy answer does not depend on what else is in
+    the engine's batch (float32 sums in another order can flip a near tie), so answers can be compared exactly."""
+    import torch
+
+    engine = make_engine(tiny_model_dir("llama", dtype=torch.float64), dtype="float64")
+    yield engine
+    engine.shutdown()
 
 
 @pytest.fixture(scope="module")

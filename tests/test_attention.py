@@ -4,6 +4,8 @@ fallbacks."""
 from __future__ import annotations
 
 import logging
+import os
+import stat
 
 import pytest
 import torch
@@ -254,11 +256,14 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch, caplog):
 
 def test_broken_build_warns_and_falls_back(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("TGI_NB_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_PATHS", {})   # as in a fresh process
     fresh_kernel(monkeypatch)
     monkeypatch.setattr(native, "find_compiler", lambda: "/bin/false")
-    with caplog.at_level(logging.WARNING, logger=attention.__name__):
+    with caplog.at_level(logging.WARNING, logger=attention.__name__), \
+            pytest.warns(native.NativeKernelWarning, match="paged_attention"):   # loud: a notebook shows it
         assert not native_kernel_available()
     assert any("could not build" in r.getMessage() for r in caplog.records)
+    assert native.kernel_paths()["paged_attention"].startswith("torch (")    # what /info reports
     assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library left behind
 
 
@@ -269,6 +274,33 @@ def test_build_into_fresh_cache_dir(monkeypatch, tmp_path):
     assert native_kernel_available()
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].name.startswith("paged_attention_") and built[0].suffix == ".so"
+
+
+@needs_native
+def test_kernel_cache_is_private_and_loads_only_the_users_own_files(monkeypatch, tmp_path):
+    monkeypatch.setenv("TGI_NB_CACHE", str(tmp_path))
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    kernels.chmod(0o777)                                  # as an older version or a shared folder left it
+    fresh_kernel(monkeypatch)
+    assert native_kernel_available()
+    assert stat.S_IMODE(kernels.stat().st_mode) == 0o700
+    built, = kernels.glob("*.so")
+    built.unlink()                                        # (the loaded library stays mapped)
+    built.write_bytes(b"planted by whoever could write it")
+    built.chmod(0o666)
+    fresh_kernel(monkeypatch)
+    assert native_kernel_available()                      # built again rather than loaded
+    assert not built.stat().st_mode & 0o022 and built.read_bytes()[:4] == b"\x7fELF"
+
+    # A cache folder that belongs to another user is not used at all: a private folder of this process is.
+    monkeypatch.setattr(os, "getuid", lambda real=os.getuid(): real + 1)
+    native._process_cache.cache_clear()
+    fresh_kernel(monkeypatch)
+    assert native_kernel_available()
+    private = native._process_cache()
+    native._process_cache.cache_clear()
+    assert private != kernels and len(list(private.glob("*.so"))) == 1 and len(list(kernels.glob("*.so"))) == 1
 
 
 @needs_native

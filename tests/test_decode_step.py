@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gguf_fixtures import Q4_K_M, gguf_model, source_file
 from tgi_nb.models import quant
 from tgi_nb.models.attention import AttentionBatch
 from tgi_nb.models.decode_step import FusedDecode
@@ -45,14 +46,24 @@ def forward(model, ids, positions, batch, kv, logits_rows, monkeypatch, fused: b
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tiny_model_dir):
-    """Llama, Qwen2 (q|k|v bias) and Qwen3 (per-head q/k norms) with q8_0 / q4_0 products, and a Qwen2 with a
-    sliding window of 24 tokens."""
+def tiny_models(tiny_model_dir, tmp_path_factory):
+    """Llama, Qwen2 (q|k|v bias) and Qwen3 (per-head q/k norms) with q8_0 / q4_0 products, a Qwen2 with a
+    sliding window of 24 tokens, and llamas of hidden 256 from GGUF files: Q4_K_M (Q4_K and Q6_K blocks, q|k|v
+    stacked across the two) and a mix of Q5_K, Q4_K, Q8_0, Q5_0, Q5_1 (q|k|v mixing the two activation families
+    of the fast numerics, gate|up stacked across two types)."""
     def load(arch, qtype, **overrides):
         return LlamaModel.load(tiny_model_dir(arch, **overrides), quantize=qtype)
 
+    k_shape = dict(hidden_size=256, head_dim=32, num_attention_heads=8, num_key_value_heads=4)
+    src = tiny_model_dir("llama", intermediate_size=512, **k_shape)
+    q4_k_m = gguf_model(src, tmp_path_factory.mktemp("q4km"), Q4_K_M)
+    mix = gguf_model(src, tmp_path_factory.mktemp("mix"), {"embed": "q8_0", "q_proj": "q5_k", "k_proj": "q5_k",
+                                                           "v_proj": "q8_0", "o_proj": "q5_0", "gate_proj": "q5_k",
+                                                           "up_proj": "q4_k", "down_proj": "q5_1"})
     return {"llama": load("llama", "q4_0"), "qwen2": load("qwen2", "q8_0"), "qwen3": load("qwen3", "q4_0"),
-            "qwen2-window": load("qwen2", "q8_0", use_sliding_window=True, sliding_window=24, max_window_layers=0)}
+            "qwen2-window": load("qwen2", "q8_0", use_sliding_window=True, sliding_window=24, max_window_layers=0),
+            "llama-q4_k_m": LlamaModel.load(q4_k_m, gguf_file=source_file(q4_k_m)),
+            "llama-mix": LlamaModel.load(mix, gguf_file=source_file(mix))}
 
 
 @pytest.fixture(params=["exact", "fast"])
@@ -64,7 +75,7 @@ def numerics(request, tiny_models):
         model.set_numerics("exact")
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "qwen2-window"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "qwen2-window", "llama-q4_k_m", "llama-mix"])
 def test_fused_step_matches_the_per_layer_path(tiny_models, quant_variant, numerics, name, monkeypatch):
     model = tiny_models[name]
     step = FusedDecode.for_model(model)
@@ -86,8 +97,10 @@ def test_fused_step_matches_the_per_layer_path(tiny_models, quant_variant, numer
         torch.testing.assert_close(v, v2, rtol=tolerance / 10, atol=tolerance / 10)
 
 
-def test_a_sequences_logits_do_not_depend_on_the_rest_of_the_step(tiny_models, quant_variant, numerics, monkeypatch):
-    model = tiny_models["qwen3"]
+@pytest.mark.parametrize("name", ["qwen3", "llama-q4_k_m"])
+def test_a_sequences_logits_do_not_depend_on_the_rest_of_the_step(tiny_models, quant_variant, numerics, name,
+                                                                  monkeypatch):
+    model = tiny_models[name]
     contexts = [(37 * i) % 700 for i in range(70)]   # 70 sequences: two calls of 64 and 6
     positions, batch = decode_batch(contexts, 45)
     kv = caches(model, 45 * 70)
@@ -153,8 +166,10 @@ def test_which_models_and_caches_it_applies_to(tiny_model_dir, tiny_models):
     assert not step.usable(kv[:1])                                                      # not one per layer
 
 
-def test_fast_numerics_stay_close_to_exact(tiny_models, monkeypatch):
-    model = tiny_models["qwen3"]
+# The K-quants' activations take one scale per 256 (llama.cpp's Q8_K), coarser than Q8_0's one per 32.
+@pytest.mark.parametrize("name,bound", [("qwen3", 0.01), ("llama-q4_k_m", 0.02)])
+def test_fast_numerics_stay_close_to_exact(tiny_models, name, bound, monkeypatch):
+    model = tiny_models[name]
     positions, batch = decode_batch([3, 100, 700], 50)
     kv = caches(model, 150)
     ids = torch.tensor([10, 20, 30])
@@ -166,7 +181,7 @@ def test_fast_numerics_stay_close_to_exact(tiny_models, monkeypatch):
         model.set_numerics("exact")
     assert not torch.equal(fast, exact)                       # int8 activations do change the numbers...
     kld = torch.nn.functional.kl_div(fast.log_softmax(-1), exact.log_softmax(-1), log_target=True, reduction="none")
-    assert kld.sum(-1).max() < 0.01                            # ...but not the distribution
+    assert kld.sum(-1).max() < bound                           # ...but not the distribution
 
 
 def test_each_call_writes_the_caches_it_is_given(tiny_models, monkeypatch):

@@ -152,23 +152,61 @@ def test_protected_endpoint_requires_the_token_and_public_does_not(make, monkeyp
     assert chat(public.url, "anything")
     assert httpx.get(public.url + "/v1/models").status_code == 200
 
-    # token=None: HF_TOKEN, as huggingface_hub does.
+    assert public.token is None
+
+
+def test_protected_without_a_token_gets_a_random_one_not_the_hub_token(make, monkeypatch, capsys):
+    """Whoever is given a local endpoint's password must not hold the user's Hugging Face credential; the
+    cookbook's own client (``api_key=HF_API_KEY``) still works on this machine, where the Hub token never leaves
+    loopback, and the server keeps only its digest."""
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
-    from_env = make("from-env", type="authenticated")
-    from_env.wait(timeout=120)
-    assert chat(from_env.url, "hf_from_env")
+    endpoint = make("random-token", type="authenticated")
+    token = endpoint.token
+    assert token.startswith("tgi-nb-") and len(token) > 30 and "hf_from_env" not in repr(endpoint.raw)
+    out = capsys.readouterr().out
+    assert out.count(token) == 1 and "Hugging Face token works too" in out   # shown once
+    launch = endpoint._backend.launch
+    assert "hf_from_env" not in repr(launch) + str(launch.accepted_key_digests)
+    endpoint.wait(timeout=120)
+    assert chat(endpoint.url, token)
+    assert chat(endpoint.url, "hf_from_env")                         # the cookbook's api_key=HF_API_KEY
     with pytest.raises(openai.AuthenticationError):
-        chat(from_env.url, "hf_wrong")
+        chat(endpoint.url, "hf_not_it")
+    url = endpoint.url
+    again = make("random-token", type="authenticated")               # the cell run again: same token, same server
+    assert again is endpoint and again.token == token and again.url == url and token not in capsys.readouterr().out
+    assert chat(endpoint.url, token)
+    explicit = make("hub-token-asked-for", type="authenticated", token=True)   # huggingface_hub's, when asked
+    assert explicit.token == "hf_from_env"
+
+
+def test_the_hub_token_is_not_accepted_off_loopback(make, monkeypatch, capsys):
+    """On an endpoint listening beyond this machine a client would send the Hub token over plain HTTP: only the
+    random token opens it there."""
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    endpoint = make("all-interfaces", type="protected", host="0.0.0.0")
+    assert "Hugging Face token works too" not in capsys.readouterr().out
+    endpoint.wait(timeout=120)
+    assert chat(endpoint.url, endpoint.token)
+    with pytest.raises(openai.AuthenticationError):
+        chat(endpoint.url, "hf_from_env")
 
 
 def test_protected_without_any_token_is_refused_at_once(tiny, monkeypatch):
-    import huggingface_hub
-
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(ValueError, match="token"):
-        create_inference_endpoint("no-token", repository=tiny, type="protected")
+        create_inference_endpoint("no-token", repository=tiny, type="protected", token=False)
     assert "no-token" not in [e.name for e in list_inference_endpoints()]
+
+
+def test_tokens_stay_out_of_reprs():
+    from tgi_nb.endpoints.spec import build_request
+    from tgi_nb.server import ServerSettings
+
+    request = build_request("masked", repository="org/model", type="protected", token="s3cret-token")
+    settings = ServerSettings(api_key="s3cret-key")
+    for shown in (repr(request), repr(request.launch), repr(settings), str(settings)):
+        assert "s3cret" not in shown, shown
+    assert request.launch.api_key == "s3cret-token" and settings.api_key == "s3cret-key"
 
 
 def test_life_cycle_pause_resume_scale_to_zero_delete(make):
@@ -482,3 +520,32 @@ def test_paused_while_loading_is_freed_once_loaded_and_resumes(make):
     assert httpx.get(endpoint._backend.server_url + "/health").json()["status"] == "paused"
     endpoint.resume().wait(timeout=120)
     assert endpoint.status == "running" and chat(endpoint.url)
+
+
+def test_a_check_never_writes_a_stale_status_over_a_pushed_one():
+    """A pushed machine's controller is its one writer. A check that read "initializing" just before the model
+    finished loading must not write it back over "running" (the workbench then showed initializing for ever);
+    a dead server thread, which only a check can find, is still recorded."""
+    from tgi_nb.endpoints.backends import Backend, BackendState
+
+    class Pushed(Backend):
+        watch_every = None   # as the thread backend: the controller pushes every change
+
+        def _check(self) -> BackendState:
+            seen = BackendState(self.machine.status)
+            self.machine.move(self.next_status)   # the controller moves between the read and the record
+            return seen
+
+    backend = Pushed("stale-check", None)
+    backend.machine.move("initializing")
+    backend.next_status = "running"
+    assert backend.state().status == "initializing" and backend.machine.status == "running"
+
+    class Died(Pushed):
+        def _check(self) -> BackendState:
+            return BackendState("failed", "the server thread stopped")
+
+    died = Died("dead-thread", None)
+    died.machine.move("initializing")
+    died.state()
+    assert died.machine.status == "failed"

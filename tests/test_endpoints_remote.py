@@ -428,8 +428,10 @@ def test_a_server_that_never_answers_times_out(silent_server):
 
 class _Html(http.server.BaseHTTPRequestHandler):
     status = 200
+    authorizations: list
 
     def _answer(self) -> None:
+        self.authorizations.append(self.headers.get("authorization"))
         data = b"<html><body>Welcome to nginx!</body></html>"
         self.send_response(self.status)
         self.send_header("content-type", "text/html")
@@ -446,7 +448,7 @@ class _Html(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def html_server():
     """A web server that answers an HTML page, with the status code of ``_Html.status``, to everything."""
-    handler = type("Handler", (_Html,), {})
+    handler = type("Handler", (_Html,), {"authorizations": []})   # the Authorization header of each request
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", handler
@@ -468,6 +470,45 @@ def test_a_server_that_answers_html(html_server):
         endpoint.wait(timeout=30, refresh_every=0.1)
     handler.status = 503  # a proxy's "service unavailable" page: the server behind it is starting
     assert endpoint.fetch().status == "initializing"
+
+
+def test_connect_sends_the_hub_token_to_hugging_face_only(html_server, monkeypatch):
+    """A colleague's vLLM box is not given the user's Hugging Face token: HF_TOKEN (or the saved login) goes to
+    Hugging Face's hosts unless token= says otherwise."""
+    from tgi_nb.endpoints.hub_session import plain_http_warning, token_for_url
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_from_env")
+    url, handler = html_server
+    endpoint = tgi_nb.connect(url, name="colleague", timeout=5).wait(timeout=30, refresh_every=0.1)
+    assert endpoint.token is None and handler.authorizations and set(handler.authorizations) == {None}
+    tgi_nb.connect(url, token="given", name="given", timeout=5).wait(timeout=30, refresh_every=0.1)
+    assert handler.authorizations[-1] == "Bearer given"
+    # What connect() would send elsewhere (checked without sending anything to another machine)
+    assert token_for_url("https://xyz.us-east-1.aws.endpoints.huggingface.cloud", None) == "hf_secret_from_env"
+    assert token_for_url("https://router.huggingface.co/v1", None) == "hf_secret_from_env"
+    assert token_for_url("https://huggingface.co.evil.example", None) is None
+    assert token_for_url("http://gpu-box:8000", True) == "hf_secret_from_env"          # asked for explicitly
+    assert "plain http://" in plain_http_warning("http://gpu-box:8000")
+    assert plain_http_warning(url) is None and plain_http_warning("https://gpu-box:8000") is None
+
+
+def test_offline_mode_lets_only_loopback_addresses_through():
+    """huggingface_hub's offline mode is relaxed for this machine's addresses only: a name that merely starts
+    with "127." resolves wherever its owner wants."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    from huggingface_hub.utils import get_session
+
+    from tgi_nb.endpoints.hub_session import allow_loopback_when_offline, is_loopback
+
+    assert constants.is_offline_mode()
+    assert [is_loopback(u) for u in ("http://127.0.0.1:1", "http://127.1.2.3:1", "http://[::1]:1",
+                                     "http://localhost:1")] == [True] * 4
+    assert not any(is_loopback(u) for u in ("http://127.example.com", "http://127.0.0.1.nip.io:80",
+                                            "http://localhost.example.com", "http://10.0.0.1"))
+    allow_loopback_when_offline()
+    with pytest.raises(OfflineModeIsEnabled):
+        get_session().get("http://127.example.com:9/")     # stopped before any name is resolved
 
 
 def test_status_changes_of_a_remote_server_are_observed(html_server):

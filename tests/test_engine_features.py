@@ -130,6 +130,24 @@ def test_logit_bias_forces_a_token(engine):
     assert out.token_ids == [42] * 4
 
 
+def test_logit_bias_tensors_are_built_once_per_request(monkeypatch):
+    """A logit_bias map is turned into tensors when the request arrives, not at each step of each sample."""
+    import torch
+
+    from tgi_nb.engine import sampler
+    from tgi_nb.engine.sequence import Request, Sequence
+
+    request = Request("r", [1, 2], SamplingParams(logit_bias={3: 5.0, 7: -5.0}, n=2), lambda out: None, 0.0)
+    seqs = [Sequence(request, i, [1, 2], IncrementalDetokenizer(None, [1, 2]), None) for i in range(2)]
+    built = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(sampler.torch, "tensor", lambda *a, **k: built.append(a) or real_tensor(*a, **k))
+    for step in range(3):
+        rows = [sampler._apply_penalties(torch.zeros(8), seq) for seq in seqs]
+    assert built == []
+    assert all(row.tolist() == [0, 0, 0, 5, 0, 0, 0, -5] for row in rows)
+
+
 def test_logits_processor_hook_and_failure_isolated(engine):
     seen = []
 
@@ -270,6 +288,24 @@ def test_incremental_detokenizer_matches_full_decode(tokenizer, text):
     assert "".join(pieces) == detok.text
     assert detok.text == tokenizer.decode(ids)
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_held_back_stop_prefix_is_the_longest_one_as_text_grows(tokenizer):
+    """The overlap is followed character by character (no slice per prefix length): it must equal, after each
+    piece of text, the longest prefix of any stop string that ends the text (a direct check), stop strings with
+    repeats (KMP's borders) included, and after a cut at a matched stop string."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 8))) for _ in range(rng.randint(1, 4))]
+        detok = IncrementalDetokenizer(tokenizer, [], stop=stops)
+        for _ in range(rng.randint(1, 12)):
+            detok.text += "".join(rng.choice("abc") for _ in range(rng.randint(0, 5)))
+            if rng.random() < 0.1:
+                detok.text = detok.text[:rng.randint(0, len(detok.text))]      # as check_stop cuts it
+            expected = max((k for s in stops for k in range(len(s)) if detok.text.endswith(s[:k])), default=0)
+            assert detok._stop_prefix_overlap() == expected, (stops, detok.text)
 
 
 def test_detokenizer_holds_back_partial_stop(tokenizer):

@@ -251,3 +251,38 @@ def test_grammar_request_never_blocks_the_engine(http, engine):
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
     assert r.json()["choices"][0]["message"]["content"].startswith("{")
     assert httpx.get(str(http.base_url) + "/health").status_code == 200
+
+
+def test_grammar_cache_is_bounded_in_bytes(engine, monkeypatch):
+    compiler = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)   # a fresh cache
+    monkeypatch.setattr(GrammarCompiler, "CACHE_BYTES", 4000)
+    grammars = [regex_grammar("(" + "|".join(f"w{i}x{j}" for j in range(60)) + ")") for i in range(6)]
+    for grammar in grammars:
+        assert compiler.compile(grammar).matches(f"w{grammars.index(grammar)}x7")
+    assert 0 < compiler._cache_bytes == sum(map(len, compiler._cache)) <= 4000
+    assert list(compiler._cache) == grammars[-len(compiler._cache):]       # the most recent ones kept
+    huge = regex_grammar("(" + "|".join(f"h{j}" for j in range(400)) + ")")   # over a quarter: compiled, not kept
+    assert compiler.compile(huge).matches("h7") and huge not in compiler._cache
+
+
+def test_grammar_compilation_is_bounded_in_time(http, monkeypatch):
+    """A grammar that does not compile in time gets a 400 naming the field; the request does not wait for it."""
+    import threading
+
+    from tgi_nb.server import guided
+
+    release = threading.Event()
+
+    def stuck(engine, spec):
+        release.wait(60)
+        raise AssertionError("compiled too late")
+
+    monkeypatch.setattr(guided, "compile_guide_sync", stuck)
+    monkeypatch.setattr(guided, "GRAMMAR_COMPILE_TIMEOUT", 0.2)
+    try:
+        r = http.post("/v1/chat/completions", json={"model": "tgi", "messages": MESSAGES, "max_tokens": 4,
+                                                    "response_format": {"type": "json_object"}})
+    finally:
+        release.set()
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+    assert "could not be compiled within 0.2 s" in r.json()["error"]["message"]

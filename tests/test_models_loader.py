@@ -71,7 +71,7 @@ def test_second_resolve_reuses_the_cache(smollm2_dir, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("the cached conversion should have been reused")
 
-    monkeypatch.setattr(loader, "_write_converted", no_conversion)
+    monkeypatch.setattr(loader, "write_converted", no_conversion)
     again = resolve_model()
     assert again.path == smollm2_dir
     assert weights.stat().st_mtime_ns == mtime
@@ -200,7 +200,7 @@ def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
 
     second = threading.Thread(target=convert)
 
-    def slow_write(gguf_file, out):
+    def slow_write(gguf_file, out, announce):
         calls.append(gguf_file)
         (out / "config.json").write_text("{}")
         # The other conversion starts now and reaches the lock while this one is still writing.
@@ -209,7 +209,7 @@ def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
         (out / "model.safetensors").write_bytes(b"weights")
 
     monkeypatch.setattr(filelock.FileLock, "acquire", counted_acquire)
-    monkeypatch.setattr(loader, "_write_converted", slow_write)
+    monkeypatch.setattr(loader, "write_converted", slow_write)
     gguf = _fake_gguf(tmp_path)
     results = []
     first = threading.Thread(target=convert)
@@ -233,11 +233,11 @@ def test_concurrent_conversions_convert_once(tmp_path, monkeypatch):
 def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("TGI_NB_CACHE", str(tmp_path / "cache"))
 
-    def broken_write(gguf_file, out):
+    def broken_write(gguf_file, out, announce):
         (out / "config.json").write_text("{}")
         raise RuntimeError("unsupported GGUF architecture")
 
-    monkeypatch.setattr(loader, "_write_converted", broken_write)
+    monkeypatch.setattr(loader, "write_converted", broken_write)
     gguf = _fake_gguf(tmp_path)
     with pytest.raises(RuntimeError, match="unsupported"):
         loader.convert_gguf(gguf)

@@ -108,3 +108,24 @@ def test_05_responses_api(tmp_path, no_token, smollm2_dir):
     assert "name=" in text and "country=" in text                     # the parsed structured output
     assert "reasoning:" in text and "reasoning tokens:" in text       # a reasoning item, and its tokens
     assert "thinking: " in text and "400: tools.0.type" in text
+
+
+def test_06_migration_check(tmp_path, no_token, smollm2_dir, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # offline: recorded against the bundled model
+    nb = execute("06_migration_check.ipynb", tmp_path)
+    text = outputs(nb)
+    assert "triage: {'category':" in text and "tool call: lookup_order" in text and "embeddings: 3 x 384" in text
+    assert "8 requests recorded: /v1/chat/completions, /v1/embeddings" in text
+    assert "24/24 requests replayed" in text
+    markdown = [out["data"]["text/markdown"] for cell in nb.cells for out in cell.get("outputs", [])
+                if "text/markdown" in out.get("data", {})]
+    assert markdown and "reference: the recorded answers" in markdown[0]       # the report, rendered
+    # The endpoint that recorded replays its greedy answers exactly.
+    assert "smollm2-migration: exact match 7/7, similarity 1.0" in text
+    assert any("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+    assert "migration_report.csv" in text and "migration_report.md" in text
+    views = [out for cell in nb.cells for out in cell.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
+    assert views  # the MigrationWidget (driving it is tests/test_widgets_browser.py's job)
+    assert "completed BatchRequestCounts(completed=7, failed=0, total=7)" in text
+    assert "deleted deleted" in text

@@ -263,3 +263,12 @@ def test_pipeline_lives_beside_the_cookbooks_own_chroma(order, tmp_path):
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert not list(tmp_path.glob("tgi_nb_chroma_*")), "the private Chroma folder outlives the process"
+
+
+def test_a_base_url_gets_hf_token_only_on_hugging_face(monkeypatch):
+    from tgi_nb.rag.pipeline import _connection
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_from_env")
+    assert _connection("http://gpu-box:8000", None) == ("http://gpu-box:8000/v1", "-")
+    assert _connection("https://x.endpoints.huggingface.cloud", None)[1] == "hf_secret_from_env"
+    assert _connection("http://gpu-box:8000/v1", "k") == ("http://gpu-box:8000/v1", "k")

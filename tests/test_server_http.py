@@ -4,6 +4,7 @@ failure, auth, 429, 503 while loading, client disconnects freeing KV blocks, met
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import httpx
@@ -269,13 +270,29 @@ def test_failed_load_is_reported():
     def factory():
         raise FileNotFoundError("no model at /nowhere")
 
-    app = build_app(factory, ServerSettings())
-    with ServerThread(app, port=0) as server, client(server) as c:
+    app = build_app(factory, ServerSettings(api_key="k"))
+    with ServerThread(app, port=0) as server, client(server, api_key="k") as c:
         app.state.holder.wait(10)
-        body = assert_tgi_error(c.get("/health"), 503, "healthcheck")
-        assert "/nowhere" in body["error"]
+        # /health is open to anyone: the failure's text (a local path) is not for them
+        body = assert_tgi_error(httpx.get(server.url + "/health"), 503, "healthcheck")
+        assert "failed to load" in body["error"] and "nowhere" not in body["error"] and body["status"] == "failed"
         error = assert_openai_error(c.post("/v1/completions", json={"prompt": "x"}), 503, None, "model_load_failed")
-        assert "/nowhere" in error["message"]
+        assert "/nowhere" in error["message"]                             # the key holder's routes say why
+
+
+class _BrokenTokenizer(BorrowedEngine):
+    def tokenize(self, *args, **kwargs):
+        raise RuntimeError("cannot read /home/alice/.cache/secret-model/tokenizer.json")
+
+
+def test_unexpected_errors_answer_500_without_their_text(engine, caplog):
+    with running_server(_BrokenTokenizer(engine)) as (server, _), client(server) as c:
+        with caplog.at_level("ERROR", logger="tgi_nb.server"):
+            for path, body in (("/v1/completions", {"prompt": "x", "max_tokens": 1}), ("/generate", {"inputs": "x"})):
+                r = c.post(path, json=body)
+                assert r.status_code == 500 and "alice" not in r.text and "RuntimeError" not in r.text, r.text
+                error_id = re.search(r"error id ([0-9a-f]+)", r.text).group(1)
+                assert any(error_id in rec.getMessage() and rec.exc_info for rec in caplog.records)
 
 
 def test_errors_during_generation(engine):
@@ -283,7 +300,9 @@ def test_errors_during_generation(engine):
     with running_server(failing) as (server, _), client(server) as c:
         r = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 20})
         error = assert_openai_error(r, 500)
-        assert error["type"] == "server_error" and "simulated failure" in error["message"]
+        # the engine's text (which can name paths) stays in the log, found there by the error id
+        assert error["type"] == "server_error" and "error id" in error["message"]
+        assert "simulated" not in error["message"]
         assert_tgi_error(c.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 20}}), 424,
                          "generation")
         with c.stream("POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 20, "stream": True}) as s:
@@ -291,7 +310,8 @@ def test_errors_during_generation(engine):
             events = sse_events(list(s.iter_lines()))
         assert "[DONE]" not in events
         assert events[0]["choices"][0]["delta"]["role"] == "assistant"
-        assert set(events[-1]) == {"error"} and "simulated failure" in events[-1]["error"]["message"]
+        assert set(events[-1]) == {"error"} and "generation failed (error id" in events[-1]["error"]["message"]
+        assert "simulated" not in events[-1]["error"]["message"]
         assert all("error" not in e for e in events[:-1])
         with c.stream("POST", "/generate_stream", json={"inputs": "x", "parameters": {"max_new_tokens": 20}}) as s:
             events = sse_events(list(s.iter_lines()))
@@ -437,6 +457,18 @@ def test_info_and_models(http):
     assert models["data"][0]["max_model_len"] == 512
     assert http.get("/docs").status_code == 200
     assert "/v1/chat/completions" in http.get("/openapi.json").json()["paths"]
+
+
+def test_docs_work_offline_from_the_servers_own_files(http):
+    """/docs loads nothing from a CDN (the page runs in Jupyter's origin behind jupyter-server-proxy, often
+    with no network): every script, style and icon it names is relative, and the server serves it."""
+    page = http.get("/docs").text
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page)
+    assert any(a.endswith("swagger-ui-bundle.js") for a in assets) and any(a.endswith(".css") for a in assets)
+    for asset in assets:
+        assert "//" not in asset and not asset.startswith("/"), asset     # relative: works under a proxy prefix
+        r = http.get(f"/{asset}")
+        assert r.status_code == 200 and len(r.content) > 1000, asset
 
 
 def test_metrics(http):

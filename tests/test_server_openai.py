@@ -193,9 +193,12 @@ def test_completions_echo_with_logprobs_scores_the_prompt(client, engine):
 
 
 def test_best_of_returns_the_most_likely(client):
-    best = client.completions.create(model="tgi", prompt="Hello", max_tokens=4, best_of=3, n=1, seed=5, logprobs=0)
+    best = client.completions.create(model="tgi", prompt="Hello", max_tokens=4, best_of=2, n=1, seed=5, logprobs=0)
     assert len(best.choices) == 1
-    assert best.usage.completion_tokens == 12  # every candidate was generated and counted
+    assert best.usage.completion_tokens == 8  # every candidate was generated and counted
+    with pytest.raises(openai.BadRequestError) as err:   # --max-best-of (2), as on /generate
+        client.completions.create(model="tgi", prompt="Hello", max_tokens=4, best_of=3)
+    assert err.value.param == "best_of" and "max_best_of" in err.value.message
 
 
 def test_models(client):

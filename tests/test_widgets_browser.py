@@ -251,6 +251,13 @@ def test_docs_link_goes_through_jupyter_server_proxy(page, lab):
     assert href.startswith("/proxy/") and href.endswith("/docs")
     response = page.request.get(base + href)  # the page's cookies: the user's Jupyter session
     assert response.status == 200 and "swagger" in response.text().lower()
+    # swagger-ui renders the API from the server's own copy of its scripts, under the proxy's prefix (the
+    # test machine has no network: a CDN's script would never load)
+    docs = page.context.new_page()
+    docs.goto(base + href)
+    expect(docs.locator(".swagger-ui .info .title")).to_contain_text("tgi_nb")
+    expect(docs.locator(".swagger-ui .opblock-summary-path").first).to_be_visible()
+    docs.close()
 
 
 def test_rag_tab_indexes_pasted_text_and_answers_with_sources(page, shots):
@@ -385,3 +392,40 @@ def test_the_chat_in_notebook_7(page, lab):
             re.compile(r"\b[1-8] tokens"))
     finally:
         nb7.close()
+
+
+def test_migration_tab_replays_a_recorded_workload(page, shots, tmp_path):
+    """The Migration tab: load a workload recorded with OpenAI's answers, replay it on the endpoint (greedy, and
+    sampled at temperature 0.8), read the report and its charts, open one request side by side."""
+    from tgi_nb.migrate import WorkItem, Workload
+
+    recorded = [("What is the capital of France?", "The capital of France is Paris."),
+                ("Name three primary colours.", "Red, yellow and blue."),
+                ("What is 2 + 2?", "2 + 2 = 4.")]
+    path = tmp_path / "workload.jsonl"
+    Workload([WorkItem(f"request-{i}", "/v1/chat/completions",
+                       {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": question}], "max_tokens": 16,
+                        "temperature": 0},
+                       {"object": "chat.completion", "model": "gpt-4o-mini", "choices": [
+                           {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]},
+                       200) for i, (question, answer) in enumerate(recorded, start=1)]).save(path)
+    open_tab(page, "Migration")
+    tab = page.locator(".tgi-workbench .tgi-migration")
+    tab.locator(".tgi-migration-path input").fill(str(path))
+    tab.locator(".tgi-migration-load").click()
+    expect(tab.locator(".tgi-migration-workload")).to_contain_text("3 with a recorded answer")
+    tab.locator(".tgi-migration-run").click()
+    expect(tab.locator(".tgi-migration-status")).to_contain_text("6/6 done")
+    expect(tab.locator(".tgi-migration-summary-box")).to_contain_text("Reference: the recorded answers")
+    expect(tab.locator(".tgi-migration-plot svg")).to_have_count(3)
+    tab.locator(".tgi-migration-request select").select_option("request-1")
+    detail = tab.locator(".tgi-migration-detail")
+    expect(detail).to_contain_text("The capital of France is Paris.")
+    expect(detail.locator(".tgi-migration-answer")).to_have_count(3)   # the reference and both targets
+    assert "migration_report.csv" in tab.locator(".tgi-migration-export").inner_text()
+    page.set_viewport_size({"width": 1280, "height": 1300})  # the report, the charts and the request at once
+    try:
+        tab.locator(".tgi-migration-run").scroll_into_view_if_needed()
+        page.screenshot(path=shots / "workbench_migration.png")
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 1000})

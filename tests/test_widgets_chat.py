@@ -185,6 +185,22 @@ def test_a_closed_chat_lets_go_of_shared_parameters():
     open_.close()
 
 
+def test_curl_command_survives_quotes_in_values():
+    """The curl line is run by a real shell (curl replaced by a function printing the body it gets): a ' in a
+    value must neither end the quoting early nor change the JSON."""
+    import json
+    import subprocess
+
+    from tgi_nb.widgets.parameters import curl_command
+
+    params = {"stop": ["it's", "'; echo injected; '"], "seed": 3}
+    command = curl_command(params)
+    shell = 'curl() { for a; do last=$a; done; printf %s "$last"; }\n' + command
+    out = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "injected" not in out.stdout.replace("echo injected", ""), out
+    assert json.loads(out.stdout)["stop"] == params["stop"]
+
+
 def test_parameters_widget_values_and_code():
     params = ParametersWidget()
     assert params.params == {"max_tokens": 256}  # always sent: a server's default is the whole context

@@ -167,7 +167,7 @@ def test_pick_a_running_endpoint_and_workbench_tabs(tiny):
                                                 env={"MAX_TOTAL_TOKENS": "512", "MAX_BATCH_TOTAL_TOKENS": "4096"})
     bench = tgi_nb.workbench()
     try:
-        assert bench.titles == ("Endpoint", "Parameters", "Chat", "Compare", "Monitor", "RAG")
+        assert bench.titles == ("Endpoint", "Parameters", "Chat", "Compare", "Monitor", "RAG", "Migration")
         form = bench.endpoint_widget
         form.refresh_running()
         assert "widget-pick" in [value for _, value in form.running.options]
@@ -213,6 +213,33 @@ def test_monitor_reads_metrics_and_stops_when_closed(server):
     assert monitor.polling
     monitor.close()
     assert not monitor.polling
+
+
+def test_monitor_shows_a_hostile_servers_error_as_text():
+    """A server connect()ed to answers 500 with markup in its reason phrase (httpx puts it in the error): the
+    header shows it as text, so no script runs in JupyterLab's origin."""
+    import http.server
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(500, "<img src=x onerror=alert(document.cookie)>")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    hostile = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=hostile.serve_forever, daemon=True).start()
+    monitor = MonitorWidget(f"http://127.0.0.1:{hostile.server_address[1]}", interval=0.2)
+    try:
+        assert wait_until(lambda: monitor.error is not None, 60)
+        assert "<img" in monitor.error and "<img" not in monitor.header.value
+        assert "&lt;img src=x onerror=alert(document.cookie)&gt;" in monitor.header.value
+    finally:
+        monitor.close()
+        hostile.shutdown()
+        hostile.server_close()
 
 
 def test_monitor_shows_an_unreachable_server():

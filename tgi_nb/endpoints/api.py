@@ -12,8 +12,9 @@ from typing import Any, Optional, Union
 from urllib.parse import urlsplit
 
 from .backends import REQUEST_TIMEOUT, Backend
-from .endpoint import (_REGISTRY, _REGISTRY_LOCK, NAMESPACE, InferenceEndpoint, InferenceEndpointNotFoundError)
-from .hub_session import allow_loopback_when_offline, is_loopback
+from .endpoint import (_LOCAL_TOKENS, _REGISTRY, _REGISTRY_LOCK, NAMESPACE, InferenceEndpoint,
+                       InferenceEndpointNotFoundError, _warn)
+from .hub_session import allow_loopback_when_offline, is_loopback, plain_http_warning, token_for_url
 from .local_backends import LocalBackend
 from .remote_backends import HubBackend, RemoteBackend
 from .spec import build_request, resolve_token
@@ -73,7 +74,9 @@ def create_inference_endpoint(
       flags.
       Limits above the model's context or the memory for the KV cache are lowered, with an ``EndpointWarning``.
     - ``type``: "public" needs no token; "authenticated" (default), "protected" (the cookbook's older name) and
-      "private" require ``Authorization: Bearer <token>`` with ``token`` or, when None, ``HF_TOKEN``.
+      "private" require ``Authorization: Bearer <token>`` with ``token``, or when None a random token made for
+      this endpoint (printed once, and ``endpoint.token``): locally the token is only a password, and
+      ``HF_TOKEN`` is not handed out as one (``token=True`` uses it all the same).
     - ``accelerator="gpu"`` uses CUDA when there is a GPU, else the CPU with a warning. vendor, region,
       instance_type, instance_size and the other cloud settings are recorded in ``raw``, not acted on;
       ``min_replica=0`` with ``scale_to_zero_timeout`` (minutes) frees the model after that long without requests.
@@ -112,7 +115,16 @@ def create_inference_endpoint(
                   container_args=container_args, env=env, secrets=secrets, type=type, domain=domain, path=path,
                   cache_http_responses=cache_http_responses, tags=tags, namespace=namespace, token=token,
                   backend=backend, host=host, port=port, embedding_model=embedding_model)
-    request = build_request(name, **kwargs)
+    with _REGISTRY_LOCK:
+        remembered = _LOCAL_TOKENS.get(name)
+    request = build_request(name, **kwargs, generated_token=remembered)
+    if request.token_generated and remembered is None:  # a random password: the same when the cell runs again
+        with _REGISTRY_LOCK:
+            _LOCAL_TOKENS.setdefault(name, request.token)
+        hub = (" Your Hugging Face token works too, from this machine only, so code written for Inference Endpoints "
+               "runs unchanged." if request.launch.accepted_key_digests else "")
+        print(f"Endpoint {name!r} is protected by a new random token (endpoint.token): {request.token}\n"
+              f"Clients send it as their API key ('Authorization: Bearer ...'); pass token='...' to choose one.{hub}")
     with _REGISTRY_LOCK:
         existing = _REGISTRY.get(name)
         if existing is not None:
@@ -190,8 +202,10 @@ def connect(url: Any, token: Union[str, bool, None] = None, *, name: Optional[st
       ``fetch``, ``pause``, ``resume``, ``scale_to_zero``, ``update`` and ``delete`` go through huggingface_hub
       as they would on the object itself, and its token is what requests send.
 
-    ``token`` is sent as a Bearer token (None: the object's, else ``HF_TOKEN`` or the saved login, as
-    huggingface_hub does; False: none). ``timeout`` (seconds) bounds every request of ``endpoint.client`` and
+    ``token`` is sent as a Bearer token (False: none). None means the object's own for a huggingface_hub
+    endpoint, and ``HF_TOKEN`` or the saved login for a URL of Hugging Face's (``*.endpoints.huggingface.cloud``,
+    ``huggingface.co``); any other server gets no token unless one is passed, and one sent over ``http://`` to
+    another machine is warned about. ``timeout`` (seconds) bounds every request of ``endpoint.client`` and
     ``async_client``; status checks take at most 10 s. A server that is down or does not answer shows as
     "pending" with the reason and the URL, and ``wait(timeout=...)`` raises ``InferenceEndpointTimeoutError``.
 
@@ -210,7 +224,7 @@ def connect(url: Any, token: Union[str, bool, None] = None, *, name: Optional[st
     if _is_hub_endpoint(url):
         backend = HubBackend(url, timeout=timeout)
         if token is not None:
-            backend.token = resolve_token(token)
+            backend.token = resolve_token(token)   # Hugging Face's own endpoint: huggingface_hub's token is for it
         name = name or url.name
         namespace = namespace or url.namespace
     elif isinstance(url, str):
@@ -220,8 +234,11 @@ def connect(url: Any, token: Union[str, bool, None] = None, *, name: Optional[st
         if not re.match(r"^https?://", url):
             raise ValueError(f"url: must start with http:// or https://, got {url!r}")
         name = name or _remote_name(url)
-        backend = RemoteBackend(url, resolve_token(token), health_route, name, timeout)
+        backend = RemoteBackend(url, token_for_url(url, token), health_route, name, timeout)
         namespace = namespace or urlsplit(url).netloc
+        warning = plain_http_warning(url) if backend.token else None
+        if warning:
+            _warn(warning)
     else:
         raise TypeError(f"url: expected a URL string or a huggingface_hub.InferenceEndpoint, "
                         f"got {type(url).__name__}")

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from huggingface_hub.errors import InferenceEndpointError
 
-from .status import DELETED, RUNNING, StatusCallback, StatusMachine
+from .status import DELETED, FAILED, RUNNING, StatusCallback, StatusMachine
 
 logger = logging.getLogger("tgi_nb.endpoints")
 
@@ -156,6 +156,12 @@ class Backend:
         return self._record(self._check())
 
     def _record(self, state: BackendState) -> BackendState:
+        # A pushed machine has one writer, its controller. Writing back a state read a moment earlier could undo
+        # a change made in between (read "initializing", the model finishes loading, "initializing" written over
+        # "running": the endpoint would show initializing for ever, since no change follows). Only what a check
+        # alone can find, a server thread that died, is recorded.
+        if self.pushes and state.status != FAILED:
+            return state
         if not self._closed.is_set() and self.machine.status != DELETED:
             self.machine.observe(state.status, state.message)
         return state

@@ -274,6 +274,16 @@ class InferenceEndpoint:
         return AsyncInferenceClient(base_url=self._client_url(), token=self._token,
                                     timeout=self._backend.request_timeout)
 
+    @property
+    def token(self) -> Optional[str]:
+        """The bearer token this endpoint's clients send (``api_key=endpoint.token`` for the OpenAI client): for a
+        protected local endpoint created without ``token=``, a random one made for it; None for a public one.
+
+        Example:
+            >>> OpenAI(base_url=endpoint.url + "/v1/", api_key=endpoint.token)     # doctest: +SKIP
+        """
+        return self._token
+
     def _client_url(self) -> str:
         if self.url is None:
             raise InferenceEndpointError(
@@ -480,3 +490,5 @@ def _parse_datetime(text: str) -> datetime:
 
 _REGISTRY: dict[str, InferenceEndpoint] = {}
 _REGISTRY_LOCK = threading.RLock()
+# The random tokens made for protected endpoints created without one, by name: kept when the cell runs again.
+_LOCAL_TOKENS: dict[str, str] = {}

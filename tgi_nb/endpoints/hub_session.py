@@ -8,17 +8,33 @@ check, unchanged, so nothing reaches the Hub while offline.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
-_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+# Hosts of Hugging Face's own services (the Hub, Inference Endpoints, Inference Providers, Spaces): the only ones
+# a Hugging Face token is sent to unless the caller passes one.
+_HF_DOMAINS = ("huggingface.co", "hf.co", "huggingface.cloud", "hf.space")
 _lock = threading.Lock()
 _installed = False
 
 
 def _loopback_host(host: str) -> bool:
-    host = host.strip("[]")
-    return host in _LOOPBACK or host.startswith("127.")
+    """``localhost`` or an address of the loopback range (127.0.0.0/8, ::1); a name is never taken for one
+    (``127.example.com`` resolves wherever its owner wants).
+
+    Example:
+        >>> [_loopback_host(h) for h in ("localhost", "127.0.0.2", "[::1]", "127.example.com", "127.0.0.1.nip.io")]
+        [True, True, True, False, False]
+    """
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_loopback(url: str) -> bool:
@@ -28,9 +44,52 @@ def is_loopback(url: str) -> bool:
         >>> is_loopback("http://127.0.0.1:8080"), is_loopback("http://[::1]:80"), is_loopback("https://hf.co")
         (True, True, False)
     """
-    from urllib.parse import urlsplit
-
     return _loopback_host(urlsplit(url).hostname or "")
+
+
+def is_hugging_face_url(url: str) -> bool:
+    """Whether ``url`` is a service of Hugging Face's (``*.endpoints.huggingface.cloud``, ``huggingface.co``,
+    ``hf.co``, ``*.hf.space``), the only hosts a Hugging Face token goes to by default.
+
+    Example:
+        >>> is_hugging_face_url("https://xyz.us-east-1.aws.endpoints.huggingface.cloud")
+        True
+        >>> is_hugging_face_url("http://gpu-box:8000"), is_hugging_face_url("https://huggingface.co.evil.com")
+        (False, False)
+    """
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    return any(host == domain or host.endswith("." + domain) for domain in _HF_DOMAINS)
+
+
+def token_for_url(url: str, token: Any) -> Optional[str]:
+    """The bearer token ``connect(url, token)`` sends: ``token`` when given (a string, or True for huggingface_hub's
+    own, False for none); when None, ``HF_TOKEN`` or the saved login only for Hugging Face's hosts: a colleague's
+    vLLM box is not given the user's Hub credential.
+
+    Example:
+        >>> token_for_url("http://gpu-box:8000", None) is None, token_for_url("http://gpu-box:8000", "k")
+        (True, 'k')
+    """
+    from .spec import resolve_token
+
+    if token is None and not is_hugging_face_url(url):
+        return None
+    return resolve_token(token)
+
+
+def plain_http_warning(url: str) -> Optional[str]:
+    """Why sending a token to ``url`` is unsafe, or None: over ``http://`` to a host that is not this machine,
+    anyone on the way can read it.
+
+    Example:
+        >>> plain_http_warning("http://127.0.0.1:8080") is None, plain_http_warning("https://gpu-box") is None
+        (True, True)
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http" or _loopback_host(parts.hostname or ""):
+        return None
+    return (f"the token for {parts.hostname} travels over plain http://: anyone on the network path can read it. "
+            f"Use https:// (or an SSH tunnel to 127.0.0.1) for a server on another machine.")
 
 
 def _is_local(request: Any) -> bool:

@@ -171,7 +171,8 @@ class ThreadBackend(LocalBackend):
 
             launch = self.launch
             app = build_endpoint_app(model_id=launch.model_id, revision=launch.revision, env=launch.env_dict,
-                                     args=launch.args, api_key=launch.api_key, accelerator=launch.accelerator,
+                                     args=launch.args, api_key=launch.api_key,
+                                     accepted_key_digests=launch.accepted_key_digests, accelerator=launch.accelerator,
                                      scale_to_zero_after=launch.scale_to_zero_after, machine=self.machine)
             server = _bind_server(ServerThread, app, launch.host, port, fixed=launch.port is not None,
                                   notes=app.controller.notes)
@@ -257,10 +258,13 @@ class ProcessBackend(LocalBackend):
     def start(self, port: Optional[int] = None) -> None:
         launch = self.launch
         spec = {"model_id": launch.model_id, "revision": launch.revision, "env": launch.env_dict,
-                "args": list(launch.args), "api_key": launch.api_key, "accelerator": launch.accelerator,
+                "args": list(launch.args), "api_key": launch.api_key,
+                "accepted_key_digests": list(launch.accepted_key_digests), "accelerator": launch.accelerator,
                 "scale_to_zero_after": launch.scale_to_zero_after, "host": launch.host, "port": port or 0,
                 "port_fallback": launch.port is None, "control_token": self._control_token,
-                "port_file": str(self._port_file), "parent_pid": os.getpid()}
+                "port_file": str(self._port_file), "parent_pid": os.getpid(),
+                # /v1/files under this backend's folder: removed with it even if the child is killed
+                "files_dir": str(self._dir / "files")}
         env = host_env_for_child(launch)
         env["TGI_NB_ENDPOINT_SPEC"] = json.dumps(spec)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -290,10 +290,12 @@ class ControlledApp:
     """
 
     def __init__(self, app: Any, controller: EndpointController, *, api_key: Optional[str] = None,
-                 control_token: Optional[str] = None, wake_timeout: float = WAKE_TIMEOUT):
+                 accepted_key_digests: tuple[str, ...] = (), control_token: Optional[str] = None,
+                 wake_timeout: float = WAKE_TIMEOUT):
         self.app = app
         self.controller = controller
         self.api_key = api_key
+        self.accepted_key_digests = accepted_key_digests
         self.control_token = control_token
         self.wake_timeout = wake_timeout
 
@@ -314,8 +316,11 @@ class ControlledApp:
         ctl = self.controller
         if path in PASSIVE_PATHS:
             if path == "/health" and ctl.status != RUNNING:
-                # huggingface_hub's status words, so that connect() from elsewhere reads the same life cycle.
-                await _json(send, 503, {"error": ctl.machine.message or f"the endpoint is {ctl.status}",
+                # huggingface_hub's status words, so that connect() from elsewhere reads the same life cycle; a
+                # failure's text (local paths...) stays with the endpoint's owner: /health needs no key.
+                message = ("the endpoint failed; its status message and log, where it runs, say why"
+                           if ctl.status == FAILED else ctl.machine.message)
+                await _json(send, 503, {"error": message or f"the endpoint is {ctl.status}",
                                         "error_type": "healthcheck", "status": ctl.status})
                 return
             await self.app(scope, receive, send)
@@ -344,7 +349,7 @@ class ControlledApp:
 
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1") or None
         try:
-            check_bearer(authorization, self.api_key)
+            check_bearer(authorization, self.api_key, self.accepted_key_digests)
         except Unauthorized:
             return False
         return True
@@ -416,16 +421,18 @@ def parse_container_args(args: tuple[str, ...]):
 
 
 def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str, str], args: tuple[str, ...] = (),
-                       api_key: Optional[str] = None, accelerator: Optional[str] = None,
-                       scale_to_zero_after: Optional[float] = None, control_token: Optional[str] = None,
-                       wake_timeout: float = WAKE_TIMEOUT, machine: Optional[StatusMachine] = None
-                       ) -> ControlledApp:
+                       api_key: Optional[str] = None, accepted_key_digests: tuple[str, ...] = (),
+                       accelerator: Optional[str] = None, scale_to_zero_after: Optional[float] = None, control_token: Optional[str] = None,
+                       wake_timeout: float = WAKE_TIMEOUT, machine: Optional[StatusMachine] = None,
+                       files_dir: Optional[str] = None) -> ControlledApp:
     """The server app for one endpoint, configured as ``text-generation-launcher`` would be by ``env`` (TGI's
     variable names, read from this dict only, never from the process environment) and ``args`` (its flags).
 
     Settings that contradict each other raise ``LaunchError`` here; the model loads when the app starts (in the
-    server's loader thread), and its limits are fitted to the model and memory as it loads. ``machine``: the
-    endpoint's status machine, which the app's controller drives (None: its own).
+    server's loader thread), and its limits are fitted to the model and memory as it loads. ``files_dir`` holds
+    /v1/files and the Batch API's records unless ``FILES_DIR`` says otherwise (None: a temporary folder removed
+    when the server stops). ``machine``: the endpoint's status machine, which the app's controller drives (None:
+    its own). ``accepted_key_digests``: SHA-256 digests of further bearer keys accepted beside ``api_key``.
 
     Example:
         >>> app = build_endpoint_app(model_id="HuggingFaceTB/SmolLM2-135M-Instruct", revision=None,
@@ -441,9 +448,11 @@ def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str,
         opts["model_id"] = model_id
     opts["revision"] = opts["revision"] or revision
     opts["api_key"] = api_key
+    opts["files_dir"] = opts["files_dir"] or files_dir  # FILES_DIR wins; None: a folder removed with the server
     choose_device(opts, accelerator, notes)
     # Validates every option now; the engine's capacity planner fits the limits to the model and memory.
     settings = plan_from_options(opts, fit_limits=True).settings
+    settings.accepted_key_digests = tuple(accepted_key_digests)
 
     def load_engine() -> Any:
         engine = plan_from_options(opts, fit_limits=True).engine_factory()
@@ -453,4 +462,7 @@ def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str,
     controller = EndpointController(notes, scale_to_zero_after=scale_to_zero_after, machine=machine)
     app = build_app(controller.track_loads(load_engine), settings)
     controller.attach(app.state.holder)
-    return ControlledApp(app, controller, api_key=api_key, control_token=control_token, wake_timeout=wake_timeout)
+    controlled = ControlledApp(app, controller, api_key=api_key, accepted_key_digests=settings.accepted_key_digests,
+                               control_token=control_token, wake_timeout=wake_timeout)
+    app.state.batches.app = controlled  # batch lines wait while paused and wake a scaled-to-zero model, as requests do
+    return controlled

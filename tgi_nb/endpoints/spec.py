@@ -6,7 +6,9 @@ Nothing here imports the server or torch: ``create_inference_endpoint`` must ret
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping, Optional
@@ -41,9 +43,20 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def new_local_token() -> str:
+    """A random bearer token for a protected local endpoint created without one (never the user's Hugging Face
+    token: whoever is given a local endpoint's password must not hold a Hub credential).
+
+    Example:
+        >>> new_local_token().startswith("tgi-nb-") and new_local_token() != new_local_token()
+        True
+    """
+    return "tgi-nb-" + secrets.token_urlsafe(24)
+
+
 def resolve_token(token: Any) -> Optional[str]:
-    """The token that protects a local endpoint and that its clients send, as huggingface_hub resolves it:
-    a string is used as is, ``False`` means none, ``None``/``True`` mean ``HF_TOKEN`` or the saved login.
+    """A token as huggingface_hub resolves it, for Hugging Face's own endpoints: a string is used as is,
+    ``False`` means none, ``None``/``True`` mean ``HF_TOKEN`` or the saved login.
 
     Example:
         >>> resolve_token("hf_abc"), resolve_token(False)
@@ -107,7 +120,9 @@ class LaunchSpec:
     - ``model_id``: what the engine loads (MODEL_ID, where "/repository" means ``repository``).
     - ``env``: the launcher's environment variables (TGI's names), from ``custom_image`` then ``env``.
     - ``args``: launcher flags (``container_args``); a flag wins over its variable, as with TGI.
-    - ``api_key``: the bearer token every route but /health requires; None for public endpoints.
+    - ``api_key``: the bearer token every route but /health requires; None for public endpoints (not in the repr).
+    - ``accepted_key_digests``: SHA-256 digests of further keys accepted beside ``api_key`` (the owner's Hugging
+      Face token, for an endpoint given no token that listens on loopback only).
     - ``scale_to_zero_after``: seconds without requests before the model is freed (None: never).
     """
 
@@ -115,13 +130,14 @@ class LaunchSpec:
     revision: Optional[str]
     env: tuple[tuple[str, str], ...]
     args: tuple[str, ...]
-    api_key: Optional[str]
+    api_key: Optional[str] = field(repr=False)
     accelerator: Optional[str]
     scale_to_zero_after: Optional[float]
     backend: str
     host: str
     port: Optional[int]
     secrets: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    accepted_key_digests: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def env_dict(self) -> dict[str, str]:
@@ -140,12 +156,13 @@ class EndpointRequest:
     name: str
     repository: str
     type: str
-    token: Optional[str]
+    token: Optional[str] = field(repr=False)
     launch: LaunchSpec
     framework: Optional[str]
     task: Optional[str]
     health_route: str
     recorded: dict[str, Any]
+    token_generated: bool = False   # the token is new_local_token()'s: none was given for a protected endpoint
 
     def raw(self, *, state: str, url: Optional[str], message: Optional[str], created_at: datetime,
             updated_at: datetime, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -209,8 +226,13 @@ def build_request(name: str, *, repository: str, framework: Optional[str] = None
                   cache_http_responses: Optional[bool] = None, tags: Optional[list[str]] = None,
                   namespace: Optional[str] = None, token: Any = None, backend: str = "thread",
                   host: str = "127.0.0.1", port: Optional[int] = None,
-                  embedding_model: Optional[str] = None) -> EndpointRequest:
+                  embedding_model: Optional[str] = None, generated_token: Optional[str] = None) -> EndpointRequest:
     """Validate ``create_inference_endpoint``'s arguments; errors name the argument and the allowed values.
+
+    A protected endpoint given no ``token`` gets ``generated_token`` (the one made for its name before) or a new
+    random one; on loopback it also accepts the Hugging Face token huggingface_hub would send (``HF_TOKEN`` or the
+    saved login), so that the cookbook's ``OpenAI(..., api_key=HF_API_KEY)`` runs unchanged, while the password
+    shown and handed around (``endpoint.token``) is never a Hub credential.
 
     Example:
         >>> req = build_request("demo", repository="HuggingFaceTB/SmolLM2-135M-Instruct", type="public",
@@ -260,21 +282,34 @@ def build_request(name: str, *, repository: str, framework: Optional[str] = None
     revision = revision or launcher_env.pop("REVISION", None) or None
     launcher_env.pop("REVISION", None)
 
-    resolved_token = resolve_token(token)
+    if token is not None and not isinstance(token, (str, bool)):
+        raise TypeError(f"token: expected a string, True, False or None, got {type(token).__name__}")
+    # Locally the token is only the endpoint's password: None makes a random one rather than taking HF_TOKEN;
+    # True asks for huggingface_hub's token explicitly.
+    token_generated = token is None and type_ != "public"
+    if token_generated:
+        resolved_token = generated_token or new_local_token()
+    else:
+        resolved_token = None if token is None else resolve_token(token)
     api_key = None
+    accepted_key_digests: tuple[str, ...] = ()
     if type_ != "public":
         if not resolved_token:
             raise ValueError(
-                f"type={type_!r} endpoints require a token: pass token='...' or set HF_TOKEN (locally any string "
-                f"works: it is the password clients send as 'Authorization: Bearer ...'), or use type='public'")
+                f"type={type_!r} endpoints require a token: pass token='...' (any string: it is the password "
+                f"clients send as 'Authorization: Bearer ...'), leave it out for a random one, or use type='public'")
         api_key = resolved_token
+        hub_token = resolve_token(None) if token_generated and _is_loopback_host(host) else None
+        if hub_token:  # only its digest is kept (auth.key_digest): the server never holds the Hub credential
+            accepted_key_digests = (hashlib.sha256(hub_token.encode()).hexdigest(),)
     # HF's scale-to-zero: with min_replica=0 the model is freed after scale_to_zero_timeout idle minutes.
     idle_after = float(scale_to_zero_timeout) * 60 if (scale_to_zero_timeout and min_replica == 0) else None
 
     launch = LaunchSpec(model_id=model_id, revision=revision, env=tuple(sorted(launcher_env.items())),
                         args=tuple(container_args or ()), api_key=api_key,
                         accelerator=accelerator, scale_to_zero_after=idle_after, backend=backend, host=host,
-                        port=port, secrets=tuple(sorted(secret_env.items())))
+                        port=port, secrets=tuple(sorted(secret_env.items())),
+                        accepted_key_digests=accepted_key_digests)
     recorded = dict(vendor=vendor, region=region, instance_type=instance_type, instance_size=instance_size,
                     account_id=account_id, private_link_account_id=private_link_account_id,
                     private_link_region=private_link_region, min_replica=min_replica, max_replica=max_replica,
@@ -285,7 +320,13 @@ def build_request(name: str, *, repository: str, framework: Optional[str] = None
                     cache_http_responses=cache_http_responses, tags=tags, namespace=namespace)
     return EndpointRequest(name=name, repository=repository, type=type_, token=resolved_token, launch=launch,
                            framework=framework, task=task, health_route=image_health or "/health",
-                           recorded=recorded)
+                           recorded=recorded, token_generated=token_generated)
+
+
+def _is_loopback_host(host: str) -> bool:
+    from .hub_session import is_loopback
+
+    return is_loopback(f"http://{host}:1" if ":" not in host else f"http://[{host}]:1")
 
 
 def _redacted_image(custom_image: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:

@@ -134,9 +134,12 @@ class CapacityPlan:
         return [lowering.message() for lowering in self.lowerings] + [self.sizing]
 
 
-def kv_budget_bytes(headroom: Optional[int], device: str = "cpu") -> Optional[int]:
+def kv_budget_bytes(headroom: Optional[int], device: str = "cpu", cuda_memory_fraction: float = 1.0
+                    ) -> Optional[int]:
     """The bytes a KV cache may take by default: ``KV_HEADROOM_SHARE`` of the memory headroom on the CPU;
-    on CUDA ``KV_CUDA_FREE_SHARE`` of the device's free memory. None when the headroom is unknown.
+    on CUDA ``KV_CUDA_FREE_SHARE`` of what this process may still take: the device's free memory, within
+    ``cuda_memory_fraction`` of its total less what torch already holds here (the weights). None when the
+    headroom is unknown.
 
     Example:
         >>> kv_budget_bytes(10 << 30) / 2**30
@@ -145,8 +148,10 @@ def kv_budget_bytes(headroom: Optional[int], device: str = "cpu") -> Optional[in
     if str(device).startswith("cuda"):
         import torch
 
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free * KV_CUDA_FREE_SHARE)
+        dev = torch.device(device)
+        free, total = torch.cuda.mem_get_info(dev)
+        allowed = min(free, int(total * cuda_memory_fraction) - torch.cuda.memory_reserved(dev))
+        return max(0, int(allowed * KV_CUDA_FREE_SHARE))
     return None if headroom is None else int(headroom * KV_HEADROOM_SHARE)
 
 

@@ -46,6 +46,9 @@ class EngineConfig:
       on the CPU, where float32 and float16 caches run the native kernels.
     - ``num_threads``: torch's and the native kernels' threads; None: the CPUs of the affinity mask, within
       the cgroup's CPU quota.
+    - ``enforce_eager`` (CUDA; vLLM's name): run decode steps op by op instead of replaying CUDA graphs.
+    - ``cuda_memory_fraction`` (CUDA; TGI's name): the share of the GPU's memory this engine may use, weights
+      included; the KV cache is sized for the work within it (a notebook holds other tensors on the GPU too).
 
     Example:
         >>> EngineConfig(max_input_tokens=1024, max_total_tokens=2048).block_size
@@ -71,6 +74,8 @@ class EngineConfig:
     num_threads: Optional[int] = None
     chat_template: Optional[str] = None
     trust_remote_code: bool = False
+    enforce_eager: bool = False
+    cuda_memory_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_input_tokens", "max_total_tokens", "max_batch_total_tokens", "kv_cache_memory",
@@ -95,3 +100,6 @@ class EngineConfig:
             value = getattr(self, name)
             if value not in (None, *DTYPES):
                 raise ValidationError(name, f"{name}: must be one of {', '.join(DTYPES)}, got {value!r}")
+        if not isinstance(self.cuda_memory_fraction, (int, float)) or not 0 < self.cuda_memory_fraction <= 1:
+            raise ValidationError("cuda_memory_fraction", f"cuda_memory_fraction: must be in (0, 1], "
+                                                          f"got {self.cuda_memory_fraction!r}")

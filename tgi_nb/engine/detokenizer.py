@@ -10,6 +10,7 @@ text that could still turn into a stop string is held back, so a stop string nev
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Optional
 
 from .outputs import TokenLogprob, TopLogprob
@@ -31,7 +32,7 @@ class IncrementalDetokenizer:
     """
 
     __slots__ = ("_decode", "_ids", "_prefix_offset", "_read_offset", "text", "_emitted", "stop",
-                 "_max_stop", "stopped_on")
+                 "_max_stop", "stopped_on", "_matched", "_scanned")
 
     def __init__(self, tokenizer, prompt_ids: list[int], stop: Optional[list[str]] = None):
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -49,6 +50,9 @@ class IncrementalDetokenizer:
         self.stop = list(stop or [])
         self._max_stop = max((len(s) for s in self.stop), default=0)
         self.stopped_on: Optional[str] = None
+        # Per stop string: the longest prefix of it that ends ``text[:_scanned]`` (see _stop_prefix_overlap).
+        self._matched = [0] * len(self.stop)
+        self._scanned = 0
 
     def add_token(self, token_id: int) -> str:
         """Add a generated token; return the new text it completes (may be empty)."""
@@ -92,12 +96,20 @@ class IncrementalDetokenizer:
         return out
 
     def _stop_prefix_overlap(self) -> int:
-        text, longest = self.text, 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), longest, -1):
-                if text.endswith(s[:k]):
-                    longest = k
-                    break
+        """How many characters at the end of ``text`` could begin a stop string. Knuth-Morris-Pratt over the
+        characters added since the last call: linear in the text, where testing each prefix length with a
+        slice was quadratic in the stop's length at every token."""
+        text = self.text
+        if self._scanned > len(text):  # cut at a stop string: only the last characters can still matter
+            self._scanned = max(0, len(text) - self._max_stop)
+            self._matched = [0] * len(self.stop)
+        longest = 0
+        for i, s in enumerate(self.stop):
+            fail = _failure(s)
+            matched = _advance(s, fail, self._matched[i], text, self._scanned)
+            self._matched[i] = matched
+            longest = max(longest, matched if matched < len(s) else fail[-1])
+        self._scanned = len(text)
         return longest
 
     def flush(self) -> int:
@@ -136,3 +148,39 @@ class TokenTexts:
     def logprob(self, token_id: int, logprob: float, top: Iterable[tuple[int, float]]) -> TokenLogprob:
         """A token's log-probability entry; ``top`` gives (token id, log-probability) alternatives."""
         return TokenLogprob(token_id, self(token_id), logprob, [TopLogprob(t, self(t), lp) for t, lp in top])
+
+
+@functools.lru_cache(maxsize=1024)
+def _failure(stop: str) -> tuple[int, ...]:
+    """Knuth-Morris-Pratt's table of ``stop``: entry i is the length of the longest proper prefix of
+    ``stop[:i + 1]`` that is also its suffix.
+
+    Example:
+        >>> _failure("abab"), _failure("aaa")
+        ((0, 0, 1, 2), (0, 1, 2))
+    """
+    fail = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fail[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        fail[i] = k
+    return tuple(fail)
+
+
+def _advance(stop: str, fail: tuple[int, ...], matched: int, text: str, start: int) -> int:
+    """The longest prefix of ``stop`` that ends ``text``, given ``matched`` for ``text[:start]``.
+
+    Example:
+        >>> _advance("STOP", _failure("STOP"), 0, "and ST", 0), _advance("STOP", _failure("STOP"), 2, "and STO", 6)
+        (2, 3)
+    """
+    for i in range(start, len(text)):
+        ch = text[i]
+        while matched and (matched == len(stop) or stop[matched] != ch):
+            matched = fail[matched - 1]
+        if stop[matched] == ch:
+            matched += 1
+    return matched

@@ -227,15 +227,22 @@ class GrammarLogitsProcessor:
         self._consumed = 0
         self._bitmask = torch.zeros((mask_size + 31) // 32, dtype=torch.int32)
 
-    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+    def fill_bitmask(self, generated: list[int], out: torch.Tensor) -> None:
+        """Advance over the sample's new tokens and write the allowed next tokens into ``out``: one bit per token,
+        32 to an int32 (a contiguous CPU int32 tensor covering the model's whole row: see GrammarCompiler). The
+        GPU sampler masks a whole batch from these rows in one operation."""
         matcher = self._matcher
         if len(generated) > self._consumed:
             matcher.consume_tokens(generated[self._consumed:])
             self._consumed = len(generated)
-        matcher.unsafe_compute_mask_ptr(self._bitmask.data_ptr(), self._bitmask.numel() * 4)
+        if out.dtype != torch.int32 or not out.is_contiguous() or out.numel() < self._bitmask.numel():
+            raise ValueError(f"out must be a contiguous int32 tensor of >= {self._bitmask.numel()} elements")
+        matcher.unsafe_compute_mask_ptr(out.data_ptr(), self._bitmask.numel() * 4)
         if matcher.is_error():
             raise RuntimeError(f"grammar: {matcher.get_error().splitlines()[0]}")
-        # One bit per token, 32 to an int32 (the mask covers the model's whole row: see GrammarCompiler).
+
+    def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        self.fill_bitmask(generated, self._bitmask)
         allowed = ((self._bitmask.unsqueeze(1) >> _SHIFTS) & 1).flatten().bool()
         return logits.masked_fill_(~allowed[:logits.shape[0]], float("-inf"))
 
@@ -284,6 +291,9 @@ class GrammarCompiler:
     _instances: "weakref.WeakKeyDictionary[Any, dict[tuple, GrammarCompiler]]" = weakref.WeakKeyDictionary()
     _instances_lock = threading.Lock()
     CACHE_SIZE = 128
+    # The cache's bound in grammar text (a compiled grammar grows with its text): a client sending large schemas
+    # must not fill the memory; one larger than a quarter of it is compiled but not kept.
+    CACHE_BYTES = 16 << 20
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]):
         self.vocab_size = max(vocab_size, len(tokenizer))
@@ -293,6 +303,7 @@ class GrammarCompiler:
         except ValueError as exc:
             raise GrammarError(f"guided decoding needs a fast (Rust) tokenizer: {exc}") from exc
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
+        self._cache_bytes = 0
         self._lock = threading.Lock()
 
     @classmethod
@@ -318,8 +329,12 @@ class GrammarCompiler:
         if template.is_error():
             raise GrammarError(template.get_error())
         compiled = Grammar(template, self._ll_tokenizer, self.vocab_size)
+        if len(grammar) > self.CACHE_BYTES // 4:
+            return compiled
         with self._lock:
-            self._cache[grammar] = compiled
-            while len(self._cache) > self.CACHE_SIZE:
-                self._cache.popitem(last=False)
+            if grammar not in self._cache:
+                self._cache[grammar] = compiled
+                self._cache_bytes += len(grammar)
+            while len(self._cache) > self.CACHE_SIZE or self._cache_bytes > self.CACHE_BYTES:
+                self._cache_bytes -= len(self._cache.popitem(last=False)[0])
         return compiled

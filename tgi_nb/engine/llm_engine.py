@@ -24,7 +24,8 @@ import torch
 
 from .block_manager import BlockManager
 from .budget import MemoryBudget, read_memory_budget, release_kv_bytes, reserve_kv_bytes
-from .capacity import CapacityPlan, CapacityRequest, ModelShape, RequestLimits, kv_budget_bytes, plan_capacity
+from .capacity import (CapacityError, CapacityPlan, CapacityRequest, ModelShape, RequestLimits, kv_budget_bytes,
+                       plan_capacity)
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, TokenTexts
 from .model_loader import LoadedModel, load_model
@@ -67,15 +68,29 @@ def _plan(loaded: LoadedModel, config: EngineConfig) -> tuple[Optional[MemoryBud
     weights are loaded, so that the memory they take is already out of the headroom."""
     budget = read_memory_budget() if loaded.device.type == "cpu" else None
     spec = loaded.model.spec
-    plan = plan_capacity(
-        ModelShape(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_position_embeddings),
-        CapacityRequest(max_input_tokens=config.max_input_tokens, max_total_tokens=config.max_total_tokens,
-                        max_batch_prefill_tokens=config.max_batch_prefill_tokens,
-                        max_batch_total_tokens=config.max_batch_total_tokens,
-                        kv_cache_memory=config.kv_cache_memory, max_num_seqs=config.max_num_seqs,
-                        max_concurrent_requests=config.max_concurrent_requests, block_size=config.block_size,
-                        kv_dtype_bytes=loaded.kv_dtype.itemsize),
-        None if config.kv_cache_memory else kv_budget_bytes(budget.headroom if budget else None, str(loaded.device)))
+    kv_budget = None if config.kv_cache_memory else kv_budget_bytes(
+        budget.headroom if budget else None, str(loaded.device), config.cuda_memory_fraction)
+    try:
+        plan = plan_capacity(
+            ModelShape(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_position_embeddings),
+            CapacityRequest(max_input_tokens=config.max_input_tokens, max_total_tokens=config.max_total_tokens,
+                            max_batch_prefill_tokens=config.max_batch_prefill_tokens,
+                            max_batch_total_tokens=config.max_batch_total_tokens,
+                            kv_cache_memory=config.kv_cache_memory, max_num_seqs=config.max_num_seqs,
+                            max_concurrent_requests=config.max_concurrent_requests, block_size=config.block_size,
+                            kv_dtype_bytes=loaded.kv_dtype.itemsize),
+            kv_budget)
+    except CapacityError as exc:
+        if loaded.device.type != "cuda" or config.kv_cache_memory:
+            raise
+        # on a GPU the budget is what cuda_memory_fraction leaves after the weights: name the option
+        free, total = torch.cuda.mem_get_info(loaded.device)
+        fraction, gib = config.cuda_memory_fraction, 2**30
+        raise CapacityError("cuda_memory_fraction", (
+            f"cuda_memory_fraction: {exc}. The GPU has {total / gib:.1f} GiB ({free / gib:.1f} GiB free); "
+            f"cuda_memory_fraction={fraction} allows {fraction * total / gib:.1f} GiB, of which the weights take "
+            f"{loaded.weights_bytes / gib:.1f} GiB: raise --cuda-memory-fraction (CUDA_MEMORY_FRACTION), free GPU "
+            f"memory, or lower the limits")) from None
     for lowering in plan.lowerings:
         logger.warning("%s", lowering.message())
     if budget is not None:
@@ -131,7 +146,9 @@ class LLMEngine:
         self.block_manager = BlockManager(plan.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, plan.max_batch_prefill_tokens,
                                    self.eos_token_ids, TokenTexts(self.tokenizer))
-        self.runner = ModelRunner(self.model, plan.num_blocks, config.block_size, loaded.kv_dtype)
+        self.runner = ModelRunner(self.model, plan.num_blocks, config.block_size, loaded.kv_dtype,
+                                  max_num_seqs=config.max_num_seqs, max_model_len=plan.max_total_tokens,
+                                  enforce_eager=config.enforce_eager)
         reserve_kv_bytes(self, plan.kv_cache_bytes)
         logger.info("engine ready: %s (%s) on %s %s, weights %.0f MiB (%s), %d KV blocks x %d tokens (%.0f MiB %s, "
                     "resident as used), threads=%d, %.1fs",
@@ -159,9 +176,11 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: Optional[str] = None,
                     on_output: Optional[Callable[[RequestOutput], None]] = None,
-                    add_special_tokens: bool = False) -> str:
+                    add_special_tokens: bool = False, priority: int = 0) -> str:
         """Validate and queue a request; ``on_output`` is called from the engine thread with each
-        ``RequestOutput``. Raises ``ValidationError`` (naming the field) before anything is queued."""
+        ``RequestOutput``. Raises ``ValidationError`` (naming the field) before anything is queued.
+        ``priority``: smaller is scheduled first (the server's Batch API lines use 1, interactive requests 0);
+        equal priorities go in arrival order."""
         if self._stopped:
             raise RuntimeError("the engine has been shut down")
         token_ids = self.tokenize(prompt, add_special_tokens)
@@ -176,7 +195,7 @@ class LLMEngine:
                      f"{blocks * bs} tokens of KV cache, more than its max_batch_total_tokens "
                      f"({self.block_manager.num_blocks * bs}); ask for fewer samples or fewer max_new_tokens")
         request_id = request_id or uuid.uuid4().hex
-        request = Request(request_id, token_ids, params, on_output or (lambda _: None), time.monotonic())
+        request = Request(request_id, token_ids, params, on_output or (lambda _: None), time.monotonic(), priority)
         for index in range(params.n):
             generator = None
             if not params.greedy:
@@ -295,6 +314,12 @@ class LLMEngine:
         self._inbox.put(("stop", None))
         self._thread.join(timeout=30)
         release_kv_bytes(self)
+        if self.runner.device.type == "cuda" and not self._thread.is_alive():
+            # the GPU's memory goes back now, not when this object is collected: a notebook pausing an endpoint
+            # wants it for its own tensors
+            self.runner.release()
+            self.model = None
+            torch.cuda.empty_cache()
 
     def __enter__(self) -> "LLMEngine":
         return self

@@ -29,6 +29,20 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def default_dtype(device: torch.device) -> str:
+    """The dtype a model runs in when none is asked for: float32 on the CPU; on CUDA bfloat16 where the GPU
+    computes in it (compute capability 8.0 and up), else float16 (a T4 or V100, where torch would emulate
+    bfloat16 slowly).
+
+    Example:
+        >>> default_dtype(torch.device("cpu"))
+        'float32'
+    """
+    if device.type != "cuda":
+        return "float32"
+    return "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16"
+
+
 def tensor_bytes(obj, _seen: Optional[set] = None, _depth: int = 0) -> int:
     """Bytes of the distinct tensors reachable from ``obj`` through attributes, lists, tuples and dicts (shared
     storage, such as tied embeddings, counted once): what a model's weights take.
@@ -97,8 +111,9 @@ class LoadedModel:
     def weight_formats(self, numerics: str) -> str:
         """How the weights are held, for the log; for quantized weights, how their products compute."""
         formats = getattr(self.model, "weight_formats", lambda: str(self.dtype))()
-        if any(q in formats for q in ("q4_0", "q4_1", "q8_0")):
-            from tgi_nb.models.quant import kernel_variant
+        from tgi_nb.models.quant import QTYPE_IDS, kernel_variant
+
+        if any(q in formats for q in QTYPE_IDS):
 
             formats += f"; {numerics} numerics on the {kernel_variant() or 'torch'} kernels"
         return formats
@@ -122,7 +137,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     from tgi_nb.models.llama import LlamaModel, is_llama_family
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch_dtype(config.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = torch_dtype(config.dtype or default_dtype(device))
     kv_dtype = torch_dtype(config.kv_cache_dtype) if config.kv_cache_dtype else dtype
     threads = None
     if device.type == "cpu":

@@ -1,11 +1,17 @@
 """Owns the model, its device and its paged KV cache; turns a scheduled step into one forward pass and the
 sampled tokens (:meth:`ModelRunner.run`). What those tokens mean for the requests is the scheduler's
-(:meth:`~tgi_nb.engine.scheduler.Scheduler.update_from_output`)."""
+(:meth:`~tgi_nb.engine.scheduler.Scheduler.update_from_output`).
+
+On CUDA, for our Llama-family forward with Triton available for the GPU, a step takes the GPU path
+(:class:`~tgi_nb.engine.gpu_runner.GpuStepRunner`: inputs in one copy, Triton paged attention, decode steps as
+CUDA graphs, sampling on the device; docs/gpu.md). Everything else, the CPU above all, runs as before."""
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -13,10 +19,14 @@ import torch
 
 from tgi_nb.models.attention import AttentionBatch
 from tgi_nb.models.interface import CausalLM
+from tgi_nb.models.llama import LlamaModel
+from tgi_nb.models.triton_attention import triton_available
 
 from .sampler import SampledToken, sample
 from .scheduler import SchedulerOutput, completes
 from .sequence import Sequence
+
+logger = logging.getLogger("tgi_nb")
 
 
 @dataclass
@@ -40,6 +50,30 @@ class RunnerOutput:
     seqs: list[Sequence]
     tokens: list[SampledToken]
     prompt_rows: list[PromptRows]
+
+
+def gpu_path(model: CausalLM) -> bool:
+    """Whether steps of ``model`` take the GPU path: on CUDA, for our Llama-family forward, where Triton supports
+    the GPU. ``TGI_NB_GPU_PATH=0`` turns it off; ``=1`` turns it on wherever Triton runs, the CPU included (Triton
+    interpreted: slow, for tests of the path without a GPU).
+
+    Example:
+        >>> gpu_path(object())
+        False
+    """
+    switch = os.environ.get("TGI_NB_GPU_PATH")
+    if switch == "0" or not isinstance(model, LlamaModel):
+        return False
+    return (switch == "1" or model.device.type == "cuda") and triton_available(model.device)
+
+
+def _prompt_rows(seq: Sequence, n: int, start: int) -> Optional[PromptRows]:
+    """The rows of a prefill chunk of ``n`` tokens at ``start`` in the packed batch that score prompt tokens, when
+    the request asked for prompt log-probabilities (the row of position p scores prompt token p + 1)."""
+    if seq.request.prompt_logprobs is None or seq.num_output_tokens:
+        return None
+    cached = seq.num_computed_tokens
+    return PromptRows(seq, range(cached, min(cached + n, len(seq.request.prompt_token_ids) - 1)), start)
 
 
 def allocate_kv_caches(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -95,13 +129,36 @@ class ModelRunner:
         >>> outputs = scheduler.update_from_output(step, runner.run(step))  # doctest: +SKIP
     """
 
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: Optional[torch.dtype] = None):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: Optional[torch.dtype] = None,
+                 *, max_num_seqs: int = 64, max_model_len: Optional[int] = None, enforce_eager: bool = False):
         self.model = model
         self.device = model.device
         self.block_size = block_size
         spec = model.spec
-        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        gpu = gpu_path(model)
+        # the GPU path's CUDA graphs pad their batches with rows that write to one spare block, never handed out
+        shape = (num_blocks + gpu, block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches = allocate_kv_caches(spec.num_layers, shape, kv_dtype or model.dtype, self.device)
+        self.gpu = None
+        if self.device.type == "cuda" and not gpu:
+            logger.info("GPU path off (%s): torch attention, eager steps, sampling on the host",
+                        "not our Llama-family forward" if not isinstance(model, LlamaModel) else
+                        "Triton is missing or does not support this GPU, or TGI_NB_GPU_PATH=0; see docs/gpu.md")
+        if gpu:
+            from .gpu_runner import GpuStepRunner
+
+            self.gpu = GpuStepRunner(model, self.kv_caches, block_size, max_num_seqs,
+                                     max_model_len or spec.max_position_embeddings, num_blocks * block_size,
+                                     enforce_eager)
+            self.gpu.capture()
+
+    def release(self) -> None:
+        """Free the KV cache, the CUDA graphs and the model's weights on the device (the engine has stopped:
+        pause and scale to zero give the GPU's memory back)."""
+        if self.gpu is not None:
+            self.gpu.release()
+        self.gpu = self.model = None
+        self.kv_caches = []
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -121,23 +178,39 @@ class ModelRunner:
         samples now (the samples forked this step from their parent's logits row); score the prompt tokens
         asked for."""
         self.copy_blocks(step.block_copies)
+        if self.gpu is not None:
+            return self._run_gpu(step)
         inputs = self.prepare(step)
         logits = self.model.forward(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches,
                                     inputs.logits_indices).cpu()
         sampling = inputs.sampling
-        first = len(sampling)
-        for rows in inputs.prompt_rows:
-            self._score_prompt(rows, logits[first:first + len(rows.positions)])
-            first += len(rows.positions)
+        self._score_prompts(inputs.prompt_rows, logits[len(sampling):])
         logits = logits[:len(sampling)]
-        if step.forks:
-            rows = list(range(len(sampling)))
-            for row, seq in enumerate(list(sampling)):
-                for child in step.forks.get(seq, ()):
-                    sampling.append(child)
-                    rows.append(row)
+        if step.forks:   # the forked samples sample from their parent's row
+            sampling, rows = step.sampling()
             logits = logits[rows]
         return RunnerOutput(sampling, sample(logits, sampling), inputs.prompt_rows)
+
+    def _run_gpu(self, step: SchedulerOutput) -> RunnerOutput:
+        prompt_rows = []
+        start = len(step.decodes)
+        for seq, n in step.prefills:
+            rows = _prompt_rows(seq, n, start)
+            if rows is not None:
+                prompt_rows.append(rows)
+            start += n
+        extra = [r for rows in prompt_rows for r in range(rows.start, rows.start + len(rows.positions))]
+        result = self.gpu.execute(step, extra)
+        if prompt_rows:   # their own device->host copy, only for requests that ask for prompt log-probabilities
+            self._score_prompts(prompt_rows, result.logits[result.num_rows:].float().cpu())
+        return RunnerOutput(result.sampling, self.gpu.sample(result), prompt_rows)
+
+    def _score_prompts(self, prompt_rows: list[PromptRows], logits: torch.Tensor) -> None:
+        """``logits``: the prompt-scoring rows of every chunk, in order (they follow the sampling rows)."""
+        first = 0
+        for rows in prompt_rows:
+            self._score_prompt(rows, logits[first:first + len(rows.positions)])
+            first += len(rows.positions)
 
     def prepare(self, step: SchedulerOutput) -> StepInputs:
         """The step's inputs on the device: decodes first, then prefill chunks, packed without padding."""
@@ -172,10 +245,9 @@ class ModelRunner:
             slots.extend(self._slots(seq, cached, cached + n))
             table = torch.tensor(seq.block_table, dtype=torch.long, device=device) if cached else None
             prefills.append((start, n, cached, table))
-            if seq.request.prompt_logprobs is not None and seq.num_output_tokens == 0:
-                # row of position p scores prompt token p + 1
-                last = min(cached + n, len(seq.request.prompt_token_ids) - 1)
-                prompt_rows.append(PromptRows(seq, range(cached, last), start))
+            rows = _prompt_rows(seq, n, start)
+            if rows is not None:
+                prompt_rows.append(rows)
             if completes(seq, n):
                 logits_indices.append(start + n - 1)
                 sampling.append(seq)

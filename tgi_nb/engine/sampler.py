@@ -42,12 +42,10 @@ def _apply_penalties(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
         ids = torch.tensor(list(seq.output_counts.keys()), dtype=torch.long)
         counts = torch.tensor(list(seq.output_counts.values()), dtype=row.dtype)
         row[ids] -= counts * p.frequency_penalty + (counts > 0).to(row.dtype) * p.presence_penalty
-    if p.logit_bias:
-        vocab = row.shape[0]
-        items = [(t, b) for t, b in p.logit_bias.items() if t < vocab]
-        if items:
-            ids = torch.tensor([t for t, _ in items], dtype=torch.long)
-            row[ids] += torch.tensor([b for _, b in items], dtype=row.dtype)
+    if seq.request.logit_bias is not None:
+        ids, biases = seq.request.logit_bias
+        inside = ids < row.shape[0]     # ids past a model's (smaller) output vocabulary are left out
+        row[ids[inside]] += biases[inside].to(row.dtype)
     if seq.logits_processor is not None:
         row = seq.logits_processor(seq.output_token_ids, row)
     return row

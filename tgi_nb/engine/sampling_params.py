@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import torch
 
@@ -16,6 +16,10 @@ LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 LogitsProcessorFactory = Callable[[], LogitsProcessor]
 
 MAX_TOP_LOGPROBS = 20
+# Checked at every generated token of every sample; a few are what clients send (end-of-turn ids).
+MAX_STOP_TOKEN_IDS = 256
+# What torch.Generator.manual_seed takes; sample i of a request is seeded with seed + i.
+SEED_RANGE = (-2**63, 2**64 - 1)
 
 
 class ValidationError(ValueError):
@@ -70,7 +74,7 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop_token_ids: Collection[int] = field(default_factory=frozenset)
     ignore_eos: bool = False
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
@@ -100,14 +104,21 @@ class SamplingParams:
                        f"keys must be token ids (integers >= 0), got {token_id!r}")
                 _check(-100 <= bias <= 100, "logit_bias",
                        f"values must be in [-100, 100], got {bias!r} for token {token_id}")
-        _check(self.seed is None or isinstance(self.seed, int), "seed",
-               f"must be an integer, got {self.seed!r}")
+        _check(isinstance(self.n, int) and 1 <= self.n <= 128, "n",
+               f"must be an integer in [1, 128], got {self.n!r}")
+        _check(self.seed is None or (isinstance(self.seed, int)
+                                     and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1] - (self.n - 1)),
+               "seed", f"must be an integer of at most 64 bits, in [{SEED_RANGE[0]}, {SEED_RANGE[1] - (self.n - 1)}], "
+                       f"got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                "must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "must be token ids (integers >= 0)")
+        self.stop_token_ids = frozenset(self.stop_token_ids)   # looked up at every token
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+               f"at most {MAX_STOP_TOKEN_IDS} token ids, got {len(self.stop_token_ids)}")
         _check(self.logprobs is None or (isinstance(self.logprobs, int)
                                          and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
                "logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
@@ -115,8 +126,6 @@ class SamplingParams:
                                                 and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS),
                "prompt_logprobs",
                f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs!r}")
-        _check(isinstance(self.n, int) and 1 <= self.n <= 128, "n",
-               f"must be an integer in [1, 128], got {self.n!r}")
         _check(self.logits_processor is None or self.logits_processor_factory is None,
                "logits_processor_factory", "cannot be set together with logits_processor")
 

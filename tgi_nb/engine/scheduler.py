@@ -3,10 +3,12 @@ sampled tokens do to them.
 
 Every step packs one decode token for each running sequence and prefill chunks of sequences still
 reading their prompt, under the step's prefill token budget and the running-sequence cap. Running
-sequences come first (oldest first), then waiting ones in the waiting queue's order
-(:meth:`Scheduler.waiting_key`: arrival). When the KV cache has no block for a running sequence, the
-newest running sequence is preempted: its blocks are freed and it is recomputed later (prefix caching
-usually gives most of them back).
+sequences come first, then waiting ones, each in the queue's order (:meth:`Scheduler.waiting_key`: priority,
+then arrival), so an interactive request that arrives while the Batch API's lines run is admitted, and gets
+its prefill chunks, before them; when they fill every seat, the newest of them gives its seat up. When the KV
+cache has no block for a running sequence, the last running sequence in that order (the newest of the lowest
+priority) is preempted: its blocks are freed and it is recomputed later (prefix caching usually gives most of
+them back).
 
 After the runner computed a step, :meth:`Scheduler.update_from_output` does everything the sampled
 tokens imply: token accounting, publishing full blocks to the prefix cache, starting a request's other
@@ -55,6 +57,22 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.decodes and not self.prefills
 
+    def sampling(self) -> tuple[list[Sequence], list[int]]:
+        """The sequences that sample this step and the logits row each samples from: the decodes and the prefills
+        whose chunk ends their tokens (rows 0, 1, ...), then the forked samples, each from its parent's row.
+
+        Example:
+            >>> SchedulerOutput().sampling()
+            ([], [])
+        """
+        seqs = list(self.decodes) + [seq for seq, n in self.prefills if completes(seq, n)]
+        rows = list(range(len(seqs)))
+        for row, seq in enumerate(list(seqs)):
+            for child in self.forks.get(seq, ()):
+                seqs.append(child)
+                rows.append(row)
+        return seqs, rows
+
 
 class Scheduler:
     """Keeps the requests, the waiting queue and the running list; fills each step and applies its output.
@@ -90,9 +108,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------ queues
     def waiting_key(self, seq: Sequence) -> tuple:
-        """The waiting queue's order: arrival (sequence ids are handed out as requests are added). A preempted
-        sequence keeps its key, so it goes back ahead of everything that arrived after it."""
-        return (seq.seq_id,)
+        """The queue's order: the request's priority (smaller first), then arrival (sequence ids are handed out
+        as requests are added). A preempted sequence keeps its key, so it goes back ahead of everything of its
+        priority that arrived after it."""
+        return (seq.request.priority, seq.seq_id)
 
     def add_request(self, request: Request) -> None:
         """Queue a request; its first sample waits, the others wait for its prompt (FORK_PENDING)."""
@@ -107,10 +126,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        self._yield_seats()
         out = SchedulerOutput()
         bm = self.block_manager
         budget = self.max_batch_prefill_tokens
-        queue = deque(self.running)
+        queue = deque(sorted(self.running, key=self.waiting_key))
         scheduled: list[Sequence] = []
         while queue:
             seq = queue.popleft()
@@ -160,6 +180,18 @@ class Scheduler:
             self._add_to_step(out, seq, n)
             budget -= n
         return out
+
+    def _yield_seats(self) -> None:
+        """When every seat (``max_num_seqs``) is taken, give up running sequences of a larger priority than
+        waiting ones, lowest priority and newest first: an interactive request does not wait for batch lines to
+        end. (A sequence given up is recomputed later, most of it from the prefix cache.)"""
+        running = sorted(self.running, key=self.waiting_key)
+        for seq in list(self.waiting):
+            if len(running) < self.max_num_seqs or seq.request.priority >= running[-1].request.priority:
+                break
+            victim = running.pop()
+            self.running.remove(victim)
+            self._preempt(victim)
 
     def _add_to_step(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
         """Put ``n`` tokens of ``seq`` in the step (a decode when it is its last)."""

@@ -80,11 +80,13 @@ class Request:
     """A prompt and its ``n`` samples; outputs go to ``on_output`` from the engine thread."""
 
     __slots__ = ("request_id", "prompt_token_ids", "params", "seqs", "on_output", "arrival",
-                 "num_cached_tokens", "first_scheduled", "started", "prompt_logprobs")
+                 "num_cached_tokens", "first_scheduled", "started", "prompt_logprobs", "priority",
+                 "logit_bias")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 on_output: Callable[[RequestOutput], None], arrival: float):
+                 on_output: Callable[[RequestOutput], None], arrival: float, priority: int = 0):
         self.request_id = request_id
+        self.priority = priority   # smaller first: interactive requests (0) before the Batch API's lines
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.seqs: list[Sequence] = []
@@ -97,6 +99,11 @@ class Request:
         # filled during prefill when params.prompt_logprobs is set, sent with the first output
         self.prompt_logprobs: Optional[list] = (
             [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None)
+        # params.logit_bias as (token ids, biases), built once here rather than at every step of every sample
+        self.logit_bias: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        if params.logit_bias:
+            self.logit_bias = (torch.tensor(list(params.logit_bias), dtype=torch.long),
+                               torch.tensor(list(params.logit_bias.values()), dtype=torch.float32))
 
     @property
     def finished(self) -> bool:

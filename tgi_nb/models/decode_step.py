@@ -7,9 +7,9 @@ a ctypes call that starts its own parallel section; at one token that overhead w
 step (6.4 ms, of which 4.2 ms in the products, ``benchmarks/bench_decode_step.py``). The fused step runs the same
 kernels (the file includes ``quant_gemm.c``, ``rope_cache.c`` and ``paged_attention.c``) with barriers between them.
 
-It applies when the model's products are all GGUF blocks in the rows16 layout (the bundled model, or
-``--quantize``), the KV cache is float32 or float16 and a quantized kernel variant is available; otherwise the per-layer path
-runs. It computes with the model's numerics (``LlamaModel.numerics``: exact float32 activations, or fast int8 ones). ``TGI_NB_FUSED_DECODE=0`` turns it off (to compare, or to rule it out).
+It applies when the model's products are all GGUF blocks in the rows16 layout, of any kept type and mixed within a
+fused weight (the bundled model, a Q4_K_M file, or ``--quantize``), the KV cache is float32 or float16 and a
+quantized kernel variant is available; otherwise the per-layer path runs. It computes with the model's numerics (``LlamaModel.numerics``: exact float32 activations, or fast int8 ones). ``TGI_NB_FUSED_DECODE=0`` turns it off (to compare, or to rule it out).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from . import native, quant
-from .quant import QuantizedTensor
+from .quant import QuantizedStack, QuantizedTensor
 
 if TYPE_CHECKING:    # pragma: no cover
     from .llama import LlamaModel
@@ -46,7 +46,7 @@ _PRODUCTS = ("qkv", "o", "gate_up", "down")
 
 
 def _rows16(w) -> bool:
-    return isinstance(w, QuantizedTensor) and w.layout == "rows16"
+    return isinstance(w, (QuantizedTensor, QuantizedStack)) and w.layout == "rows16"
 
 
 def _float32(t: Optional[torch.Tensor]) -> bool:
@@ -67,10 +67,10 @@ class FusedDecode:
         s = model.spec
         if model.device.type != "cpu" or model.dtype != torch.float32 or not _rows16(model.lm_head):
             return None
-        if s.hidden_size % quant.BLOCK or (s.num_heads * s.head_dim) % quant.BLOCK or s.intermediate_size % quant.GROUP:
+        if s.hidden_size % quant.BLOCK or (s.num_heads * s.head_dim) % quant.BLOCK:
             return None
         for layer in model.layers:
-            if not all(_rows16(layer[name]) for name in _PRODUCTS):
+            if not all(_rows16(layer[name]) for name in _PRODUCTS) or not quant.gated_on_groups(layer["gate_up"]):
                 return None
             if not all(_float32(layer[name]) for name in ("qkv_bias", "input_norm", "post_norm", "q_norm", "k_norm")):
                 return None
@@ -86,16 +86,17 @@ class FusedDecode:
         self.fparams = torch.tensor([s.rms_norm_eps, s.head_dim ** -0.5], dtype=torch.float32)
         self.layer_ptrs = torch.zeros(s.num_layers, len(_LAYER_PTRS) + 2, dtype=torch.int64)
         self.layer_types = torch.zeros(s.num_layers, len(_PRODUCTS), dtype=torch.int32)
+        # The products as the kernels' segment tables (kept alive by the weights that cache them), and their lengths.
         for i, layer in enumerate(model.layers):
             for j, name in enumerate(_LAYER_PTRS):
                 w = layer[name]
-                self.layer_ptrs[i, j] = 0 if w is None else (w.data if isinstance(w, QuantizedTensor) else w).data_ptr()
+                self.layer_ptrs[i, j] = 0 if w is None else (w.segments() if name in _PRODUCTS else w).data_ptr()
             for j, name in enumerate(_PRODUCTS):
-                self.layer_types[i, j] = quant.QTYPE_IDS[layer[name].qtype]
+                self.layer_types[i, j] = layer[name].segments().shape[0]
         self.model_ptrs = torch.zeros(4, dtype=torch.int64)
         self.model_ptrs[2] = model.norm.data_ptr()
-        self.model_ptrs[3] = model.lm_head.data.data_ptr()
-        self.lm_head_type = quant.QTYPE_IDS[model.lm_head.qtype]
+        self.model_ptrs[3] = model.lm_head.segments().data_ptr()
+        self.lm_head_type = model.lm_head.segments().shape[0]
 
     def usable(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         """Whether this step can run now: the switch is on, a kernel is built, the cache is float32 or float16 on the
@@ -144,8 +145,8 @@ class FusedDecode:
                         block_tables[start:].data_ptr(), block_tables.shape[1], context_lens[start:].data_ptr(),
                         logits[start:].data_ptr(), torch.get_num_threads(), int(model.numerics == "fast"))
             if rc == 1:
-                raise ValueError("decode step: a position, cache slot, context length or block table entry is out of "
-                                 "range")
+                raise ValueError("decode step: a position, cache slot, context length, block table entry or weight "
+                                 "table is out of range")
             if rc:
                 raise MemoryError("decode step: could not allocate its scratch memory")
         return logits

@@ -73,6 +73,11 @@ class TransformersModel:
         self.hf = hf_model
         self.dtype, self.device = dtype, device
         text = hf_model.config.get_text_config()
+        softcap = getattr(text, "attn_logit_softcapping", None)
+        if softcap:   # Gemma 2: refused at load rather than at the first request
+            raise ValueError(f"{text.model_type}: attention logit soft-capping (attn_logit_softcapping={softcap}) is "
+                             f"not supported by tgi_nb's paged attention; serve this model with TGI, vLLM or "
+                             f"llama.cpp and connect() to it")
         num_heads = text.num_attention_heads
         self.spec = ModelSpec(
             arch=text.model_type,

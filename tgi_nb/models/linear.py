@@ -15,10 +15,11 @@ for M rows (benchmarks/bench_linear.py):
 
 ``TGI_NB_NATIVE_LINEAR=0`` turns the native kernel off.
 
-A :class:`~tgi_nb.models.quant.QuantizedTensor` weight (GGUF blocks) takes ``csrc/quant_gemm.c`` for up to
-``SMALL_GEMM_MAX_ROWS`` rows, and beyond where it measured faster (the fast numerics; the exact ones on an AVX-512
-build: :func:`~tgi_nb.models.quant.kernel_takes_large_batches`); otherwise larger batches dequantize that one
-weight into a float32 scratch tensor and take the library path (see ``benchmarks/bench_linear.py --quantized``).
+A :class:`~tgi_nb.models.quant.QuantizedTensor` weight (GGUF blocks; or a ``QuantizedStack`` of several types)
+takes ``csrc/quant_gemm.c`` for up to ``SMALL_GEMM_MAX_ROWS`` rows, and beyond where it measured faster (the fast
+numerics; the exact ones on an AVX-512 build: :func:`~tgi_nb.models.quant.kernel_takes_large_batches`); otherwise
+larger batches dequantize that one weight into a float32 scratch tensor and take the library path (see
+``benchmarks/bench_linear.py --quantized``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .quant import QuantizedTensor, kernel_takes_large_batches, quantized_linear
+from .quant import QuantizedStack, QuantizedTensor, kernel_takes_large_batches, quantized_linear
 
 # Up to this many rows the native kernel beats MKL and oneDNN on the 2-core EPYC VM (also the most rows the
 # kernel's fused silu_mul takes).
@@ -74,7 +75,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if silu_mul and residual is not None:
         raise ValueError("linear(silu_mul=True) takes no residual")
     rows = x.shape[0]
-    if isinstance(weight, QuantizedTensor):
+    if isinstance(weight, (QuantizedTensor, QuantizedStack)):
         if (0 < rows and (rows <= SMALL_GEMM_MAX_ROWS or kernel_takes_large_batches(weight, numerics))
                 and x.dtype == torch.float32 and x.device.type == "cpu"):
             out = quantized_linear(x, weight, bias, residual, norm=norm, silu_mul=silu_mul, numerics=numerics)

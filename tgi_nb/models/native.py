@@ -3,11 +3,13 @@
 A library is compiled at first use with the system C compiler into the kernel cache
 (``$TGI_NB_CACHE/kernels`` or ``~/.cache/tgi_nb/kernels``), under a name that hashes the source, the flags,
 the compiler and the CPU's features, so a later process (or another checkout) loads it at once. Callers fall
-back to torch when no compiler is found or the build fails.
+back to torch when no compiler is found or the build fails; that costs up to 60x in speed, so it is loud: a
+:class:`NativeKernelWarning` (which a notebook shows) and :func:`kernel_paths` (what ``/info`` reports).
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -18,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -39,9 +42,100 @@ LINK_FLAGS = ["-shared", "-pthread"]
 _DISABLE_VALUES = {"0", "false", "no", "off"}
 
 
+class NativeKernelWarning(RuntimeWarning):
+    """A native kernel could not be built or loaded: its products run on torch, many times slower."""
+
+
+# library -> "native", or why it runs on torch; what /info's `kernels` shows (see kernel_paths)
+_PATHS: dict[str, str] = {}
+
+
+def kernel_paths() -> dict[str, str]:
+    """Which path each native library tried in this process runs: ``"native"``, or ``"torch (<why>)"``.
+
+    A library counts as native when any of its functions loaded (the quantized kernels try several CPU
+    variants; one that builds is enough).
+
+    Example:
+        >>> gemm = NativeFunction("small_gemm", "tgi_nb_small_gemm", [], ["-fopenmp"])
+        >>> gemm.get() is None or kernel_paths()["small_gemm"] == "native"
+        True
+    """
+    return dict(_PATHS)
+
+
+def _record(library: str, failure: Optional[str]) -> None:
+    if failure is None:
+        _PATHS[library] = "native"
+        return
+    if _PATHS.get(library) == "native":
+        return
+    if library not in _PATHS:   # once per library: the quantized kernels try up to four variants
+        warnings.warn(f"tgi_nb: could not build or load the native {library} kernel ({failure}); what it "
+                      "computes runs on a slower variant or on torch, many times slower. /info's `kernels` "
+                      "shows which path runs; the log has the compiler's output.", NativeKernelWarning,
+                      stacklevel=2)
+    _PATHS[library] = f"torch ({failure})"
+
+
+def _first_error(output: str) -> str:
+    """The compiler's first error, e.g. ``fatal error: rms_norm.h: No such file or directory``.
+
+    Example:
+        >>> _first_error("/x/quant_gemm.c:9:10: fatal error: rms_norm.h: No such file or directory\\n 9 | ...")
+        'fatal error: rms_norm.h: No such file or directory'
+    """
+    lines = output.strip().splitlines()
+    for line in lines:
+        if "error" in line:
+            at = line.find("error")
+            start = line.rfind(": ", 0, at)   # drop the "file:line:col" the compiler puts first
+            return line[start + 2 if start >= 0 else 0:].strip()
+    return lines[-1].strip() if lines else "the build failed"
+
+
 def cache_dir() -> Path:
     """Where built kernels are kept: ``kernels/`` under tgi_nb's cache root (``loader.cache_root``)."""
     return cache_root() / "kernels"
+
+
+def _owned_by_user(st: os.stat_result) -> bool:
+    return not hasattr(os, "getuid") or st.st_uid == os.getuid()
+
+
+def trusted(path: Path) -> bool:
+    """Whether a file or folder of the kernel cache may be loaded from: it belongs to this user and no one else
+    may write it (a library another user could replace runs as this user the moment it is loaded; pip and
+    torch's extension cache refuse such files too).
+
+    Example:
+        >>> trusted(Path(__file__))
+        True
+    """
+    st = path.stat()
+    return _owned_by_user(st) and not st.st_mode & 0o022
+
+
+def _private_cache() -> Path:
+    """The kernel cache folder, created 0700 (tightened if this user made it looser before); a temporary
+    folder for this process when the cache belongs to someone else."""
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = cache.stat()
+    if _owned_by_user(st):
+        if st.st_mode & 0o077:
+            cache.chmod(0o700)
+        return cache
+    logger.warning("the kernel cache %s belongs to another user: building into a private folder for this "
+                   "process instead (set TGI_NB_CACHE to a folder of your own)", cache)
+    return _process_cache()
+
+
+@functools.lru_cache(maxsize=None)
+def _process_cache() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="tgi_nb-kernels-"))   # 0700
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)   # loaded libraries stay mapped
+    return folder
 
 
 def find_compiler() -> Optional[str]:
@@ -86,16 +180,16 @@ def _source_with_includes(path: Path, seen: Optional[set] = None) -> bytes:
 
 
 def compile_library(compiler: str, name: str, extra_flags: Sequence[str] = ()) -> Optional[Path]:
-    """Build ``csrc/<name>.c`` into the cache (or find it there); None, with a warning, if it fails.
+    """Build ``csrc/<name>.c`` into the cache (or find it there); None, with a warning, if it fails
+    (a :class:`NativeKernelWarning` once per library, the compiler's output in the log).
 
     Example:
         >>> path = compile_library(find_compiler(), "paged_attention")   # doctest: +SKIP
     """
     source_file = CSRC / f"{name}.c"
     source = _source_with_includes(source_file)
-    cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    errors = []
+    cache = _private_cache()
+    errors, reasons = [], []
     for base_flags in FLAG_SETS:
         flags = [*base_flags, *extra_flags]
         link_flags = [*LINK_FLAGS, *extra_flags]
@@ -105,7 +199,11 @@ def compile_library(compiler: str, name: str, extra_flags: Sequence[str] = ()) -
         ).hexdigest()[:16]
         target = cache / f"{name}_{key}.so"
         if target.exists():
-            return target
+            if trusted(target):
+                return target
+            # Built by someone else, or writable by others: build our own over it.
+            logger.warning("not loading %s: it is not owned by this user or others may write it; building it "
+                           "again", target)
         # Build into private temp files and rename: parallel processes never load a half-written library.
         fd, tmp = tempfile.mkstemp(prefix=f".{name}_", suffix=".so", dir=cache)
         os.close(fd)
@@ -116,17 +214,20 @@ def compile_library(compiler: str, name: str, extra_flags: Sequence[str] = ()) -
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
                 if proc.returncode != 0:
                     errors.append(f"{' '.join(cmd)}:\n{proc.stderr.strip()[-2000:]}")
+                    reasons.append(_first_error(proc.stderr))
                     break
             else:
                 os.replace(tmp, target)
                 return target
         except (OSError, subprocess.SubprocessError) as exc:
             errors.append(f"{' '.join(flags)}: {exc}")
+            reasons.append(str(exc))
         finally:
             for path in (tmp, obj):
                 if os.path.exists(path):
                     os.unlink(path)
     logger.warning("could not build the native %s kernel; using the torch path:\n%s", name, "\n".join(errors))
+    _record(name, reasons[0] if reasons else "the build failed")
     return None
 
 
@@ -176,6 +277,7 @@ class NativeFunction:
         compiler = find_compiler()
         if compiler is None:
             logger.warning("no C compiler (cc, gcc, clang or $CC) found; %s uses the torch path", self.symbol)
+            _record(self.library, "no C compiler: cc, gcc, clang or $CC")
             return None
         path = compile_library(compiler, self.library, self.extra_flags)
         if path is None:
@@ -184,6 +286,8 @@ class NativeFunction:
             function = getattr(ctypes.CDLL(str(path)), self.symbol)
         except (OSError, AttributeError) as exc:
             logger.warning("could not load %s from %s (%s); using the torch path", self.symbol, path, exc)
+            _record(self.library, f"could not load {path.name}: {exc}")
             return None
         function.restype, function.argtypes = self.restype, self.argtypes
+        _record(self.library, None)
         return function

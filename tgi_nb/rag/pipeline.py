@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import os
 import shutil
 import tempfile
 import threading
@@ -23,6 +22,8 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.language_models import BaseChatModel
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
+
+from tgi_nb.endpoints.hub_session import token_for_url
 
 from .citations import cite, relevant
 from .embeddings import local_embeddings, server_embeddings
@@ -185,7 +186,8 @@ def _connection(target: Any, api_key: Optional[str]) -> tuple[Optional[str], Opt
     if isinstance(target, BaseChatModel):
         return None, api_key
     if isinstance(target, str):
-        return _api_base(target), api_key or os.environ.get("HF_TOKEN") or "-"
+        # HF_TOKEN only for Hugging Face's hosts, as connect() sends it
+        return _api_base(target), api_key or token_for_url(target, None) or "-"
     base_url = getattr(target, "base_url", None)
     if base_url is not None and hasattr(target, "chat"):  # openai.OpenAI
         return _api_base(str(base_url)), api_key or target.api_key

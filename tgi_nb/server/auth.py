@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,13 +26,25 @@ def app_path(scope: Scope) -> str:
     return path
 
 
-def check_bearer(authorization: str | None, api_key: str) -> None:
-    """Raise :class:`Unauthorized` unless ``authorization`` is ``Bearer <api_key>``.
+def key_digest(key: str) -> str:
+    """The SHA-256 (hex) of a bearer key: how a server holds a key it accepts without keeping the key itself.
 
-    The comparison takes the same time whatever the key's prefix (``hmac.compare_digest``).
+    Example:
+        >>> key_digest("s3cret")[:12]
+        '1ec1c26b50d5'
+    """
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_bearer(authorization: str | None, api_key: str, accepted_digests: tuple[str, ...] = ()) -> None:
+    """Raise :class:`Unauthorized` unless ``authorization`` is ``Bearer <api_key>`` or ``Bearer <k>`` for a key
+    ``k`` whose :func:`key_digest` is in ``accepted_digests``.
+
+    The comparisons take the same time whatever the key's prefix (``hmac.compare_digest``).
 
     Example:
         >>> check_bearer("Bearer s3cret", "s3cret")
+        >>> check_bearer("Bearer other", "s3cret", (key_digest("other"),))
         >>> check_bearer("Bearer nope", "s3cret")
         Traceback (most recent call last):
         ...
@@ -43,16 +56,21 @@ def check_bearer(authorization: str | None, api_key: str) -> None:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("The Authorization header must be 'Bearer YOUR_KEY'.")
-    if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+    token = token.strip()
+    if hmac.compare_digest(token.encode(), api_key.encode()):
+        return
+    digest = key_digest(token)
+    if not any(hmac.compare_digest(digest, accepted) for accepted in accepted_digests):
         raise Unauthorized("Incorrect API key provided.")
 
 
 class APIKeyMiddleware:
     """Pure ASGI middleware (not BaseHTTPMiddleware, which would buffer streams and hide disconnects)."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
+    def __init__(self, app: ASGIApp, api_key: str, accepted_digests: tuple[str, ...] = ()):
         self.app = app
         self.api_key = api_key
+        self.accepted_digests = accepted_digests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":  # CORS preflights carry no credentials
@@ -65,7 +83,7 @@ class APIKeyMiddleware:
         headers = dict(scope["headers"])
         authorization = headers.get(b"authorization", b"").decode("latin-1") or None
         try:
-            check_bearer(authorization, self.api_key)
+            check_bearer(authorization, self.api_key, self.accepted_digests)
         except Unauthorized as err:
             await err.response(path)(scope, receive, send)
             return

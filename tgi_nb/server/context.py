@@ -160,6 +160,7 @@ class ServerContext:
         self.embeddings = embeddings  # the /v1/embeddings model's holder; None when the server has none
         self.settings = settings
         self.in_flight = 0
+        self.sequences_in_flight = 0   # samples of the requests in flight (limits.reserve_sequences)
         self.metrics = ServerMetrics(self._engine_stats)
         self.started = int(time.time())
         self.chat_template = load_chat_template(settings.chat_template)
@@ -230,6 +231,13 @@ class ServerContext:
 
     def acquire_slot(self, route: str) -> None:
         """Count one more request in flight, or refuse it with 429 when MAX_CONCURRENT_REQUESTS are."""
+        self.check_slot(route)
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+
+    def check_slot(self, route: str) -> None:
+        """429 when MAX_CONCURRENT_REQUESTS are in flight: checked before a request's heavy work (templating,
+        tokenizing), its slot taken once the work is done."""
         limit = self.settings.max_concurrent_requests
         if self.in_flight >= limit:
             self.metrics.rejected.inc()
@@ -237,8 +245,6 @@ class ServerContext:
             self.metrics.request_failure.labels(route=route, err="overloaded").inc()
             raise Overloaded(f"Model is overloaded: {limit} requests are in flight (max_concurrent_requests); "
                              f"retry after {self.settings.retry_after}s", retry_after=self.settings.retry_after)
-        self.in_flight += 1
-        self.metrics.in_flight.set(self.in_flight)
 
     def release_slot(self) -> None:
         self.in_flight -= 1

@@ -108,6 +108,9 @@ async def create_embeddings(ctx: ServerContext, req: EmbeddingRequest) -> Embedd
     """POST /v1/embeddings."""
     log_ignored("/v1/embeddings", ignored_fields(req))
     inputs, is_text = parse_input(req.input)
+    if req.truncate_prompt_tokens == 0:   # would cut every input to nothing
+        raise BadRequest("truncate_prompt_tokens: must be -1 (the model's maximum) or >= 1, got 0",
+                         param="truncate_prompt_tokens")
     engine = await embedding_engine(ctx)
     try:
         engine.check_dimensions(req.dimensions)
@@ -127,7 +130,10 @@ async def create_embeddings(ctx: ServerContext, req: EmbeddingRequest) -> Embedd
     arrival = time.perf_counter()
     future = None
     try:
-        future = engine.submit(ids, req.dimensions)
+        try:
+            future = engine.submit(ids, req.dimensions)
+        except ValidationError as exc:   # an input with no token left: the client's, a 400
+            raise BadRequest(str(exc), param=exc.field) from exc
         vectors = await asyncio.wrap_future(future)
     except BaseException as exc:
         if future is not None:

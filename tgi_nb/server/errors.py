@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -162,6 +163,19 @@ class GenerationFailed(APIError):
     tgi_error_type = "generation"
 
 
+def logged_failure(what: str, detail: str, exc_info: Optional[BaseException] = None) -> str:
+    """The message a client gets for a failure whose detail only the log holds (exception text can name local
+    paths, model folders or keys): ``what`` and an error id, which the log line carries with ``detail``.
+
+    Example:
+        >>> logged_failure("generation failed", "OSError: /home/me/model: gone").startswith("generation failed (error id ")
+        True
+    """
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("%s (error id %s): %s", what, error_id, detail, exc_info=exc_info)
+    return f"{what} (error id {error_id}); the server's log has the details"
+
+
 def _loc_to_param(loc: tuple) -> Optional[str]:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     # Pydantic names the union member it tried (``str``, ``list[str]``...) in the location; a client
@@ -206,8 +220,39 @@ def validation_error_from_pydantic(exc: RequestValidationError) -> BadRequest:
     return BadRequest(detail, param=param)
 
 
+class UnexpectedErrorMiddleware:
+    """A 500 in the route's error shape for an exception no handler took, its text in the log only.
+
+    Starlette's own last resort (an ``Exception`` handler) sends the response and then re-raises, and uvicorn
+    then resets the connection, so clients saw a reset rather than the 500. Once a response has started (a
+    stream) there is nothing left to send: the exception is logged and the response ends.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:  # noqa: BLE001 - the last resort, by design
+            message = logged_failure("internal server error", f"{scope['method']} {scope['path']}", exc)
+            if not started:
+                await APIError(message).response(scope["path"])(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error of ``app`` through the OpenAI or TGI shape (see module docstring)."""
+    app.add_middleware(UnexpectedErrorMiddleware)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -235,7 +280,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return err.response(path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        err = APIError(f"internal server error: {type(exc).__name__}: {exc}")
+    async def _unexpected(request: Request, exc: Exception):  # what fails outside UnexpectedErrorMiddleware
+        err = APIError(logged_failure("internal server error", f"{request.method} {request.url.path}", exc))
         return err.response(request.url.path)

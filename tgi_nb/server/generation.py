@@ -18,7 +18,6 @@ Example (inside a route):
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -26,7 +25,7 @@ from tgi_nb.engine.interface import GenerationEngine
 
 from .chat import render_chat_request
 from .context import ServerContext
-from .errors import APIError
+from .errors import APIError, logged_failure
 from .guided import compile_guide, request_guide
 from .params import make_sampling_params, parse_logit_bias, resolve_max_new_tokens, stop_list, tokenize
 from .protocol import ChatCompletionRequest, CompletionTokensDetails, PromptTokensDetails, UsageInfo
@@ -37,7 +36,6 @@ from .tokens import TokenTable, token_table
 from .tool_parser import ToolCallParser
 from .tools import NoTagEcho, ToolPlan, follows_tool_results_as_text, plan_tools
 
-logger = logging.getLogger("tgi_nb.server")
 
 # Engine field -> what the client called it, for error messages.
 CHAT_NAMES = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs", "prompt": "messages"}
@@ -88,8 +86,7 @@ def error_kind(err: APIError) -> str:
 
 def internal_error(exc: Exception) -> APIError:
     """An unexpected exception after a stream started, as the 500 the client is sent (and logged)."""
-    logger.exception("stream failed")
-    return APIError(f"internal server error: {type(exc).__name__}: {exc}")
+    return APIError(logged_failure("stream failed", "internal server error", exc))   # its text in the log only
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -41,6 +42,8 @@ from tgi_nb.engine.interface import GenerationEngine
 from .errors import BadRequest
 
 _TYPES = ("text", "json_object", "json_schema", "json", "regex")
+# Seconds a grammar may take to compile (the first of a tokenizer takes about one on a 2-core machine).
+GRAMMAR_COMPILE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +199,15 @@ async def compile_guide(engine: GenerationEngine, spec: GuideSpec) -> Grammar:
     """Compile a grammar for ``engine``'s tokenizer off the event loop (the first grammar of a tokenizer
     takes about a second; later ones milliseconds, and repeated ones come from a cache).
 
+    Bounded in time as well as by llguidance's fuel: a grammar still compiling after
+    :data:`GRAMMAR_COMPILE_TIMEOUT` seconds is refused (400 naming the field); its thread finishes on its own.
+
     Example (inside a route):
         guide = await compile_guide(engine, grammar_from_format(req.response_format, "response_format"))
         params = SamplingParams(logits_processor_factory=guide.processor)
     """
-    return await run_in_threadpool(compile_guide_sync, engine, spec)
+    try:
+        return await asyncio.wait_for(run_in_threadpool(compile_guide_sync, engine, spec), GRAMMAR_COMPILE_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"{spec.param}: the {spec.what} could not be compiled within {GRAMMAR_COMPILE_TIMEOUT:g} s; "
+                         f"simplify it", param=spec.param) from None

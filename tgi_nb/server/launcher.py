@@ -15,6 +15,18 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+
+
+def _switch(raw: str) -> bool:
+    """A boolean option's value: a flag alone is true; an environment variable says 1/true/yes or 0/false/no."""
+    value = str(raw).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
 # (dest, flags, environment variables, type, default, help). Environment variables are read in order:
 # MAX_INPUT_LENGTH is the old name of MAX_INPUT_TOKENS, still set by many deployments (and the cookbook).
 _OPTIONS: tuple = (
@@ -45,11 +57,17 @@ _OPTIONS: tuple = (
     ("max_top_n_tokens", ("--max-top-n-tokens",), ("MAX_TOP_N_TOKENS",), int, 5,
      "largest top_n_tokens a /generate request may ask for (default: %(default)s)"),
     ("max_best_of", ("--max-best-of",), ("MAX_BEST_OF",), int, 2, "default: %(default)s"),
-    ("max_stop_sequences", ("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), int, 4, "default: %(default)s"),
+    ("max_stop_sequences", ("--max-stop-sequences",), ("MAX_STOP_SEQUENCES",), int, 4,
+     "stop strings per request, on every route (default: %(default)s)"),
+    ("max_client_batch_size", ("--max-client-batch-size",), ("MAX_CLIENT_BATCH_SIZE",), int, 4,
+     "prompts in one /v1/completions request (default: %(default)s)"),
+    ("payload_limit", ("--payload-limit",), ("PAYLOAD_LIMIT",), int, 2_000_000,
+     "largest request body in bytes; a larger one gets 413 before it is read (default: %(default)s)"),
     ("api_key", ("--api-key",), ("API_KEY",), str, None,
      "require 'Authorization: Bearer KEY' on every route but /health"),
     ("dtype", ("--dtype",), ("DTYPE",), str, None,
-     "float32, bfloat16, float16 or float64 (default: float32 on CPU, bfloat16 on CUDA)"),
+     "float32, bfloat16, float16 or float64 (default: float32 on CPU; on CUDA bfloat16, float16 on GPUs "
+     "before compute capability 8.0 such as the T4)"),
     ("device", ("--device",), ("DEVICE",), str, None, "cpu or cuda (default: cuda when available)"),
     ("quantize", ("--quantize",), ("QUANTIZE",), str, None,
      "weights on CPU in float32: q8_0 or q4_0 quantizes a float model at load; float dequantizes a GGUF "
@@ -59,6 +77,11 @@ _OPTIONS: tuple = (
      "activations: faster batches and prompts, a few greedy tokens differ)"),
     ("kv_cache_dtype", ("--kv-cache-dtype",), ("KV_CACHE_DTYPE",), str, None,
      "float32, bfloat16, float16 or float64: the KV cache's type; float16 halves its memory (default: --dtype)"),
+    ("enforce_eager", ("--enforce-eager",), ("ENFORCE_EAGER",), _switch, False,
+     "CUDA: run decode steps op by op instead of replaying CUDA graphs (vLLM's flag)"),
+    ("cuda_memory_fraction", ("--cuda-memory-fraction",), ("CUDA_MEMORY_FRACTION",), float, 1.0,
+     "CUDA: share of the GPU's memory the server may use, weights included; the KV cache is sized within it "
+     "(default: %(default)s)"),
     ("chat_template", ("--chat-template",), ("CHAT_TEMPLATE",), str, None,
      "a Jinja chat template, inline or as a file path, replacing the model's"),
     ("reasoning_parser", ("--reasoning-parser",), ("REASONING_PARSER",), str, None,
@@ -72,6 +95,9 @@ _OPTIONS: tuple = (
     ("cors_allow_origin", ("--cors-allow-origin",), ("CORS_ALLOW_ORIGIN",), str, None,
      "comma-separated origins allowed by CORS (default: none)"),
     ("log_level", ("--log-level",), ("LOG_LEVEL",), str, "info", "default: %(default)s"),
+    ("files_dir", ("--files-dir",), ("FILES_DIR",), str, None,
+     "folder of /v1/files and /v1/batches; batches left running resume when the server starts again on it "
+     "(default for tgi-nb serve: ~/.cache/tgi_nb/files; for endpoints: a temporary folder removed with them)"),
 )
 
 
@@ -90,7 +116,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """
     for dest, flags, envs, kind, default, help_text in _OPTIONS:
         env_note = f" [env: {', '.join(envs)}]" if envs else ""
-        parser.add_argument(*flags, dest=dest, type=kind, default=None,
+        switch = {"nargs": "?", "const": True} if kind is _switch else {}   # --enforce-eager alone means true
+        parser.add_argument(*flags, dest=dest, type=kind, default=None, **switch,
                             help=(help_text % {"default": default} if "%(default)" in help_text else help_text)
                             + env_note)
 
@@ -115,8 +142,8 @@ def resolve_options(args: argparse.Namespace, environ: Optional[dict] = None) ->
                     try:
                         value = kind(raw)
                     except ValueError:
-                        raise LaunchError(f"{env}={raw!r}: must be {'an integer' if kind is int else kind.__name__}") \
-                            from None
+                        expected = {int: "an integer", float: "a number", _switch: "true or false"}.get(kind, "text")
+                        raise LaunchError(f"{env}={raw!r}: must be {expected}") from None
                     break
         out[dest] = default if value is None else value
     return out
@@ -142,6 +169,9 @@ def check_limits(opts: dict[str, Any], *, pairs: bool = True) -> None:
             raise LaunchError(f"{name} ({get(name)}) must be >= 1")
     if not 0 <= (get("port") or 0) <= 65535:
         raise LaunchError(f"port ({get('port')}) must be in [0, 65535]")
+    fraction = opts.get("cuda_memory_fraction")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise LaunchError(f"cuda_memory_fraction ({fraction}) must be in (0, 1]")
     if get("max_top_n_tokens") is not None and not 0 <= get("max_top_n_tokens") <= 20:
         raise LaunchError(f"max_top_n_tokens ({get('max_top_n_tokens')}) must be in [0, 20]")
     from tgi_nb.engine.capacity import limit_conflict
@@ -203,6 +233,9 @@ def plan_from_options(opts: dict[str, Any], *, fit_limits: bool = False) -> Serv
         engine_kwargs["numerics"] = opts["numerics"]
     if opts["max_batch_size"] is not None:
         engine_kwargs["max_num_seqs"] = opts["max_batch_size"]
+    for name in ("enforce_eager", "cuda_memory_fraction"):
+        if opts.get(name) is not None:
+            engine_kwargs[name] = opts[name]
     try:
         config = EngineConfig(**engine_kwargs)  # validated now, before the model loads
         settings = ServerSettings(
@@ -212,8 +245,9 @@ def plan_from_options(opts: dict[str, Any], *, fit_limits: bool = False) -> Serv
             embedding_model=_embedding_model(opts.get("embedding_model")),
             max_concurrent_requests=opts["max_concurrent_requests"], max_top_n_tokens=opts["max_top_n_tokens"],
             max_best_of=opts["max_best_of"], max_stop_sequences=opts["max_stop_sequences"],
+            max_client_batch_size=opts["max_client_batch_size"], payload_limit=opts["payload_limit"],
             cors_allow_origins=[o.strip() for o in (opts["cors_allow_origin"] or "").split(",") if o.strip()],
-            log_level=opts["log_level"])
+            log_level=opts["log_level"], files_dir=opts.get("files_dir"))
     except (ValueError, SettingsError) as exc:
         raise LaunchError(str(exc)) from None
     return ServePlan(lambda: LLMEngine(config), settings, model_id)
@@ -243,7 +277,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from .runner import DrainingServer, bind_socket, run_in_new_loop
 
     try:
-        plan = plan_from_options(resolve_options(args))
+        opts = resolve_options(args)
+        if opts["files_dir"] is None:  # a server of its own keeps its files; an endpoint's go with it
+            from tgi_nb.models.loader import cache_root
+
+            opts["files_dir"] = str(cache_root() / "files")
+        plan = plan_from_options(opts)
     except LaunchError as exc:
         print(f"tgi-nb serve: error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from . import embeddings, openai_serving
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList, OpenAIError)
 from .context import ServerContext
+from .limits import check_request
 from .params import reject_invalid_text
 
 router = APIRouter(tags=["OpenAI"])
@@ -26,6 +27,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            ctx: ServerContext = Depends(get_ctx)) -> Response:
     """Chat completion, streamed as ``chat.completion.chunk`` events when ``stream`` is true."""
     reject_invalid_text(body)
+    check_request(ctx, body, "chat_completions")
     return await openai_serving.create_chat_completion(ctx, body, request)
 
 
@@ -33,6 +35,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 async def completions(body: CompletionRequest, request: Request, ctx: ServerContext = Depends(get_ctx)) -> Response:
     """Text completion of a prompt (string, strings or token ids)."""
     reject_invalid_text(body)
+    check_request(ctx, body, "completions")
     return await openai_serving.create_completion(ctx, body, request)
 
 

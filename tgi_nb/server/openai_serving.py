@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 from typing import Any, AsyncIterator, Optional
 
@@ -35,7 +34,6 @@ from .streaming import (KEEP_ALIVE, SSE_DONE, SSE_KEEP_ALIVE, ClientDisconnected
                         check_finished, sse)
 from .tokens import TokenTable, cumulative_logprob, token_table
 
-logger = logging.getLogger("tgi_nb.server")
 
 SYSTEM_FINGERPRINT = "tgi_nb"
 

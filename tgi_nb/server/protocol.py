@@ -452,6 +452,8 @@ class Info(BaseModel):
     numerics: Optional[str] = None
     # the model's recommended sampling settings, applied when a request leaves them out (--generation-config)
     generation_config: dict[str, float] = Field(default_factory=dict)
+    # each native kernel library used so far: "native", or "torch (<why>)" when it could not be built
+    kernels: Optional[dict[str, str]] = None
 
 
 class TokenizeRequest(_Request):

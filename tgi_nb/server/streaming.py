@@ -18,8 +18,10 @@ from tgi_nb.engine.interface import GenerationEngine
 from tgi_nb.engine.outputs import OUT_OF_MEMORY
 
 from .context import ServerContext
-from .errors import GenerationFailed, ModelNotReady, OutOfMemory
+from .errors import GenerationFailed, ModelNotReady, OutOfMemory, logged_failure
+from .limits import reserve_sequences
 from .params import bad_request
+from .priority import request_priority
 
 logger = logging.getLogger("tgi_nb.server")
 
@@ -70,6 +72,7 @@ class GenerationStream:
         self._closed = False
         self._outcome: Optional[str] = None
         self._interruption: Optional[BaseException] = None
+        self._sequences = 0   # counted in ctx.sequences_in_flight until close()
         ctx.streams.add(self)
 
     # -- submission ----------------------------------------------------------------------------
@@ -87,6 +90,7 @@ class GenerationStream:
     def _submit(self, prompts: list[list[int]], params: Union[SamplingParams, list[SamplingParams]],
                 request_id: str, names: dict[str, str]) -> None:
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        self._sequences = reserve_sequences(self.ctx, sum(p.n for p in per_prompt))   # 429 when the server is full
         for i, (ids, params) in enumerate(zip(prompts, per_prompt)):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
             put = self._queue.put_nowait
@@ -98,7 +102,8 @@ class GenerationStream:
                     loop.call_soon_threadsafe(put, (i, out))
 
             try:
-                self.engine.add_request(ids, params, rid, on_output)
+                # The Batch API's lines run at their own priority (set by the batch runner), after interactive ones.
+                self.engine.add_request(ids, params, rid, on_output, priority=request_priority.get())
             except ValidationError as exc:
                 self.fail("validation")
                 raise bad_request(exc, names) from exc
@@ -214,6 +219,7 @@ class GenerationStream:
         if self._watcher is not None and not self._watcher.done():
             self._watcher.cancel()
         self.ctx.release_slot()
+        self.ctx.sequences_in_flight -= self._sequences
         route = self.route
         if self._outcome == "success":
             self.metrics.request_success.labels(route=route).inc()
@@ -228,7 +234,7 @@ def check_finished(out: RequestOutput) -> None:
     if out.error:
         if out.error.startswith(OUT_OF_MEMORY):
             raise OutOfMemory(out.error)
-        raise GenerationFailed(f"generation failed: {out.error}")
+        raise GenerationFailed(logged_failure("generation failed", out.error))   # the engine's text: log only
     for d in out.outputs:
         if d.finish_reason == "error":
             raise GenerationFailed("generation failed")

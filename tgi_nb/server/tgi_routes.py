@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
 from tgi_nb.engine.interface import GenerationEngine
+from tgi_nb.models.native import kernel_paths
 
 from . import tgi_serving
 from .protocol import (ChatCompletionRequest, ChatTokenizeResponse, DetokenizeRequest, DetokenizeResponse,
@@ -17,6 +18,8 @@ from .params import reject_invalid_text
 from .version import server_version
 
 router = APIRouter(tags=["Text Generation Inference"])
+
+FAILED_TO_LOAD = "the model failed to load; the server's log has the details"
 
 _ERRORS = {code: {"model": TGIError} for code in (401, 422, 424, 429, 500, 503)}
 
@@ -59,7 +62,7 @@ async def info(ctx: ServerContext = Depends(get_ctx)) -> Info:
     limits = ctx.limits(engine) if engine is not None else None
     return Info(model_id=(engine.model_id if engine is not None else s.model_id) or ctx.served_model_name,
                 max_concurrent_requests=s.max_concurrent_requests, max_best_of=s.max_best_of,
-                max_stop_sequences=s.max_stop_sequences,
+                max_stop_sequences=s.max_stop_sequences, max_client_batch_size=s.max_client_batch_size,
                 max_input_tokens=limits.max_input_tokens if limits else s.max_input_tokens,
                 max_total_tokens=limits.max_total_tokens if limits else s.max_total_tokens,
                 version=server_version(), served_model_name=ctx.served_model_name, model_status=ctx.holder.status,
@@ -77,7 +80,8 @@ def _capacity_fields(engine: GenerationEngine) -> dict[str, Any]:
                 kv_cache_dtype=getattr(config, "kv_cache_dtype", None),
                 num_threads=getattr(config, "num_threads", None),
                 capacity_reasons=plan.reasons() if plan is not None else None,
-                weight_formats=_weight_formats(engine), numerics=getattr(config, "numerics", None))
+                weight_formats=_weight_formats(engine), numerics=getattr(config, "numerics", None),
+                kernels=kernel_paths() if engine is not None else None)
 
 
 def _weight_formats(engine: GenerationEngine) -> Optional[str]:
@@ -88,12 +92,14 @@ def _weight_formats(engine: GenerationEngine) -> Optional[str]:
 @router.get("/health", responses={503: {"model": TGIError}})
 @router.get("/", responses={503: {"model": TGIError}}, include_in_schema=False)
 async def health(ctx: ServerContext = Depends(get_ctx)) -> Response:
-    """200 once the model is loaded; 503 while it loads or if it failed (the body says which)."""
+    """200 once the model is loaded; 503 while it loads or if it failed (the body says which). Open to anyone
+    even with an API key, so a failure's text (local paths...) stays in the log and the authenticated routes'
+    503 errors."""
     holder = ctx.holder
     if holder.status == "ready":
         return Response(status_code=200)
     message = {"loading": "the model is loading", "idle": "the model is not loaded",
-               "stopped": "the server is shutting down"}.get(holder.status, f"the model failed to load: {holder.error}")
+               "stopped": "the server is shutting down"}.get(holder.status, FAILED_TO_LOAD)
     return JSONResponse({"error": message, "error_type": "healthcheck", "status": holder.status}, status_code=503)
 
 

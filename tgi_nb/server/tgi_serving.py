@@ -20,7 +20,8 @@ from tgi_nb.engine.outputs import CompletionResult, ResultAccumulator
 from tgi_nb.engine.interface import GenerationEngine
 
 from .chat import render_chat, render_chat_request
-from .errors import APIError, BadRequest
+from .errors import APIError, BadRequest, logged_failure
+from .limits import check_stop
 from .guided import compile_guide, grammar_from_format
 from .protocol import (BestOfSequence, ChatCompletionRequest, ChatTokenizeResponse, DetokenizeRequest,
                        DetokenizeResponse, GenerateDetails, GenerateParameters, GenerateRequest, GenerateResponse,
@@ -72,6 +73,7 @@ async def _prepare(ctx: ServerContext, req: GenerateRequest, *, stream: bool):
     if len(p.stop) > s.max_stop_sequences:
         raise BadRequest(f"`stop` supports up to {s.max_stop_sequences} stop sequences. Given: {len(p.stop)}",
                          param="stop")
+    check_stop(s.max_stop_sequences, p.stop, "stop")   # and the length of each
     # As TGI: any warper (temperature, top_k, top_p) turns sampling on even without do_sample.
     sampling = (p.do_sample or (p.temperature not in (None, 1.0)) or bool(p.top_k)
                 or (p.top_p not in (None, 1.0)))
@@ -232,19 +234,28 @@ async def _generate_events(ctx: ServerContext, stream: GenerationStream, request
         stream.fail("generation")
         yield sse(json.dumps(err.tgi_body()))
     except Exception as exc:  # noqa: BLE001 - the client must learn the stream failed
-        logger.exception("generate_stream failed")
         stream.fail("internal")
-        yield sse(json.dumps({"error": f"{type(exc).__name__}: {exc}", "error_type": "incomplete_generation"}))
+        yield sse(json.dumps({"error": logged_failure("generate_stream failed", "internal server error", exc),
+                              "error_type": "incomplete_generation"}))
 
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer routes
 # ----------------------------------------------------------------------------------------------
 
-def _simple_tokens(tokenizer: Any, text: str, add_special_tokens: bool) -> list[SimpleToken]:
-    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+def _simple_tokens(tokenizer: Any, text: str, add_special_tokens: bool, limit: int, param: str) -> list[SimpleToken]:
+    # Cut at limit + 1 tokens: a longer text is refused without building an object for each of its tokens.
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True, truncation=True,
+                    max_length=limit + 1)
+    _check_length(len(enc["input_ids"]), limit, param)
     return [SimpleToken(id=t, text=text[a:b], start=a, stop=b)
             for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
+def _check_length(count: int, limit: int, param: str) -> None:
+    if count > limit:
+        raise BadRequest(f"{param}: more than max_input_tokens ({limit}) tokens; nothing longer can be generated "
+                         f"from", param=param)
 
 
 def tokenize_route(ctx: ServerContext, req: TokenizeRequest) -> Any:
@@ -252,9 +263,10 @@ def tokenize_route(ctx: ServerContext, req: TokenizeRequest) -> Any:
     ``{"messages"}`` -> ``{count, max_model_len, tokens, token_strs}``."""
     log_ignored("/tokenize", ignored_fields(req))
     engine = ctx.require_engine()
+    limit = ctx.limits(engine).max_input_tokens
     if req.inputs is not None:
         # As /generate sees them (special tokens added), which is what TGI's /tokenize reports.
-        return [t.model_dump() for t in _simple_tokens(engine.tokenizer, req.inputs, True)]
+        return [t.model_dump() for t in _simple_tokens(engine.tokenizer, req.inputs, True, limit, "inputs")]
     if req.messages is not None:
         text = render_chat(engine.tokenizer, req.messages, chat_template=ctx.chat_template,
                            add_generation_prompt=req.add_generation_prompt,
@@ -265,6 +277,7 @@ def tokenize_route(ctx: ServerContext, req: TokenizeRequest) -> Any:
                if isinstance(req.prompt, str) else tokenize(engine, req.prompt, "prompt"))
     else:
         raise BadRequest("inputs: one of inputs, prompt or messages is required", param="inputs")
+    _check_length(len(ids), limit, "prompt" if req.messages is None else "messages")
     return VLLMTokenizeResponse(count=len(ids), max_model_len=ctx.limits(engine).max_total_tokens, tokens=ids,
                                 token_strs=engine.tokenizer.convert_ids_to_tokens(ids)).model_dump()
 
@@ -282,4 +295,5 @@ def chat_tokenize_route(ctx: ServerContext, req: ChatCompletionRequest) -> ChatT
     engine = ctx.require_engine()
     tools = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
     text = render_chat_request(engine.tokenizer, req, tools, ctx.chat_template)
-    return ChatTokenizeResponse(tokenize_response=_simple_tokens(engine.tokenizer, text, False), templated_text=text)
+    tokens = _simple_tokens(engine.tokenizer, text, False, ctx.limits(engine).max_input_tokens, "messages")
+    return ChatTokenizeResponse(tokenize_response=tokens, templated_text=text)

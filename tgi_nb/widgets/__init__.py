@@ -14,12 +14,13 @@ Example:
 from .chat import ChatWidget
 from .compare import CompareWidget
 from .endpoint import EndpointWidget
+from .migration import MigrationWidget
 from .monitor import MonitorWidget
 from .parameters import ParametersWidget
 from .transcript import Transcript
 from .workbench import Workbench, workbench
 
-__all__ = ["ChatWidget", "CompareWidget", "EndpointWidget", "MonitorWidget", "ParametersWidget", "RagWidget",
+__all__ = ["ChatWidget", "CompareWidget", "EndpointWidget", "MigrationWidget", "MonitorWidget", "ParametersWidget", "RagWidget",
            "Transcript", "Workbench", "workbench"]
 
 

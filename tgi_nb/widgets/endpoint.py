@@ -194,7 +194,7 @@ class EndpointWidget(w.VBox):
                                      description="repository", placeholder="Hub id, folder or .gguf file",
                                      style=style, layout=wide)
         self.type = w.ToggleButtons(options=TYPES, value=type, description="type", style=style)
-        self.token = w.Password(description="token", placeholder="protected: any string locally", style=style,
+        self.token = w.Password(description="token", placeholder="empty: a random one (endpoint.token)", style=style,
                                 layout=w.Layout(width="460px"))  # its own layout: hidden for a public endpoint
         self.limits = {name_: w.Text(description=name_, placeholder="default (fitted to the machine)",
                                      style=style, layout=wide) for name_ in LIMITS}

@@ -223,7 +223,7 @@ class MonitorWidget(w.VBox):
             response.raise_for_status()
         except httpx.HTTPError as exc:
             self.error = f"{url}: {exc}"
-            self._show_header(self.error)
+            self._show_header(html.escape(self.error))   # the server's reason phrase is in it: text, never markup
             return
         self.error = None
         self._add(parse_metrics(response.text))

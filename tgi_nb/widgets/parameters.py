@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import shlex
 from typing import Any, Optional
 
 import ipywidgets as w
@@ -65,15 +66,19 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8080/v1"
 
 
 def curl_command(params: dict[str, Any], base_url: str = DEFAULT_BASE_URL, model: str = "tgi") -> str:
-    """The same request as a curl command (``$TOKEN`` for the bearer token).
+    """The same request as a curl command (``$TOKEN`` for the bearer token), quoted for a POSIX shell whatever
+    the values hold (a ``'`` in a stop string...).
 
     Example:
         >>> curl_command({"max_tokens": 8}).splitlines()[0]
         'curl http://127.0.0.1:8080/v1/chat/completions \\\\'
+        >>> import shlex
+        >>> json.loads(shlex.split(curl_command({"stop": ["it's"]}))[-1])["stop"]   # what the shell passes on
+        ["it's"]
     """
     body = {"model": model, "messages": [{"role": "user", "content": "Hello!"}], **params, "stream": True}
-    return (f"curl {base_url}/chat/completions \\\n  -H 'Content-Type: application/json' "
-            f"-H \"Authorization: Bearer $TOKEN\" \\\n  -d '{json.dumps(body)}'")
+    return (f"curl {shlex.quote(base_url + '/chat/completions')} \\\n  -H 'Content-Type: application/json' "
+            f"-H \"Authorization: Bearer $TOKEN\" \\\n  -d {shlex.quote(json.dumps(body))}")
 
 
 class ParametersWidget(w.VBox):

@@ -1,6 +1,6 @@
 """``tgi_nb.workbench()``: the widgets in tabs, wired together: the endpoint made or picked in the Endpoint
-tab is the one the Chat, Compare, Monitor and RAG tabs talk to, with the Parameters tab's values. Once that
-endpoint runs, the Parameters tab starts from its own defaults (``/info``), the Endpoint tab points to the Chat
+tab is the one the Chat, Compare, Monitor, RAG and Migration tabs talk to, with the Parameters tab's values. Once
+that endpoint runs, the Parameters tab starts from its own defaults (``/info``), the Endpoint tab points to the Chat
 tab, and the RAG tab is built (its pipeline needs the URL).
 """
 
@@ -17,21 +17,23 @@ from .compare import CompareWidget
 from .controls import button
 from .endpoint import EndpointWidget
 from .lifecycle import Worker, replace_in_cell
+from .migration import MigrationWidget
 from .monitor import MonitorWidget
 from .parameters import ParametersWidget
 from .target import Target
 
-TAB_TITLES = ("Endpoint", "Parameters", "Chat", "Compare", "Monitor", "RAG")
+TAB_TITLES = ("Endpoint", "Parameters", "Chat", "Compare", "Monitor", "RAG", "Migration")
 
 
 class Workbench(w.Tab):
-    """Tabs: Endpoint | Parameters | Chat | Compare | Monitor | RAG. ``endpoint_widget.endpoint`` drives the rest.
+    """Tabs: Endpoint | Parameters | Chat | Compare | Monitor | RAG | Migration. ``endpoint_widget.endpoint`` drives
+    the rest.
 
     Example:
         >>> import tgi_nb
         >>> bench = tgi_nb.workbench()
         >>> bench.titles
-        ('Endpoint', 'Parameters', 'Chat', 'Compare', 'Monitor', 'RAG')
+        ('Endpoint', 'Parameters', 'Chat', 'Compare', 'Monitor', 'RAG', 'Migration')
         >>> bench.close()
     """
 
@@ -41,20 +43,22 @@ class Workbench(w.Tab):
         self.chat: Optional[ChatWidget] = None
         self.compare: Optional[CompareWidget] = None
         self.monitor: Optional[MonitorWidget] = None
+        self.migration: Optional[MigrationWidget] = None
         self.rag: Any = None
         self._rag_for: Any = None  # the endpoint the RAG tab is built (or being built) for
         self._rag_lock = threading.Lock()
         self._defaults_worker = Worker("workbench-defaults")
         hint = "Create, connect to or pick an endpoint in the <b>Endpoint</b> tab first."
-        self._chat_box, self._compare_box, self._monitor_box, self._rag_box = (
-            w.VBox([w.HTML(hint)]) for _ in range(4))
+        self._chat_box, self._compare_box, self._monitor_box, self._rag_box, self._migration_box = (
+            w.VBox([w.HTML(hint)]) for _ in range(5))
         self.next_step = w.HBox([w.HTML("<b>The endpoint runs.</b> Talk to it in the Chat tab, or compare "
                                         "settings, watch its load, ask your documents in the next tabs."),
                                  button("Open the Chat tab", "tgi-workbench-to-chat", self.open_chat, icon="comments")],
                                 layout=w.Layout(display="none", align_items="center"))
         self.next_step.add_class("tgi-workbench-next")
         super().__init__([w.VBox([self.endpoint_widget, self.next_step]), self.parameters, self._chat_box,
-                          self._compare_box, self._monitor_box, self._rag_box], titles=TAB_TITLES)
+                          self._compare_box, self._monitor_box, self._rag_box, self._migration_box],
+                         titles=TAB_TITLES)
         self.add_class("tgi-workbench")
         self.endpoint_widget.observe(self._endpoint_changed, "endpoint")
         self.endpoint_widget.observe(self._on_endpoint_status, "status")
@@ -64,7 +68,7 @@ class Workbench(w.Tab):
 
     def _endpoint_changed(self, change: Any) -> None:
         endpoint = change["new"]
-        for widget in (self.chat, self.compare, self.monitor, self.rag):
+        for widget in (self.chat, self.compare, self.monitor, self.rag, self.migration):
             if widget is not None:
                 widget.close()
         with self._rag_lock:
@@ -76,6 +80,9 @@ class Workbench(w.Tab):
         self.compare = CompareWidget([(endpoint, {"temperature": t}) for t in (0.0, 0.7, 1.2)],
                                      parameters=self.parameters)
         self.monitor = MonitorWidget(endpoint)
+        # Greedy against sampled: how much of a recorded workload survives a change of settings.
+        self.migration = MigrationWidget([endpoint, (endpoint, {"temperature": 0.8})])
+        self._migration_box.children = [self.migration]
         self._rag_box.children = [w.HTML("The RAG tab starts once the endpoint runs.")]
         self._chat_box.children = [self.chat]
         self._compare_box.children = [self.compare]
@@ -153,14 +160,15 @@ class Workbench(w.Tab):
         with self._rag_lock:
             self._rag_for = None
         self._defaults_worker.close()
-        for widget in (self.chat, self.compare, self.monitor, self.rag, self.endpoint_widget, self.parameters):
+        for widget in (self.chat, self.compare, self.monitor, self.rag, self.migration, self.endpoint_widget,
+                       self.parameters):
             if widget is not None:
                 widget.close()
         super().close()
 
 
 def workbench(endpoint: Any = None, **endpoint_form: Any) -> Workbench:
-    """The workbench: one widget with the Endpoint, Parameters, Chat, Compare, Monitor and RAG tabs.
+    """The workbench: one widget with the Endpoint, Parameters, Chat, Compare, Monitor, RAG and Migration tabs.
 
     ``endpoint``: an endpoint to start with (else create one in the Endpoint tab); ``endpoint_form``: the
     form's defaults (``name``, ``repository``, ``type``, ``backend``).

@@ -42,72 +42,30 @@
 /* dims */
 enum { D_LAYERS, D_HIDDEN, D_INTER, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_VOCAB, D_WINDOW, D_MAX_POS, D_NUM_BLOCKS,
        D_BLOCK_SIZE, D_COUNT };
-/* per-layer pointers */
+/* per-layer pointers: the four products' segment tables (quant_gemm.c), then the float tensors and the caches */
 enum { P_QKV, P_O, P_GATE_UP, P_DOWN, P_QKV_BIAS, P_INPUT_NORM, P_POST_NORM, P_Q_NORM, P_K_NORM, P_K_CACHE,
        P_V_CACHE, P_COUNT };
-/* per-layer weight types (GGML ids) */
+/* per-layer segment counts of the four products */
 enum { T_QKV, T_O, T_GATE_UP, T_DOWN, T_COUNT };
 
-/* What a product needs besides its float input xn: the per-block sums of xn (sx) and, with the fast numerics, xn
-   quantized to int8 per block (xq, scales xd, quant sums xs). prepare_input fills them. */
-typedef struct {
-    float *sx;
-    int8_t *xq;
-    float *xd;
-    int32_t *xs;
-    int fast;
-} input_t;
-
-/* xn = the RMSNorm of x's rows (x itself when norm is NULL), and the rest of a product's input. */
-static void prepare_input(const float *x, const float *norm, float eps, int M, int K, float *xn, const input_t *in) {
-    if (norm) rms_norm_rows(x, norm, eps, M, K, xn);
-    else if (xn != x) memcpy(xn, x, sizeof(float) * (size_t)M * K);
-    block_sums(xn, M, K, in->sx);
-    if (in->fast) quantize_rows_q8(xn, M, K, in->xq, in->xd, in->xs);
-}
-
-/* One group of products, on the numerics asked for. */
-static inline void group_product(int qtype, const uint8_t *wg, int blocks, const float *x, const input_t *in, int M,
-                                 int K, int valid, float *y, int ldy, int col, const float *bias, const float *res) {
-    if (in->fast)
-        group_rows_q8(qtype, wg, blocks, in->xq, in->xd, in->xs, M, K, valid, y, ldy, col, bias, res);
-    else
-        group_rows(qtype, wg, blocks, x, in->sx, M, K, valid, y, ldy, col, bias, res);
-}
-
-/* y (+)= x @ w^T over groups [0, groups) split among the team's threads (call from inside the region). */
-static void product(int qtype, const uint8_t *w, int N, int K, const float *x, const input_t *in, int M, float *y,
-                    const float *bias, const float *res) {
-    const int blocks = K / QK, groups = (N + GROUP - 1) / GROUP;
-    const size_t group_bytes = (size_t)blocks * GROUP * block_bytes(qtype);
-    #pragma omp for schedule(static)
-    for (int g = 0; g < groups; g++) {
-        const int n = g * GROUP, valid = N - n < GROUP ? N - n : GROUP;
-        group_product(qtype, w + (size_t)g * group_bytes, blocks, x, in, M, K, valid, y, N, n, bias, res);
-    }
-}
-
-/* silu(x @ gate^T) * (x @ up^T) for a fused [gate; up] weight of 2 * I rows (I a multiple of 16). */
-static void gated_product(int qtype, const uint8_t *w, int I, int K, const float *x, const input_t *in, int M,
-                          float *y) {
-    const int blocks = K / QK, half = I / GROUP;
-    const size_t group_bytes = (size_t)blocks * GROUP * block_bytes(qtype);
-    #pragma omp for schedule(static)
-    for (int g = 0; g < half; g++) {
-        float gate[SILU_MAX_ROWS * GROUP], up[SILU_MAX_ROWS * GROUP];
-        group_product(qtype, w + (size_t)g * group_bytes, blocks, x, in, M, K, GROUP, gate, GROUP, 0, NULL, NULL);
-        group_product(qtype, w + (size_t)(g + half) * group_bytes, blocks, x, in, M, K, GROUP, up, GROUP, 0, NULL,
-                      NULL);
-        silu_mul_rows(gate, up, GROUP, M, GROUP, y + (size_t)g * GROUP, I);
-    }
+/* The input of the next product: x itself, or its RMSNorm into xn; its block sums and, with the fast numerics, its
+   quants (each family the model's products use, K-quants only where K is whole superblocks). One thread (omp
+   single): the other threads see `in` after the single's barrier. */
+static void prepare_input(const float *x, const float *norm, float eps, int M, int K, float *xn, xin_t *in, int fast) {
+    in->x = norm ? xn : x;
+    const int8_t *qk = in->qk;
+    if (K % QKK) in->qk = NULL;
+    for (int i = 0; i < M; i++) input_row(x, norm, eps, K, i, fast, in);
+    in->qk = qk;
 }
 
 /* Run the step. x: [M, hidden] the embedded tokens (overwritten: the residual stream); positions, slots: [M];
    block_tables: [M, max_blocks]; context_lens: [M] (tokens including this one); logits: [M, vocab].
-   dims, layer_ptrs ([layers, P_COUNT]), layer_types ([layers, T_COUNT]): the model (see tgi_nb/models/llama.py
-   DecodeStep); model_ptrs: cos, sin ([max_pos, head_dim]), final norm, lm_head; fparams: eps, attention scale.
-   fast: the fast numerics (activations quantized to int8 per block, integer dot products: quantize_rows_q8,
-   group_rows_q8) instead of the exact ones.
+   dims, layer_ptrs ([layers, P_COUNT]), layer_types ([layers, T_COUNT]): the model (see
+   tgi_nb/models/decode_step.py); the products are segment tables (quant_gemm.c) and layer_types their lengths;
+   model_ptrs: cos, sin ([max_pos, head_dim]), final norm, lm_head's segment table (lm_head_type: its length);
+   fparams: eps, attention scale. fast: the fast numerics (activations quantized to int8, integer dot products)
+   instead of the exact ones.
    Returns 0, 1 for arguments out of range (nothing computed), 2 when out of memory. */
 int DECODE_STEP(const int64_t *dims, const float *fparams, const int64_t *layer_ptrs,
                        const int32_t *layer_types, const int64_t *model_ptrs, int32_t lm_head_type, float *x, int M,
@@ -121,10 +79,26 @@ int DECODE_STEP(const int64_t *dims, const float *fparams, const int64_t *layer_
     const float eps = fparams[0], scale = fparams[1];
     const float *cos_table = (const float *)model_ptrs[0], *sin_table = (const float *)model_ptrs[1];
     const float *final_norm = (const float *)model_ptrs[2];
-    const uint8_t *lm_head = (const uint8_t *)model_ptrs[3];
+    const int64_t *lm_head = (const int64_t *)model_ptrs[3];
     const int QD = (int)(NH * D), NQKV = (int)((NH + 2 * KVH) * D);
 
-    if (M < 1 || M > SILU_MAX_ROWS || Hd % QK || I % GROUP || QD % QK || NH % KVH || D % 2 || nthreads < 1) return 1;
+    if (M < 1 || M > SILU_MAX_ROWS || Hd % QK || QD % QK || NH % KVH || D % 2 || nthreads < 1) return 1;
+    /* The weights: every product's segments valid, gate|up pairing on groups; and which activation quants the
+       fast numerics need (1: Q8_0, 2: Q8_K). */
+    int families = segment_families(lm_head, lm_head_type);
+    if (!segments_valid(lm_head, lm_head_type, Hd, V)) return 1;
+    for (int l = 0; l < L; l++) {
+        const int64_t *ptr = layer_ptrs + (size_t)l * P_COUNT;
+        const int32_t *n = layer_types + (size_t)l * T_COUNT;
+        const int64_t *qkv = (const int64_t *)ptr[P_QKV], *o = (const int64_t *)ptr[P_O];
+        const int64_t *gate_up = (const int64_t *)ptr[P_GATE_UP], *down = (const int64_t *)ptr[P_DOWN];
+        if (!segments_valid(qkv, n[T_QKV], Hd, NQKV) || !segments_valid(o, n[T_O], QD, Hd)
+            || !segments_valid(gate_up, n[T_GATE_UP], Hd, 2 * I) || !gated_valid(gate_up, n[T_GATE_UP], Hd, I)
+            || !segments_valid(down, n[T_DOWN], I, Hd))
+            return 1;
+        families |= segment_families(qkv, n[T_QKV]) | segment_families(o, n[T_O])
+                    | segment_families(gate_up, n[T_GATE_UP]) | segment_families(down, n[T_DOWN]);
+    }
     /* Everything an index comes from is checked before any thread starts: bad input never touches memory
        outside the cache. */
     for (int b = 0; b < M; b++) {
@@ -158,27 +132,23 @@ int DECODE_STEP(const int64_t *dims, const float *fparams, const int64_t *layer_
     const size_t att_scratch = ((scratch_floats(&attn) * sizeof(float) + 63) / 64) * 64 / sizeof(float);
 
     const int maxK = Hd > I ? (Hd > QD ? Hd : QD) : (I > QD ? I : QD);
-    const size_t floats = (size_t)M * maxK                 /* xn: a product's input */
-                          + (size_t)M * (maxK / QK)        /* sx: its block sums */
-                          + (size_t)M * NQKV               /* qkv */
+    const size_t floats = (size_t)M * NQKV               /* qkv */
                           + (size_t)M * QD * 2             /* q (contiguous), attention output */
                           + (size_t)M * I                  /* silu(gate) * up */
                           + (multi ? (size_t)n_parts * NH * (D + 2) : 0)
                           + att_scratch * nthreads + 16;
     int64_t *part_index = malloc(sizeof(int64_t) * (size_t)(n_parts + M + 1));
-    int8_t *xq = fast ? malloc((size_t)M * maxK) : NULL;
-    float *xd = fast ? malloc(sizeof(float) * (size_t)M * (maxK / QK)) : NULL;
-    int32_t *xs = fast ? malloc(sizeof(int32_t) * (size_t)M * (maxK / QK)) : NULL;
     float *mem = aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64);
-    if (!part_index || !mem || (fast && (!xq || !xd || !xs))) {
+    float *xn;          /* a product's input: xn, its block sums and quants (input_alloc, up to maxK columns) */
+    xin_t in;
+    void *in_base = NULL;
+    if (!part_index || !mem || input_alloc(M, maxK, 1, fast, families, &xn, &in, &in_base)) {
         free(part_index);
         free(mem);
-        free(xq);
-        free(xd);
-        free(xs);
+        free(in_base);
         return 2;
     }
-    float *xn = mem, *sx = xn + (size_t)M * maxK, *qkv = sx + (size_t)M * (maxK / QK), *q = qkv + (size_t)M * NQKV;
+    float *qkv = mem, *q = qkv + (size_t)M * NQKV;
     float *att = q + (size_t)M * QD, *mlp = att + (size_t)M * QD, *partials = mlp + (size_t)M * I;
     const size_t scratch_at = ((size_t)(partials - mem) + (multi ? (size_t)n_parts * NH * (D + 2) : 0) + 15) / 16 * 16;
     float *scratch = mem + scratch_at;     /* on a cache line */
@@ -194,7 +164,6 @@ int DECODE_STEP(const int64_t *dims, const float *fparams, const int64_t *layer_
     attn.partials = partials;
     attn.q = q;
     attn.out = att;
-    const input_t in = {sx, xq, xd, xs, fast};
 
     #pragma omp parallel num_threads(nthreads)
     {
@@ -204,9 +173,9 @@ int DECODE_STEP(const int64_t *dims, const float *fparams, const int64_t *layer_
             const int64_t *ptr = layer_ptrs + (size_t)l * P_COUNT;
             const int32_t *type = layer_types + (size_t)l * T_COUNT;
             #pragma omp single
-            prepare_input(x, (const float *)ptr[P_INPUT_NORM], eps, M, Hd, xn, &in);
-            product(type[T_QKV], (const uint8_t *)ptr[P_QKV], NQKV, Hd, xn, &in, M, qkv,
-                    (const float *)ptr[P_QKV_BIAS], NULL);
+            prepare_input(x, (const float *)ptr[P_INPUT_NORM], eps, M, Hd, xn, &in, fast);
+            segments_product((const int64_t *)ptr[P_QKV], type[T_QKV], NQKV, Hd, &in, fast, M, qkv,
+                             (const float *)ptr[P_QKV_BIAS], NULL);
             #pragma omp for schedule(static)
             for (int t = 0; t < M; t++) {
                 rope_write_kv(qkv + (size_t)t * NQKV, positions + t, cos_table, sin_table, slots + t,
@@ -224,23 +193,21 @@ int DECODE_STEP(const int64_t *dims, const float *fparams, const int64_t *layer_
                     if (first_part[b + 1] - first_part[b] > 1) merge_parts(&p, b);
             }
             #pragma omp single
-            prepare_input(att, NULL, eps, M, QD, att, &in);
-            product(type[T_O], (const uint8_t *)ptr[P_O], Hd, QD, att, &in, M, x, NULL, x);
+            prepare_input(att, NULL, eps, M, QD, xn, &in, fast);
+            segments_product((const int64_t *)ptr[P_O], type[T_O], Hd, QD, &in, fast, M, x, NULL, x);
             #pragma omp single
-            prepare_input(x, (const float *)ptr[P_POST_NORM], eps, M, Hd, xn, &in);
-            gated_product(type[T_GATE_UP], (const uint8_t *)ptr[P_GATE_UP], I, Hd, xn, &in, M, mlp);
+            prepare_input(x, (const float *)ptr[P_POST_NORM], eps, M, Hd, xn, &in, fast);
+            segments_gated((const int64_t *)ptr[P_GATE_UP], type[T_GATE_UP], I, Hd, &in, fast, M, mlp, NULL);
             #pragma omp single
-            prepare_input(mlp, NULL, eps, M, I, mlp, &in);
-            product(type[T_DOWN], (const uint8_t *)ptr[P_DOWN], Hd, I, mlp, &in, M, x, NULL, x);
+            prepare_input(mlp, NULL, eps, M, I, xn, &in, fast);
+            segments_product((const int64_t *)ptr[P_DOWN], type[T_DOWN], Hd, I, &in, fast, M, x, NULL, x);
         }
         #pragma omp single
-        prepare_input(x, final_norm, eps, M, Hd, xn, &in);
-        product(lm_head_type, lm_head, V, Hd, xn, &in, M, logits, NULL, NULL);
+        prepare_input(x, final_norm, eps, M, Hd, xn, &in, fast);
+        segments_product(lm_head, lm_head_type, V, Hd, &in, fast, M, logits, NULL, NULL);
     }
     free(part_index);
     free(mem);
-    free(xq);
-    free(xd);
-    free(xs);
+    free(in_base);
     return 0;
 }

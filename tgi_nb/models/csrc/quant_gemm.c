@@ -1,86 +1,24 @@
-/* y = x @ dequant(w)^T (+ bias) (+ residual) for GGUF block-quantized w (Q4_0, Q4_1, Q8_0) and float32 x:
-   the "exact" numerics (quantized weights x fp32 activations) of a decode step or a small batch.
+/* y = x @ dequant(w)^T (+ bias) (+ residual) for GGUF block-quantized w and float32 x: the products of a decode
+   step or a batch, for every type of quant_types.h (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K).
 
-   Decode reads every weight once per step, so bytes are the cost: w stays in GGML's own blocks of 32
-   (Q4_1: 20 bytes, fp16 scale and min, 16 bytes of nibbles), each block is turned into floats in
-   registers (w = d * q + m, as gguf's dequantize) and used at once for every row of x of the tile.
-   Tiles of 4 w rows x MT x rows keep 4 * MT vector sums in registers; threads take ranges of 64 w rows,
-   so each output element is summed by one thread in a fixed order whatever the thread count.
+   Decode reads every weight once per step, so bytes are the cost: w stays in GGML's own blocks, turned into
+   numbers in registers and used at once for every row of x of a tile. Two layouts:
+   - "ggml", the file's (a row's blocks one after the other): the per-row kernel below (Q4_0, Q4_1, Q8_0: each
+     block dequantized into vectors, tiles of 4 w rows x MT x rows) and the dequantizers of every type;
+   - "rows16", the same bytes regrouped 16 rows at a time so that vector lanes are rows (see below): what the
+     engine computes with, in both numerics (quant_rows16.h).
+   Threads take ranges of w rows, so each output element is summed by one thread in a fixed order whatever the
+   thread count or the other rows of x.
 
-   The source is built once per instruction set (python: tgi_nb/models/quant.py picks the one the CPU
-   runs): with -march=x86-64-v4 GCC's vector extensions below become AVX-512 (16 floats), with
-   x86-64-v3 AVX2 + FMA + F16C (8 floats), with plain x86-64 SSE2 (4 floats, software fp16). */
-#include <math.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
+   The source is built once per instruction set (python: tgi_nb/models/quant_kernels.py picks the one the CPU
+   runs): with -march=x86-64-v4 GCC's vector extensions become AVX-512 (16 floats), with x86-64-v3 AVX2 + FMA +
+   F16C (8 floats), with plain x86-64 SSE2 (4 floats, software fp16); -mavx512vnni adds dpbusd to the first. */
+#include "quant_types.h"
+#include "quant_rows16.h"
 #include "rms_norm.h"
 
-#if defined(__AVX512F__)
-#define VW 16
-#define MT 4
-#elif defined(__AVX2__)
-#define VW 8
-#define MT 2
-#else
-#define VW 4
-#define MT 2
-#endif
-#define QK 32          /* weights per block */
-#define NVB (QK / VW)   /* vectors per block */
-#define RT 4           /* w rows per tile */
+#define RT 4           /* w rows per tile of the per-row kernel */
 
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef int32_t vi __attribute__((vector_size(VW * 4)));
-
-enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };   /* GGML type ids */
-
-static inline float half_to_float(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
-    if (exponent == 0x1f) bits = sign | 0x7f800000u | (mantissa << 13);
-    else if (exponent) bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    else {
-        float f = (float)mantissa * (1.0f / 16777216.0f);   /* subnormal: mantissa * 2^-24 */
-        memcpy(&bits, &f, 4);
-        bits |= sign;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
-
-static inline int block_bytes(int qtype) {
-    return qtype == Q4_0 ? 18 : qtype == Q4_1 ? 20 : qtype == Q8_0 ? 34 : 0;
-}
-
-static inline vf splat(float v) { return (vf){} + v; }
-
-/* a * b + c, fused where the instruction set has it. Written out rather than left to the compiler's contraction
-   (the build passes -ffp-contract=off -fno-associative-math): GCC contracted the same source differently in the
-   tiles of 1 and of 2+ rows, so a sequence's logits changed with the number of others in its step. */
-static inline vf fmadd(vf a, vf b, vf c) {
-#if defined(__AVX512F__)
-    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__) && VW == 8
-    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#else
-    return a * b + c;
-#endif
-}
-
-/* VW bytes widened to VW int32 lanes. GCC's __builtin_convertvector does this one lane at a time, so the
-   widening instructions are spelled out where the instruction set has them. */
 static inline vi load_u8(const uint8_t *p) {
 #if defined(__AVX512F__)
     return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -137,12 +75,6 @@ static inline void dequant_block(const uint8_t *blk, int qtype, vf out[NVB]) {
         if (qtype == Q4_1) out[j] = fmadd(qf, d, m);     /* d * q is exact: fused or not, one rounding */
         else out[j] = (qf - 8.0f) * d;
     }
-}
-
-static inline float hsum(vf v) {
-    float s = 0;
-    for (int i = 0; i < VW; i++) s += v[i];
-    return s;
 }
 
 static inline void store(float *y, const float *res, const float *bias, int ldy, int m, int n, float v) {
@@ -231,13 +163,14 @@ int tgi_nb_quant_vector_width(void) { return VW; }
    - norm_weight != NULL: x is first RMS-normalized row by row (weight norm_weight, epsilon eps);
    - silu_mul != 0: w is a fused [gate; up] weight of N = 2 * I rows and y is [M, I] =
      silu(x @ gate^T) * (x @ up^T) (bias, if any, is [N]; residual must be NULL; M <= 64).
-   x: [M, K] float32, w: N rows of K / 32 blocks of type qtype (GGML ids: 2 Q4_0, 3 Q4_1, 8 Q8_0),
+   x: [M, K] float32, w: N rows of K / 32 blocks of type qtype (GGML ids: 2 Q4_0, 3 Q4_1, 8 Q8_0: this per-row
+   kernel takes those three; every type computes in the rows16 layout below),
    bias: [N] or NULL, res: [M, N] or NULL (may alias y), y: [M, N]; all contiguous.
    Returns 0, 1 when out of memory, 2 for arguments outside what is supported. */
 int tgi_nb_quant_gemm(const float *x, const uint8_t *w, int qtype, const float *bias, const float *res, float *y,
                       int M, int N, int K, int nthreads, const float *norm_weight, float eps, int silu_mul) {
     const int bb = block_bytes(qtype);
-    if (!bb || K % QK || M < 1 || N < 1) return 2;
+    if ((qtype != Q4_0 && qtype != Q4_1 && qtype != Q8_0) || K % QK || M < 1 || N < 1) return 2;
     if (silu_mul && (res || M > SILU_MAX_ROWS || N % 2)) return 2;
     const size_t row_bytes = (size_t)(K / QK) * bb;
     float *xn = NULL;
@@ -274,572 +207,283 @@ int tgi_nb_quant_gemm(const float *x, const uint8_t *w, int qtype, const float *
     return 0;
 }
 
-/* Dequantize rows of w ([N rows of K / 32 blocks]) to float32: row rows[i] into out[i] for i < count, or every
-   row (count = N) when rows is NULL. For an embedding lookup (a few ids) and for the prefill path, which
-   dequantizes one layer into a scratch buffer and hands it to oneDNN. Returns 0, or 2 for a bad type, K or
-   row id. */
+/* Dequantize rows of w (N rows of K / block_weights blocks of any type) to float32: row rows[i] into out[i] for
+   i < count, or every row (count = N) when rows is NULL. For an embedding lookup (a few ids) and for the prefill
+   path, which dequantizes one layer into a scratch buffer and hands it to oneDNN. Returns 0, or 2 for a bad type,
+   K or row id. */
 int tgi_nb_dequantize(const uint8_t *w, int qtype, int N, int K, const int64_t *rows, int count, float *out,
                       int nthreads) {
-    const int bb = block_bytes(qtype);
-    if (!bb || K % QK) return 2;
+    const int bb = block_bytes(qtype), bw = block_weights(qtype);
+    if (!bb || K % bw) return 2;
     if (rows)
         for (int i = 0; i < count; i++)
             if (rows[i] < 0 || rows[i] >= N) return 2;
-    const size_t row_bytes = (size_t)(K / QK) * bb;
+    const size_t row_bytes = (size_t)(K / bw) * bb;
     const int total = rows ? count : N;
+    const int vector = qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (total > 16)
     for (int i = 0; i < total; i++) {
         const uint8_t *src = w + (size_t)(rows ? rows[i] : i) * row_bytes;
         float *dst = out + (size_t)i * K;
-        for (int b = 0; b < K / QK; b++) {
-            vf v[NVB];
-            dequant_block(src + (size_t)b * bb, qtype, v);
-            memcpy(dst + (size_t)b * QK, v, sizeof v);
+        for (int b = 0; b < K / bw; b++) {
+            if (vector) {
+                vf v[NVB];
+                dequant_block(src + (size_t)b * bb, qtype, v);
+                memcpy(dst + (size_t)b * QK, v, sizeof v);
+            } else {
+                dequant_block_ref(qtype, src + (size_t)b * bb, dst + (size_t)b * bw);
+            }
         }
     }
     return 0;
 }
 
 /* ------------------------------------------------------------------------------------------------------------
-   The "rows16" layout: the same blocks, regrouped once at load (tgi_nb/models/quant.py, QuantizedTensor.to_layout)
-   so that vector lanes are weight rows. Rows go 16 to a group (the last group padded with zero blocks); each group
-   holds, for each block of 32 columns in order:
-     d[16]   the 16 rows' fp16 scales,
-     m[16]   their fp16 mins (Q4_1 only),
-     quants  Q4_0 / Q4_1: 4 chunks of 16 uint32: chunk c, lane j = bytes 4c..4c+3 of row j's 16 nibble bytes
-             (byte s: low nibble = column 4c+s, high nibble = column 4c+s+16, as GGML stores them);
-             Q8_0: 8 chunks of 16 uint32: chunk c, lane j = row j's int8 quants of columns 4c..4c+3.
-   The bytes are GGML's, only moved (Q4_1: 16 x 20 = 32 + 32 + 256 per group and block).
+   The "rows16" layout: the same blocks, regrouped once at load (tgi_nb/models/quant_layouts.py) so that vector
+   lanes are weight rows. Rows go 16 to a group (the last group padded with zero blocks); each group holds, for each
+   block of 32 (or 256) columns in order, the block's fields (quant_types.h) one after the other, each with the 16
+   rows' units side by side: fp16 values (d, m, dmin) as 16 halves, quants and packed scales as chunks of 16
+   uint32, chunk c lane j = bytes 4c..4c+3 of row j's field. E.g. Q4_1: d[16], m[16], then 4 chunks of nibbles
+   (byte s of chunk c: low nibble = column 4c+s, high = column 4c+s+16, as GGML stores them): 32 + 32 + 256 bytes
+   per group and block, GGML's bytes only moved.
 
    A chunk loaded as uint32 lanes gives, after a shift and a mask, one column of 16 rows per byte: no per-row
-   unpacking, no horizontal sums, one fp16 conversion per 16 scales. The scales come out of the block sum,
-       sum_k (d q_k + m) x_k = d * sum_k q_k x_k + m * sum_k x_k,
-   with sum_k x_k per row of x and block computed once per call: about half the instructions per weight of the
-   per-row kernel above, which decode at one token was bound by. Mathematically the same sum; only the rounding
-   differs (the "exact" numerics: no activation is quantized). Threads take contiguous ranges of groups, and every
-   output is summed by one thread in the same order whatever the thread count or the other rows of x. */
-#define GROUP 16
-#define NL (GROUP / VW)          /* vectors per group of rows */
-#if defined(__AVX512F__)
-#define MR 8                     /* rows of x per tile: MR * 2 sums + 5 temporaries of 32 vector registers */
-#else
-#define MR 2
-#endif
+   unpacking, no horizontal sums, one fp16 conversion per 16 scales; scales and mins apply once per (sub-)block
+   (quant_rows16.h has the arithmetic of both numerics).
 
-typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+   A weight is passed as a table of row segments, (address, GGML type, rows) as int64 each, stacked in that order
+   (a fused q|k|v whose v is Q6_K and q, k Q4_K; one segment for a plain weight). Each segment is rows16 on its
+   own (its last group padded); segment i's rows are the output columns after those of the segments before it. */
 
-/* 16 fp16 values into NL vectors. */
-static inline void load_halves(const uint8_t *p, vf out[NL]) {
-#if defined(__AVX512F__)
-    out[0] = (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-#elif defined(__F16C__)
-    for (int l = 0; l < NL; l++) out[l] = (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * l)));
-#else
-    for (int l = 0; l < NL; l++)
-        for (int i = 0; i < VW; i++) out[l][i] = half_to_float(p + 2 * (l * VW + i));
-#endif
+typedef struct {
+    const uint8_t *w;   /* the group's first block, NULL when there is none */
+    int qtype, col, valid;
+} group_ref;
+
+static inline size_t group_bytes(int qtype, int K) {
+    return (size_t)GROUP * (K / block_weights(qtype)) * block_bytes(qtype);
 }
 
-/* One group of w (16 rows) against MM rows of x (MM constant where inlined): acc[i][l] = the 16 sums of row i. */
-static inline __attribute__((always_inline)) void group_tile(int qtype, const uint8_t *g, int blocks,
-                                                             const float *x, const float *sx, int K, int MM,
-                                                             vf acc[MR][NL]) {
-    const size_t gb = (size_t)GROUP * block_bytes(qtype);
-    for (int i = 0; i < MM; i++)
-        for (int l = 0; l < NL; l++) acc[i][l] = splat(0);
-    for (int b = 0; b < blocks; b++) {
-        const uint8_t *blk = g + (size_t)b * gb;
+/* N = the segments' rows, each a known type whose blocks tile K. */
+static int segments_valid(const int64_t *segs, int nseg, int K, int N) {
+    int64_t total = 0;
+    if (nseg < 1) return 0;
+    for (int i = 0; i < nseg; i++) {
+        const int qtype = (int)segs[3 * i + 1];
+        if (!segs[3 * i] || !block_bytes(qtype) || K % block_weights(qtype) || segs[3 * i + 2] < 1) return 0;
+        total += segs[3 * i + 2];
+    }
+    return total == N;
+}
+
+static int segment_groups(const int64_t *segs, int nseg) {
+    int groups = 0;
+    for (int i = 0; i < nseg; i++) groups += (int)((segs[3 * i + 2] + GROUP - 1) / GROUP);
+    return groups;
+}
+
+/* The g-th group counting through every segment. */
+static inline group_ref nth_group(const int64_t *segs, int nseg, int K, int g) {
+    int col = 0;
+    for (int i = 0; i < nseg; i++) {
+        const int qtype = (int)segs[3 * i + 1], rows = (int)segs[3 * i + 2], n = (rows + GROUP - 1) / GROUP;
+        if (g < n)
+            return (group_ref){(const uint8_t *)(intptr_t)segs[3 * i] + (size_t)g * group_bytes(qtype, K), qtype,
+                               col + g * GROUP, rows - g * GROUP < GROUP ? rows - g * GROUP : GROUP};
+        g -= n;
+        col += rows;
+    }
+    return (group_ref){NULL, 0, 0, 0};
+}
+
+/* The group whose first row is output row `row` (w NULL when no group starts there). */
+static inline group_ref group_at_row(const int64_t *segs, int nseg, int K, int row) {
+    int col = 0;
+    for (int i = 0; i < nseg; i++) {
+        const int qtype = (int)segs[3 * i + 1], rows = (int)segs[3 * i + 2];
+        if (row < col + rows) {
+            const int r = row - col;
+            if (r % GROUP) break;
+            return (group_ref){(const uint8_t *)(intptr_t)segs[3 * i] + (size_t)(r / GROUP) * group_bytes(qtype, K),
+                               qtype, row, rows - r < GROUP ? rows - r : GROUP};
+        }
+        col += rows;
+    }
+    return (group_ref){NULL, 0, 0, 0};
+}
+
+/* A fused [gate; up] weight of 2 I rows works group by group when every 16 rows of gate and the 16 up rows they
+   pair with start a group (one segment with I % 16 == 0, or gate and up as segments of their own). */
+static int gated_valid(const int64_t *segs, int nseg, int K, int I) {
+    for (int n = 0; n < I; n += GROUP) {
+        const int width = I - n < GROUP ? I - n : GROUP;
+        const group_ref gate = group_at_row(segs, nseg, K, n), up = group_at_row(segs, nseg, K, I + n);
+        if (!gate.w || !up.w || gate.valid < width || up.valid < width) return 0;
+    }
+    return 1;
+}
+
+/* 1: some segment is a 32-weight type (fast numerics: x as Q8_0), 2: some is a K-quant (x as Q8_K). */
+static int segment_families(const int64_t *segs, int nseg) {
+    int families = 0;
+    for (int i = 0; i < nseg; i++) families |= is_k((int)segs[3 * i + 1]) ? 2 : 1;
+    return families;
+}
+
+/* sx[b] = the sum of block b of a row of x, in column order: the factor of a block's min (or Q4_0's -8 d) in the
+   exact products. */
+static void block_sums(const float *x, int K, float *sx) {
+    for (int b = 0; b < K / QK; b++) {
         const float *xb = x + (size_t)b * QK;
-        vf part[MR][NL];
-        for (int i = 0; i < MM; i++)
-            for (int l = 0; l < NL; l++) part[i][l] = splat(0);
-        if (qtype == Q8_0) {
-            const uint8_t *qs = blk + 2 * GROUP;
-            for (int c = 0; c < 8; c++)
-                for (int l = 0; l < NL; l++) {
-                    vu v;
-                    memcpy(&v, qs + (size_t)(c * GROUP + l * VW) * 4, sizeof v);
-                    for (int s = 0; s < 4; s++) {
-                        const vf q = __builtin_convertvector((vi)(v << (24 - 8 * s)) >> 24, vf);
-                        for (int i = 0; i < MM; i++) part[i][l] = fmadd(q, splat(xb[(size_t)i * K + 4 * c + s]), part[i][l]);
-                    }
-                }
-        } else {
-            const uint8_t *qs = blk + (qtype == Q4_1 ? 4 : 2) * GROUP;
-            for (int c = 0; c < 4; c++)
-                for (int l = 0; l < NL; l++) {
-                    vu v;
-                    memcpy(&v, qs + (size_t)(c * GROUP + l * VW) * 4, sizeof v);
-                    for (int s = 0; s < 4; s++) {
-                        const vf lo = __builtin_convertvector((vi)((v >> (8 * s)) & 15), vf);
-                        const vf hi = __builtin_convertvector((vi)((v >> (8 * s + 4)) & 15), vf);
-                        for (int i = 0; i < MM; i++) {
-                            const float *xr = xb + (size_t)i * K + 4 * c + s;
-                            part[i][l] = fmadd(lo, splat(xr[0]), part[i][l]);
-                            part[i][l] = fmadd(hi, splat(xr[16]), part[i][l]);
-                        }
-                    }
-                }
-        }
-        vf d[NL], m[NL];
-        load_halves(blk, d);
-        if (qtype == Q4_1) load_halves(blk + 2 * GROUP, m);
-        for (int l = 0; l < NL; l++)
-            if (qtype == Q4_0) m[l] = d[l] * -8.0f;      /* d (q - 8) = d q + (-8 d), -8 d exact */
-        for (int i = 0; i < MM; i++)
-            for (int l = 0; l < NL; l++) {
-                acc[i][l] = fmadd(d[l], part[i][l], acc[i][l]);
-                if (qtype != Q8_0) acc[i][l] = fmadd(m[l], splat(sx[(size_t)i * blocks + b]), acc[i][l]);
-            }
+        float s = 0;
+        for (int k = 0; k < QK; k++) s += xb[k];
+        sx[b] = s;
     }
 }
 
-/* Row i of acc to row m of y, columns col..col+valid-1, with bias / residual (offset like y). */
-static inline void store_group(const vf acc[NL], int valid, float *y, int ldy, int m, int col, const float *bias,
-                               const float *res) {
-    float v[GROUP];
-    memcpy(v, acc, sizeof v);
-    float *yr = y + (size_t)m * ldy + col;
-    const float *rr = res ? res + (size_t)m * ldy + col : NULL;
-    for (int j = 0; j < valid; j++) yr[j] = v[j] + (bias ? bias[col + j] : 0.0f) + (rr ? rr[j] : 0.0f);
-}
-
-/* The rows of x go in tiles of 8, 4, 2 and 1 (AVX-512) or 2 and 1: TILE(T) is instantiated with each constant T, so
-   a tile's sums stay in registers; a row's arithmetic is the same in every tile size. */
-#if MR >= 8
-#define ROW_TILES(TILE) TILE(8) TILE(4) TILE(2) TILE(1)
-#else
-#define ROW_TILES(TILE) TILE(2) TILE(1)
-#endif
-
-/* Group g of w (rows 16 g .. 16 g + valid - 1) against all M rows of x, into columns col.. of y. */
-static inline __attribute__((always_inline)) void group_rows_of(
-        int qtype, const uint8_t *wg, int blocks, const float *x, const float *sx, int M, int K, int valid,
-        float *y, int ldy, int col, const float *bias, const float *res) {
-    vf acc[MR][NL];
-    int m = 0;
-#define TILE(T)                                                                                       \
-    for (; m + (T) <= M; m += (T)) {                                                                  \
-        group_tile(qtype, wg, blocks, x + (size_t)m * K, sx + (size_t)m * blocks, K, (T), acc);       \
-        for (int i = 0; i < (T); i++) store_group(acc[i], valid, y, ldy, m + i, col, bias, res);       \
+/* Scratch for a product's input of M rows: xn (the normalized x, when there is a norm), its block sums and, with
+   the fast numerics, x quantized for the families asked for. One allocation (floats and int32 first, then the
+   int8 quants: each part aligned to its type); free(in->... ) is free(*base). */
+static int input_alloc(int M, int K, int norm, int fast, int families, float **xn, xin_t *in, void **base) {
+    const size_t mk = (size_t)M * K, mb = (size_t)M * (K / QK);
+    const int q8 = fast && (families & 1), q8k = fast && (families & 2);
+    const size_t words = (norm ? mk : 0) + mb + (q8 ? 2 * mb : 0) + (q8k ? (size_t)M * (K / QKK) + (size_t)M * (K / 16) : 0);
+    char *mem = malloc(4 * words + (q8 ? mk : 0) + (q8k ? mk : 0) + 1);
+    if (!mem) return 1;
+    float *f = (float *)mem;
+    *xn = norm ? f : NULL;
+    f += norm ? mk : 0;
+    *in = (xin_t){0};
+    in->sx = f;
+    f += mb;
+    if (q8) {
+        in->d = f;
+        in->s = (const int32_t *)(f + mb);
+        f += 2 * mb;
     }
-    ROW_TILES(TILE)
-#undef TILE
-}
-
-static void group_rows(int qtype, const uint8_t *wg, int blocks, const float *x, const float *sx, int M, int K,
-                       int valid, float *y, int ldy, int col, const float *bias, const float *res) {
-    switch (qtype) {
-    case Q4_0: group_rows_of(Q4_0, wg, blocks, x, sx, M, K, valid, y, ldy, col, bias, res); break;
-    case Q4_1: group_rows_of(Q4_1, wg, blocks, x, sx, M, K, valid, y, ldy, col, bias, res); break;
-    default: group_rows_of(Q8_0, wg, blocks, x, sx, M, K, valid, y, ldy, col, bias, res); break;
+    if (q8k) {
+        in->dk = f;
+        in->sk = (const int32_t *)(f + (size_t)M * (K / QKK));
+        f += (size_t)M * (K / QKK) + (size_t)M * (K / 16);
     }
-}
-
-/* sx[i * K/32 + b] = the sum of block b of row i of x, in column order: the factor of a block's min (or Q4_0's
-   -8 d) in the rows16 products. */
-static void block_sums(const float *x, int M, int K, float *sx) {
-    const int blocks = K / QK;
-    for (int i = 0; i < M; i++)
-        for (int b = 0; b < blocks; b++) {
-            const float *xb = x + (size_t)i * K + (size_t)b * QK;
-            float s = 0;
-            for (int k = 0; k < QK; k++) s += xb[k];
-            sx[(size_t)i * blocks + b] = s;
-        }
-}
-
-/* tgi_nb_quant_gemm's contract (the same fusions and return codes) for w in the rows16 layout: N rows in
-   ceil(N / 16) groups. With silu_mul, N / 2 must be a multiple of 16 (the up half starts on a group). */
-int tgi_nb_quant_gemm_rows16(const float *x, const uint8_t *w, int qtype, const float *bias, const float *res,
-                             float *y, int M, int N, int K, int nthreads, const float *norm_weight, float eps,
-                             int silu_mul) {
-    const int bb = block_bytes(qtype);
-    if (!bb || K % QK || M < 1 || N < 1) return 2;
-    if (silu_mul && (res || M > SILU_MAX_ROWS || N % (2 * GROUP))) return 2;
-    const int blocks = K / QK, groups = (N + GROUP - 1) / GROUP;
-    const size_t group_bytes = (size_t)blocks * GROUP * bb;
-    float *scratch = malloc(sizeof(float) * ((norm_weight ? (size_t)M * K : 0) + (size_t)M * blocks));
-    if (!scratch) return 1;
-    float *sx = scratch;
-    if (norm_weight) {
-        float *xn = scratch + (size_t)M * blocks;
-        rms_norm_rows(x, norm_weight, eps, M, K, xn);
-        x = xn;
+    int8_t *q = (int8_t *)f;
+    if (q8) {
+        in->q = q;
+        q += mk;
     }
-    block_sums(x, M, K, sx);
-    if (!silu_mul) {
-        #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int g = 0; g < groups; g++) {
-            const int n = g * GROUP, valid = N - n < GROUP ? N - n : GROUP;
-            group_rows(qtype, w + (size_t)g * group_bytes, blocks, x, sx, M, K, valid, y, N, n, bias, res);
-        }
-    } else {
-        const int I = N / 2, half = I / GROUP;
-        #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int g = 0; g < half; g++) {
-            float gate[SILU_MAX_ROWS * GROUP], up[SILU_MAX_ROWS * GROUP];
-            const int n = g * GROUP;
-            group_rows(qtype, w + (size_t)g * group_bytes, blocks, x, sx, M, K, GROUP, gate, GROUP, 0,
-                       bias ? bias + n : NULL, NULL);
-            group_rows(qtype, w + (size_t)(g + half) * group_bytes, blocks, x, sx, M, K, GROUP, up, GROUP, 0,
-                       bias ? bias + I + n : NULL, NULL);
-            silu_mul_rows(gate, up, GROUP, M, GROUP, y + n, I);
-        }
-    }
-    free(scratch);
+    if (q8k) in->qk = q;
+    *base = mem;
     return 0;
 }
 
-/* tgi_nb_dequantize for w in the rows16 layout: bit-equal to the GGML layout's values. */
+/* Row i of a product's input from row i of x: xn row = RMSNorm(x row) when norm is given (in->x points at xn),
+   its block sums, and the quants the numerics need. Rows are independent: callers split them among threads. */
+static void input_row(const float *x, const float *norm, float eps, int K, int i, int fast, const xin_t *in) {
+    const float *xr = x + (size_t)i * K;
+    if (norm) {
+        rms_norm_rows(xr, norm, eps, 1, K, (float *)in->x + (size_t)i * K);
+        xr = in->x + (size_t)i * K;
+    }
+    block_sums(xr, K, (float *)in->sx + (size_t)i * (K / QK));
+    if (fast && in->q)
+        quantize_rows_q8(xr, 1, K, (int8_t *)in->q + (size_t)i * K, (float *)in->d + (size_t)i * (K / QK),
+                         (int32_t *)in->s + (size_t)i * (K / QK));
+    if (fast && in->qk)
+        quantize_rows_q8k(xr, 1, K, (int8_t *)in->qk + (size_t)i * K, (float *)in->dk + (size_t)i * (K / QKK),
+                          (int32_t *)in->sk + (size_t)i * (K / 16));
+}
+
+/* The groups of a weight's segments split among the threads of the enclosing parallel region (omp for): y (+)= x
+   @ w^T, y with row stride N. */
+static void segments_product(const int64_t *segs, int nseg, int N, int K, const xin_t *in, int fast, int M, float *y,
+                             const float *bias, const float *res) {
+    const int groups = segment_groups(segs, nseg);
+    #pragma omp for schedule(static)
+    for (int g = 0; g < groups; g++) {
+        const group_ref r = nth_group(segs, nseg, K, g);
+        group_rows(r.qtype, fast, r.w, K, in, M, r.valid, y, N, r.col, bias, res);
+    }
+}
+
+/* silu(x @ gate^T) * (x @ up^T) into y [M, I] for a fused [gate; up] weight that gated_valid accepts (omp for). */
+static void segments_gated(const int64_t *segs, int nseg, int I, int K, const xin_t *in, int fast, int M, float *y,
+                           const float *bias) {
+    const int groups = (I + GROUP - 1) / GROUP;
+    #pragma omp for schedule(static)
+    for (int g = 0; g < groups; g++) {
+        float gate[SILU_MAX_ROWS * GROUP], up[SILU_MAX_ROWS * GROUP];
+        const int n = g * GROUP, width = I - n < GROUP ? I - n : GROUP;
+        const group_ref a = group_at_row(segs, nseg, K, n), b = group_at_row(segs, nseg, K, I + n);
+        group_rows(a.qtype, fast, a.w, K, in, M, width, gate, GROUP, 0, bias ? bias + n : NULL, NULL);
+        group_rows(b.qtype, fast, b.w, K, in, M, width, up, GROUP, 0, bias ? bias + I + n : NULL, NULL);
+        silu_mul_rows(gate, up, GROUP, M, width, y + n, I);
+    }
+}
+
+static int rows16_gemm(const float *x, const int64_t *segs, int nseg, const float *bias, const float *res, float *y,
+                       int M, int N, int K, int nthreads, const float *norm_weight, float eps, int silu_mul, int fast) {
+    if (K % QK || M < 1 || N < 1 || !segments_valid(segs, nseg, K, N)) return 2;
+    if (silu_mul && (res || M > SILU_MAX_ROWS || N % 2 || !gated_valid(segs, nseg, K, N / 2))) return 2;
+    float *xn;
+    xin_t in;
+    void *base;
+    if (input_alloc(M, K, norm_weight != NULL, fast, segment_families(segs, nseg), &xn, &in, &base)) return 1;
+    in.x = norm_weight ? xn : x;
+    /* Rows are independent: threads once the rows outweigh the start-up (about 0.5 ns an element, a few us). */
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if ((size_t)M * K >= 8192)
+    for (int i = 0; i < M; i++) input_row(x, norm_weight, eps, K, i, fast, &in);
+    #pragma omp parallel num_threads(nthreads)
+    {
+        if (silu_mul) segments_gated(segs, nseg, N / 2, K, &in, fast, M, y, bias);
+        else segments_product(segs, nseg, N, K, &in, fast, M, y, bias, res);
+    }
+    free(base);
+    return 0;
+}
+
+/* tgi_nb_quant_gemm's contract (the same fusions and return codes) for w in the rows16 layout as a segment table
+   (segs: nseg rows of (address, GGML type, rows), N rows in all), exact numerics. With silu_mul each 16 rows of
+   gate and the up rows they pair with must start a group (gated_valid). */
+int tgi_nb_quant_gemm_rows16(const float *x, const int64_t *segs, int nseg, const float *bias, const float *res,
+                             float *y, int M, int N, int K, int nthreads, const float *norm_weight, float eps,
+                             int silu_mul) {
+    return rows16_gemm(x, segs, nseg, bias, res, y, M, N, K, nthreads, norm_weight, eps, silu_mul, 0);
+}
+
+/* The same with the fast numerics: x (after the norm) quantized to int8 (Q8_0 per 32 for the 32-weight types,
+   Q8_K per 256 for the K-quants), integer dot products. Any M >= 1 without silu_mul (M <= 64 with it, whose scratch
+   is on the stack). */
+int tgi_nb_quant_gemm_rows16_q8(const float *x, const int64_t *segs, int nseg, const float *bias, const float *res,
+                                float *y, int M, int N, int K, int nthreads, const float *norm_weight, float eps,
+                                int silu_mul) {
+    return rows16_gemm(x, segs, nseg, bias, res, y, M, N, K, nthreads, norm_weight, eps, silu_mul, 1);
+}
+
+/* tgi_nb_dequantize for w in the rows16 layout (one type): bit-equal to the GGML layout's values. */
 int tgi_nb_dequantize_rows16(const uint8_t *w, int qtype, int N, int K, const int64_t *rows, int count,
                              float *out, int nthreads) {
-    const int bb = block_bytes(qtype);
-    if (!bb || K % QK) return 2;
+    const int bb = block_bytes(qtype), bw = block_weights(qtype);
+    if (!bb || K % bw) return 2;
     if (rows)
         for (int i = 0; i < count; i++)
             if (rows[i] < 0 || rows[i] >= N) return 2;
-    const int blocks = K / QK, total = rows ? count : N;
-    const size_t group_bytes = (size_t)blocks * GROUP * bb;
+    const int blocks = K / bw, total = rows ? count : N;
+    const size_t gbytes = group_bytes(qtype, K);
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (total > 16)
     for (int i = 0; i < total; i++) {
         const int64_t r = rows ? rows[i] : i;
-        const int j = (int)(r % GROUP);
-        const uint8_t *g = w + (size_t)(r / GROUP) * group_bytes;
-        float *dst = out + (size_t)i * K;
+        const uint8_t *g = w + (size_t)(r / GROUP) * gbytes;
         for (int b = 0; b < blocks; b++) {
-            const uint8_t *blk = g + (size_t)b * GROUP * bb;
-            const float d = half_to_float(blk + 2 * j);
-            float *o = dst + (size_t)b * QK;
-            if (qtype == Q8_0) {
-                for (int c = 0; c < 8; c++)
-                    for (int s = 0; s < 4; s++)
-                        o[4 * c + s] = d * (float)(int8_t)blk[2 * GROUP + (c * GROUP + j) * 4 + s];
-                continue;
-            }
-            const float m = qtype == Q4_1 ? half_to_float(blk + 2 * GROUP + 2 * j) : 0.0f;
-            const uint8_t *qs = blk + (qtype == Q4_1 ? 4 : 2) * GROUP;
-            for (int c = 0; c < 4; c++)
-                for (int s = 0; s < 4; s++) {
-                    const uint8_t byte = qs[(c * GROUP + j) * 4 + s];
-                    if (qtype == Q4_1) {
-                        o[4 * c + s] = fmaf(d, (float)(byte & 15), m);      /* d * q exact: as gguf's d * q + m */
-                        o[4 * c + s + 16] = fmaf(d, (float)(byte >> 4), m);
-                    } else {
-                        o[4 * c + s] = d * (float)((byte & 15) - 8);
-                        o[4 * c + s + 16] = d * (float)((byte >> 4) - 8);
-                    }
-                }
-        }
-    }
-    return 0;
-}
-
-/* ------------------------------------------------------------------------------------------------------------
-   The "fast" numerics (llama.cpp's): each row of x is quantized per block of 32 to int8 with a float scale, as
-   llama.cpp's quantize_row_q8_0 does (x ~ d_x * q_x), and every block's product becomes an integer dot product
-   of weight quants and activation quants, scaled once per block:
-     Q4_0: d_w d_x (sum q_w q_x - 8 sum q_x)   (q_w the unsigned nibble)
-     Q4_1: d_w d_x sum q_w q_x + m_w sum x     (the float sum of the block of x; llama.cpp's q8_1: d_x sum q_x)
-     Q8_0: d_w d_x sum q_w q_x
-   One instruction (VNNI's dpbusd) takes 4 bytes of 16 weight rows against 4 activation bytes: a block of 16 rows
-   is 8 instructions per row of x where the float kernel above spends 64 conversions and FMAs. The integer sums
-   are exact and d_w d_x (two fp16 values) is exact in float32, so each block's term rounds once, in the FMA that
-   adds it to the row's float sum; sums run in block order whatever M, the tile or the thread.
-   The cost is the activations' quantization error (about 0.5 / 127 of each block's largest value per element),
-   which llama.cpp accepts on every CPU. */
-#if defined(__AVX512VNNI__) && VW == 16
-#define Q8_OFFSET 128       /* dpbusd takes the weights unsigned: Q8_0 quants go in as w + 128 */
-#else
-#define Q8_OFFSET 0
-#endif
-
-/* f rounded to fp16 (nearest, ties to even, as numpy's astype(float16)) and back: llama.cpp keeps the activation
-   scale as fp16, and gguf's quantizer with it, so the tests compare xd bit for bit. */
-static inline float half_round(float f) {
-#if defined(__F16C__)
-    return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
-#else
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    const uint32_t sign = (b >> 16) & 0x8000u, a = b & 0x7fffffffu;
-    uint32_t h;
-    if (a >= 0x7f800000u) h = a > 0x7f800000u ? 0x7e00u : 0x7c00u;
-    else if (a >= 0x47800000u) h = 0x7c00u;                         /* >= 65536: inf */
-    else if (a >= 0x38800000u) {                                   /* normal half; a carry may reach inf, rightly */
-        h = (a - 0x38000000u) >> 13;
-        const uint32_t rem = a & 0x1fffu;
-        h += rem > 0x1000u || (rem == 0x1000u && (h & 1));
-    } else if (a < 0x33000000u) h = 0;                              /* under 2^-25: rounds to zero */
-    else {                                                         /* subnormal half: units of 2^-24 */
-        const int shift = 126 - (int)(a >> 23);
-        const uint32_t mant = (a & 0x7fffffu) | 0x800000u, rem = mant & ((1u << shift) - 1), tie = 1u << (shift - 1);
-        h = mant >> shift;
-        h += rem > tie || (rem == tie && (h & 1));
-    }
-    const uint8_t bytes[2] = {(uint8_t)((sign | h) & 0xff), (uint8_t)((sign | h) >> 8)};
-    return half_to_float(bytes);
-#endif
-}
-
-/* Quantize M rows of K floats (K % 32 == 0) per block of 32 as llama.cpp's quantize_row_q8_0 does:
-   d = amax / 127, q = round(x / d) (0 when amax == 0), xq [M, K] int8, xd [M, K/32] float (d), xs [M, K/32] int32
-   (sum of q). Bit for bit gguf's Python quantizer: q = roundf(x * (1 / d)) with d in float32 (half away from
-   zero), then d rounded to fp16. no-reciprocal-math: -ffast-math would turn amax / 127 into amax * (1 / 127.f),
-   which differs in the last bit for some amax. */
-__attribute__((optimize("no-reciprocal-math")))
-static void quantize_rows_q8(const float *x, int M, int K, int8_t *xq, float *xd, int32_t *xs) {
-    const int blocks = K / QK;
-    for (int i = 0; i < M; i++)
-        for (int b = 0; b < blocks; b++) {
-            const size_t o = (size_t)i * K + (size_t)b * QK;
-            float amax = 0;
-            for (int k = 0; k < QK; k++) amax = fmaxf(amax, fabsf(x[o + k]));
-            const float d = amax / 127, id = d != 0 ? 1.0f / d : 0.0f;
-            int32_t s = 0;
-            for (int k = 0; k < QK; k++) {
-                const float v = x[o + k] * id, a = fabsf(v), f = floorf(a);
-                const int q = (int)f + (a - f >= 0.5f);
-                const int sq = v < 0 ? -q : q;
-                xq[o + k] = (int8_t)sq;
-                s += sq;
-            }
-            xd[(size_t)i * blocks + b] = half_round(d);
-            xs[(size_t)i * blocks + b] = s;
-        }
-}
-
-static inline int32_t load_i32(const int8_t *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
-/* The integer dot products of one block of a group (quants at qs) with MM rows of quantized x (row i of the
-   block at xb + i * K): isum[i][l] = lanes l * VW .. of sum_k q_w[k] q_x[k], Q8_0 weights offset by Q8_OFFSET. */
-static inline __attribute__((always_inline)) void block_dots(int qtype, const uint8_t *qs, const int8_t *xb, int K,
-                                                             int MM, vi isum[MR][NL]) {
-#if defined(__AVX512VNNI__) && VW == 16
-    for (int i = 0; i < MM; i++) isum[i][0] = (vi)_mm512_setzero_si512();
-    if (qtype == Q8_0) {
-        for (int c = 0; c < 8; c++) {
-            const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(qs + c * 64), _mm512_set1_epi32((int)0x80808080u));
-            for (int i = 0; i < MM; i++)
-                isum[i][0] = (vi)_mm512_dpbusd_epi32((__m512i)isum[i][0], w,
-                                                     _mm512_set1_epi32(load_i32(xb + (size_t)i * K + 4 * c)));
-        }
-    } else {
-        const __m512i low = _mm512_set1_epi8(0x0f);
-        for (int c = 0; c < 4; c++) {
-            const __m512i v = _mm512_loadu_si512(qs + c * 64);
-            const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), low);
-            for (int i = 0; i < MM; i++) {
-                const int8_t *xr = xb + (size_t)i * K + 4 * c;
-                isum[i][0] = (vi)_mm512_dpbusd_epi32((__m512i)isum[i][0], lo, _mm512_set1_epi32(load_i32(xr)));
-                isum[i][0] = (vi)_mm512_dpbusd_epi32((__m512i)isum[i][0], hi, _mm512_set1_epi32(load_i32(xr + 16)));
+            uint8_t blk[256];
+            gather_block(qtype, g + (size_t)b * GROUP * bb, (int)(r % GROUP), blk);
+            if (qtype == Q4_0 || qtype == Q4_1 || qtype == Q8_0) {
+                vf v[NVB];
+                dequant_block(blk, qtype, v);
+                memcpy(out + (size_t)i * K + (size_t)b * bw, v, sizeof v);
+            } else {
+                dequant_block_ref(qtype, blk, out + (size_t)i * K + (size_t)b * bw);
             }
         }
     }
-#elif defined(__AVX512BW__) && VW == 16
-    /* maddubs: u8 x s8 pairs summed into saturating int16, then madd with ones into int32. */
-    const __m512i ones = _mm512_set1_epi16(1);
-    if (qtype == Q8_0) {
-        /* llama.cpp's sign trick: |w| (-128 -> 128 as u8) against x negated where w < 0, so a pair is at most
-           2 * 128 * 127 = 32512 and never saturates. Each chunk's pairs go to int32 at once (two would not fit). */
-        for (int i = 0; i < MM; i++) isum[i][0] = (vi)_mm512_setzero_si512();
-        for (int c = 0; c < 8; c++) {
-            const __m512i w = _mm512_loadu_si512(qs + c * 64), aw = _mm512_abs_epi8(w);
-            const __mmask64 neg = _mm512_movepi8_mask(w);
-            for (int i = 0; i < MM; i++) {
-                const __m512i xv = _mm512_set1_epi32(load_i32(xb + (size_t)i * K + 4 * c));
-                const __m512i xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
-                isum[i][0] = (vi)_mm512_add_epi32((__m512i)isum[i][0],
-                                                  _mm512_madd_epi16(_mm512_maddubs_epi16(aw, xs), ones));
-            }
-        }
-    } else {
-        /* Nibble pairs are at most 2 * 15 * 127 = 3810: the block's 8 pair sums stay in int16 (30480) and go to
-           int32 once. */
-        const __m512i low = _mm512_set1_epi8(0x0f);
-        __m512i s16[MR];
-        for (int i = 0; i < MM; i++) s16[i] = _mm512_setzero_si512();
-        for (int c = 0; c < 4; c++) {
-            const __m512i v = _mm512_loadu_si512(qs + c * 64);
-            const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi32(v, 4), low);
-            for (int i = 0; i < MM; i++) {
-                const int8_t *xr = xb + (size_t)i * K + 4 * c;
-                s16[i] = _mm512_add_epi16(s16[i], _mm512_maddubs_epi16(lo, _mm512_set1_epi32(load_i32(xr))));
-                s16[i] = _mm512_add_epi16(s16[i], _mm512_maddubs_epi16(hi, _mm512_set1_epi32(load_i32(xr + 16))));
-            }
-        }
-        for (int i = 0; i < MM; i++) isum[i][0] = (vi)_mm512_madd_epi16(s16[i], ones);
-    }
-#elif defined(__AVX2__) && VW == 8
-    /* As the AVX-512BW path above, 8 rows per vector: a chunk's 16 lanes are two vectors. */
-    const __m256i ones = _mm256_set1_epi16(1);
-    if (qtype == Q8_0) {
-        for (int i = 0; i < MM; i++)
-            for (int l = 0; l < NL; l++) isum[i][l] = (vi)_mm256_setzero_si256();
-        for (int c = 0; c < 8; c++)
-            for (int l = 0; l < NL; l++) {
-                const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + c * 64 + l * 32)), aw = _mm256_abs_epi8(w);
-                for (int i = 0; i < MM; i++) {
-                    const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb + (size_t)i * K + 4 * c)), w);
-                    isum[i][l] = (vi)_mm256_add_epi32((__m256i)isum[i][l],
-                                                      _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xs), ones));
-                }
-            }
-    } else {
-        const __m256i low = _mm256_set1_epi8(0x0f);
-        __m256i s16[MR][NL];
-        for (int i = 0; i < MM; i++)
-            for (int l = 0; l < NL; l++) s16[i][l] = _mm256_setzero_si256();
-        for (int c = 0; c < 4; c++)
-            for (int l = 0; l < NL; l++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + c * 64 + l * 32));
-                const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi32(v, 4), low);
-                for (int i = 0; i < MM; i++) {
-                    const int8_t *xr = xb + (size_t)i * K + 4 * c;
-                    s16[i][l] = _mm256_add_epi16(s16[i][l], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xr))));
-                    s16[i][l] = _mm256_add_epi16(s16[i][l],
-                                                 _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xr + 16))));
-                }
-            }
-        for (int i = 0; i < MM; i++)
-            for (int l = 0; l < NL; l++) isum[i][l] = (vi)_mm256_madd_epi16(s16[i][l], ones);
-    }
-#else
-    /* Plain int32 lanes: exact, and what the other paths must equal. */
-    for (int i = 0; i < MM; i++)
-        for (int l = 0; l < NL; l++) isum[i][l] = (vi){};
-    for (int c = 0; c < (qtype == Q8_0 ? 8 : 4); c++)
-        for (int l = 0; l < NL; l++) {
-            vu v;
-            memcpy(&v, qs + (size_t)(c * GROUP + l * VW) * 4, sizeof v);
-            for (int s = 0; s < 4; s++) {
-                if (qtype == Q8_0) {
-                    const vi q = (vi)(v << (24 - 8 * s)) >> 24;
-                    for (int i = 0; i < MM; i++) isum[i][l] += q * (int32_t)xb[(size_t)i * K + 4 * c + s];
-                } else {
-                    const vi lo = (vi)((v >> (8 * s)) & 15), hi = (vi)((v >> (8 * s + 4)) & 15);
-                    for (int i = 0; i < MM; i++) {
-                        const int8_t *xr = xb + (size_t)i * K + 4 * c + s;
-                        isum[i][l] += lo * (int32_t)xr[0] + hi * (int32_t)xr[16];
-                    }
-                }
-            }
-        }
-#endif
-}
-
-/* group_tile's work with quantized x: acc[i][l] = the 16 sums of row i (MM constant where inlined). */
-static inline __attribute__((always_inline)) void group_tile_q8(int qtype, const uint8_t *g, int blocks,
-                                                                const int8_t *xq, const float *xd, const int32_t *xs,
-                                                                int K, int MM, vf acc[MR][NL]) {
-    const size_t gb = (size_t)GROUP * block_bytes(qtype);
-    const int head = (qtype == Q4_1 ? 4 : 2) * GROUP;
-    for (int i = 0; i < MM; i++)
-        for (int l = 0; l < NL; l++) acc[i][l] = splat(0);
-    for (int b = 0; b < blocks; b++) {
-        const uint8_t *blk = g + (size_t)b * gb;
-        vi isum[MR][NL];
-        block_dots(qtype, blk + head, xq + (size_t)b * QK, K, MM, isum);
-        vf d[NL], m[NL];
-        load_halves(blk, d);
-        if (qtype == Q4_1) load_halves(blk + 2 * GROUP, m);
-        for (int i = 0; i < MM; i++) {
-            const size_t ib = (size_t)i * blocks + b;
-            const int32_t offset = qtype == Q4_0 ? 8 * xs[ib] : qtype == Q8_0 ? Q8_OFFSET * xs[ib] : 0;
-            const vf dx = splat(xd[ib]);
-            for (int l = 0; l < NL; l++) {
-                /* d_w d_x is exact (two fp16 values) and so is the integer sum as a float (|sum| < 2^21): the term
-                   rounds once, in the FMA. */
-                const vf dot = __builtin_convertvector(isum[i][l] - offset, vf);
-                acc[i][l] = fmadd(d[l] * dx, dot, acc[i][l]);
-                /* Q4_1's min term m * sum(x) with x as quantized (llama.cpp's q8_1 s = d_x sum q_x): the whole
-                   result is then exactly the weights times the quantized activations. With the float sum of x
-                   instead, the error measured 2.3x larger (it becomes sum (w - m)(x^ - x), |w - m| >> |w|). */
-                if (qtype == Q4_1) acc[i][l] = fmadd(m[l], splat(xd[ib] * (float)xs[ib]), acc[i][l]);
-            }
-        }
-    }
-}
-
-static inline __attribute__((always_inline)) void group_rows_q8_of(
-        int qtype, const uint8_t *wg, int blocks, const int8_t *xq, const float *xd, const int32_t *xs,
-        int M, int K, int valid, float *y, int ldy, int col, const float *bias, const float *res) {
-    vf acc[MR][NL];
-    int m = 0;
-#define TILE(T)                                                                                                 \
-    for (; m + (T) <= M; m += (T)) {                                                                            \
-        const size_t ib = (size_t)m * blocks;                                                                   \
-        group_tile_q8(qtype, wg, blocks, xq + (size_t)m * K, xd + ib, xs + ib, K, (T), acc);                      \
-        for (int i = 0; i < (T); i++) store_group(acc[i], valid, y, ldy, m + i, col, bias, res);                 \
-    }
-    ROW_TILES(TILE)
-#undef TILE
-}
-
-/* group_rows' contract (one group of 16 rows16 weight rows against all M rows of x, outputs to columns col.. of y
-   with bias / res like store_group) with x as quantize_rows_q8 made it. */
-static void group_rows_q8(int qtype, const uint8_t *wg, int blocks, const int8_t *xq, const float *xd,
-                          const int32_t *xs, int M, int K, int valid, float *y, int ldy, int col,
-                          const float *bias, const float *res) {
-    switch (qtype) {
-    case Q4_0: group_rows_q8_of(Q4_0, wg, blocks, xq, xd, xs, M, K, valid, y, ldy, col, bias, res); break;
-    case Q4_1: group_rows_q8_of(Q4_1, wg, blocks, xq, xd, xs, M, K, valid, y, ldy, col, bias, res); break;
-    default: group_rows_q8_of(Q8_0, wg, blocks, xq, xd, xs, M, K, valid, y, ldy, col, bias, res); break;
-    }
-}
-
-/* tgi_nb_quant_gemm_rows16's contract (same arguments, same fusions, same return codes) with the fast numerics:
-   x (after the norm) quantized by quantize_rows_q8, then group_rows_q8. Any M >= 1 without silu_mul (M <= 64
-   with it, whose scratch is on the stack). */
-int tgi_nb_quant_gemm_rows16_q8(const float *x, const uint8_t *w, int qtype, const float *bias, const float *res,
-                                float *y, int M, int N, int K, int nthreads, const float *norm_weight, float eps,
-                                int silu_mul) {
-    const int bb = block_bytes(qtype);
-    if (!bb || K % QK || M < 1 || N < 1) return 2;
-    if (silu_mul && (res || M > SILU_MAX_ROWS || N % (2 * GROUP))) return 2;
-    const int blocks = K / QK, groups = (N + GROUP - 1) / GROUP;
-    const size_t group_bytes = (size_t)blocks * GROUP * bb, mb = (size_t)M * blocks;
-    /* floats and int32 first, the int8 quants last: every part stays aligned to its type */
-    const size_t norm_floats = norm_weight ? (size_t)M * K : 0;
-    float *scratch = malloc(sizeof(float) * (norm_floats + 2 * mb) + (size_t)M * K);
-    if (!scratch) return 1;
-    float *xn = scratch, *xd = scratch + norm_floats;
-    int32_t *xs = (int32_t *)(xd + mb);
-    int8_t *xq = (int8_t *)(xs + mb);
-    /* Rows are independent: threads once the rows outweigh the start-up (about 0.5 ns an element, a few us). */
-    #pragma omp parallel for num_threads(nthreads) schedule(static) if ((size_t)M * K >= 8192)
-    for (int i = 0; i < M; i++) {
-        const float *xr = x + (size_t)i * K;
-        if (norm_weight) {
-            rms_norm_rows(xr, norm_weight, eps, 1, K, xn + (size_t)i * K);
-            xr = xn + (size_t)i * K;
-        }
-        quantize_rows_q8(xr, 1, K, xq + (size_t)i * K, xd + (size_t)i * blocks, xs + (size_t)i * blocks);
-    }
-    if (!silu_mul) {
-        #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int g = 0; g < groups; g++) {
-            const int n = g * GROUP, valid = N - n < GROUP ? N - n : GROUP;
-            group_rows_q8(qtype, w + (size_t)g * group_bytes, blocks, xq, xd, xs, M, K, valid, y, N, n, bias,
-                          res);
-        }
-    } else {
-        const int I = N / 2, half = I / GROUP;
-        #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int g = 0; g < half; g++) {
-            float gate[SILU_MAX_ROWS * GROUP], up[SILU_MAX_ROWS * GROUP];
-            const int n = g * GROUP;
-            group_rows_q8(qtype, w + (size_t)g * group_bytes, blocks, xq, xd, xs, M, K, GROUP, gate, GROUP, 0,
-                          bias ? bias + n : NULL, NULL);
-            group_rows_q8(qtype, w + (size_t)(g + half) * group_bytes, blocks, xq, xd, xs, M, K, GROUP, up,
-                          GROUP, 0, bias ? bias + I + n : NULL, NULL);
-            silu_mul_rows(gate, up, GROUP, M, GROUP, y + n, I);
-        }
-    }
-    free(scratch);
     return 0;
 }
