@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from huggingface_hub.errors import InferenceEndpointError, InferenceEndpointTimeoutError
 
+from ..progress import progress_bar
 from .backends import PROBE_TIMEOUT, Backend, BackendState
 from .hub_session import allow_loopback_when_offline, is_loopback
 from .spec import EndpointRequest, utcnow
@@ -55,10 +56,7 @@ def _warn(message: str) -> None:
 
 
 def _progress_bar(desc: str):
-    with warnings.catch_warnings():  # tqdm.auto warns when ipywidgets is missing, then uses the text bar
-        warnings.simplefilter("ignore")
-        from tqdm.auto import tqdm
-    return tqdm(total=None, desc=desc, bar_format="{desc} [{elapsed}]", mininterval=1.0, leave=True)
+    return progress_bar(desc, bar_format="{desc} [{elapsed}]", mininterval=1.0, leave=True)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
 
 from tgi_nb.endpoints.hub_session import token_for_url
+from tgi_nb.progress import progress_bar
 
 from .citations import cite, relevant
 from .embeddings import local_embeddings, server_embeddings
@@ -358,9 +359,7 @@ class RagPipeline:
         ids = [_chunk_id(c) for c in chunks]
         bar = None
         if self.progress and chunks:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(chunks), desc="Indexing", unit="chunk")
+            bar = progress_bar("Indexing", total=len(chunks), unit="chunk")
         try:
             for start in range(0, len(chunks), INDEX_BATCH):
                 batch = chunks[start:start + INDEX_BATCH]
