@@ -6,7 +6,8 @@ bundled SmolLM2-135M-Instruct answering real questions (never a random-weight mo
 Needs Debian's chromium and playwright (as tests/test_widgets_browser.py). Writes:
 workbench_endpoint.png (the form and the running endpoint), workbench_chat.png (a streamed answer with code and
 its stats), workbench_compare.png (one prompt at three temperatures), workbench_monitor.png (the monitor while
-eight requests run), workbench_rag.png (an answer with its sources).
+eight requests run), workbench_rag.png (an answer with its sources), workbench_migration.png (a workload recorded
+with OpenAI's answers replayed on the endpoint, greedy and sampled).
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ NOTEBOOK = {"cells": [{"cell_type": "code", "execution_count": None, "id": "work
                        "outputs": [], "source": ["import tgi_nb\n", "\n", "bench = tgi_nb.workbench()\n", "bench"]}],
             "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
             "nbformat": 4, "nbformat_minor": 5}
-RAG_TEXT = ("tgi_nb runs an OpenAI-compatible server inside a Jupyter notebook, on a generation engine of its own. "
-            "The bundled model is SmolLM2-135M-Instruct, which runs offline on a laptop CPU.\n\n"
-            "The KV cache is sized for the work: MAX_BATCH_SIZE sequences of 512 tokens, within 70% of the memory "
-            "headroom. The cache is mapped, not written, so an idle server holds its weights and little else.\n\n"
-            "To move OpenAI code to an open model, change one line: the base URL of the OpenAI client.")
+# Three short documents for the RAG tab: a 135M model answers from a passage it can quote, not from one it must
+# reason over (asked about tgi_nb's own README it invents names).
+RAG_DOCUMENTS = (
+    "The Eiffel Tower is a wrought-iron tower in Paris, France. It was designed by Gustave Eiffel's company and "
+    "completed in 1889 for the World's Fair. It is 330 metres tall.",
+    "Mount Everest is the highest mountain on Earth, 8,849 metres above sea level. It lies in the Himalayas, on the "
+    "border between Nepal and China. It was first climbed in 1953 by Edmund Hillary and Tenzing Norgay.",
+    "The Great Wall of China is a series of fortifications built across northern China over many centuries. Its "
+    "best-known parts were built during the Ming dynasty, between 1368 and 1644.")
 KERNEL_IDLE = """() => {
   const nb = window.jupyterapp && window.jupyterapp.shell.currentWidget;
   const kernel = nb && nb.sessionContext && nb.sessionContext.session && nb.sessionContext.session.kernel;
@@ -94,6 +99,25 @@ def load(url: str, stop: threading.Event, prompts: int = 8) -> None:
         threading.Thread(target=one, args=(i,), daemon=True).start()
 
 
+# Questions and the answers OpenAI's gpt-4o-mini gave them (recorded once, as `tgi_nb.migrate.record` keeps them).
+RECORDED = [("What is the capital of France?", "The capital of France is Paris."),
+            ("Name three primary colours.", "The three primary colours are red, yellow and blue."),
+            ("What is 12 times 12?", "12 times 12 is 144."),
+            ("Translate 'good morning' into French.", "\"Good morning\" in French is \"Bonjour\"."),
+            ("Which planet is closest to the Sun?", "Mercury is the planet closest to the Sun.")]
+
+
+def write_workload(path: Path) -> None:
+    from tgi_nb.migrate import WorkItem, Workload
+
+    Workload([WorkItem(f"request-{i}", "/v1/chat/completions",
+                       {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": question}], "max_tokens": 48,
+                        "temperature": 0},
+                       {"object": "chat.completion", "model": "gpt-4o-mini", "choices": [
+                           {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]},
+                       200) for i, (question, answer) in enumerate(RECORDED, start=1)]).save(path)
+
+
 def take(out: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -130,7 +154,7 @@ def take(out: Path) -> None:
             area = chat.locator(".tgi-chat-input textarea")
             replies = chat.locator(".tgi-chat-assistant:not(.tgi-chat-streaming)")
             for i, question in enumerate(("What is the capital of France? Answer in one word.",
-                                          "Write a Python function that reverses a string.")):
+                                          "Write a Python function that returns the square of a number.")):
                 area.fill(question)
                 area.press("Enter")
                 expect(replies).to_have_count(i + 1)
@@ -153,14 +177,30 @@ def take(out: Path) -> None:
 
             tab("RAG")
             rag = page.locator(".tgi-workbench .tgi-rag")
-            rag.locator(".tgi-rag-text textarea").fill(RAG_TEXT)
-            rag.locator(".tgi-rag-add-text").click()
-            expect(rag.locator(".tgi-rag-status")).to_contain_text("chunks indexed")
-            rag.locator(".tgi-rag-question input").fill("How is the KV cache sized?")
+            for n, paragraph in enumerate(RAG_DOCUMENTS, start=1):
+                rag.locator(".tgi-rag-text textarea").fill(paragraph)
+                rag.locator(".tgi-rag-add-text").click()
+                expect(rag.locator(".tgi-rag-status")).to_contain_text(f"{n} chunk")
+            rag.locator(".tgi-rag-question input").fill("When were the best-known parts of the Great Wall built?")
             rag.locator(".tgi-rag-ask").click()
             expect(rag.locator(".tgi-rag-answer .tgi-chat-assistant:not(.tgi-chat-streaming)")).to_have_count(1)
-            rag.locator(".tgi-rag-answer").scroll_into_view_if_needed()
+            page.set_viewport_size({"width": 1280, "height": 1300})  # the documents, the answer and its sources
             shot("workbench_rag.png")
+
+            tab("Migration")
+            workload = root / "workload.jsonl"
+            write_workload(workload)
+            migration = page.locator(".tgi-workbench .tgi-migration")
+            migration.locator(".tgi-migration-path input").fill(str(workload))
+            migration.locator(".tgi-migration-load").click()
+            expect(migration.locator(".tgi-migration-workload")).to_contain_text("with a recorded answer")
+            migration.locator(".tgi-migration-run").click()
+            expect(migration.locator(".tgi-migration-status")).to_contain_text(f"{2 * len(RECORDED)}/"
+                                                                             f"{2 * len(RECORDED)} done")
+            migration.locator(".tgi-migration-request select").select_option("request-1")
+            expect(migration.locator(".tgi-migration-detail .tgi-migration-answer")).to_have_count(3)
+            page.set_viewport_size({"width": 1280, "height": 1450})  # the report, the charts and the request
+            shot("workbench_migration.png")
             context.close()
             browser.close()
     finally:

@@ -139,7 +139,7 @@ def sparkline(lines: dict[str, list[tuple[float, float]]], title: str, unit: str
         >>> "<svg" in chart and "running <b>2</b>" in chart and "now" in chart
         True
     """
-    left, bottom, right = 34, 14, 6
+    left, bottom, right = 46, 14, 6  # room for a y label such as "500 ms" or "2.5 s"
     plot_w, plot_h = width - left - right, height - bottom - 6
     points = [p for series in lines.values() for p in series]
     t_end = max((t for t, _ in points), default=0.0)

@@ -71,8 +71,9 @@ class RagWidget(w.VBox):
                                               description="Overlap")
         self.reindex_button = button("Re-index", "tgi-rag-reindex", self.reindex)
 
+        # It takes the row's free width; the buttons keep their labels' (width 100% squeezed them to "A...").
         self.question = styled(w.Text(placeholder="Ask a question about your documents",
-                                       layout=w.Layout(width="100%")), "tgi-rag-question")
+                                       layout=w.Layout(flex="1 1 auto", width="auto")), "tgi-rag-question")
         self.question.on_submit(lambda _: self._ask_clicked())
         self.ask_button = button("Ask", "tgi-rag-ask", self._ask_clicked, style="primary")
         self.stop_button = button("Stop", "tgi-rag-stop", self.stop, style="danger")
