@@ -62,3 +62,16 @@ def test_multibyte_text_and_logprob_bytes(client, engine):
     assert data.decode("utf-8") == content  # token bytes add up to the text, split characters included
     assert "\ufffd" not in content
     assert wait_until(lambda: kv_free(engine))
+
+
+def test_an_answer_after_a_tool_result_is_words_not_the_echoed_tag(client):
+    """SmolLM2's template knows no tools: the result goes in as a <tool_response> turn, which the model used
+    to copy, tag and all (notebook 03's answer); the answer's first token may not open a tag."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "It is sunny and 24 degrees in Paris."}]
+    answer = client.chat.completions.create(model="tgi", messages=messages, max_tokens=40, temperature=0)
+    text = answer.choices[0].message.content
+    assert "<tool_response>" not in text and "sunny" in text, text

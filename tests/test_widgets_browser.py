@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(
 # A MutationObserver on the transcript: each time the streaming reply's text grew is one render.
 OBSERVE_RENDERS = """() => {
   window.tgiRenders = [];
-  const transcript = document.querySelector('.tgi-workbench .tgi-chat-transcript');
+  const transcript = document.querySelector('.tgi-workbench .tgi-chat .tgi-chat-transcript');
   new MutationObserver(() => {
     const body = transcript.querySelector('.tgi-chat-streaming .tgi-chat-body');
     const renders = window.tgiRenders;
@@ -150,14 +150,18 @@ def open_tab(page, title: str) -> None:
     page.locator(".tgi-workbench > .lm-TabBar .lm-TabBar-tab", has_text=title).click()
 
 
-def send(page, text: str) -> None:
+def send(page, text: str, key: str = "") -> None:
+    """Type ``text`` into the chat and click Send, or with ``key="Enter"`` press Enter."""
     chat = page.locator(".tgi-workbench .tgi-chat")
     chat.locator(".tgi-chat-input textarea").fill(text)
-    chat.locator(".tgi-chat-send").click()
+    if key:
+        chat.locator(".tgi-chat-input textarea").press(key)
+    else:
+        chat.locator(".tgi-chat-send").click()
 
 
 def replies(page):
-    return page.locator(".tgi-workbench .tgi-chat-transcript .tgi-chat-assistant:not(.tgi-chat-streaming)")
+    return page.locator(".tgi-workbench .tgi-chat .tgi-chat-assistant:not(.tgi-chat-streaming)")
 
 
 def set_max_tokens(page, value: int) -> None:
@@ -181,8 +185,15 @@ def test_answer_streams_in_several_renders(page, shots):
     set_max_tokens(page, 96)  # long enough to stream for a while, short enough for a loaded machine
     open_tab(page, "Chat")
     page.evaluate(OBSERVE_RENDERS)
-    send(page, "Write a Python function that reverses a string, and explain it.")
+    area = page.locator(".tgi-workbench .tgi-chat-input textarea")
+    area.fill("Write a Python function that reverses a string,")
+    area.press("Shift+Enter")  # a new line, as in chat apps; nothing sent
+    area.press_sequentially("and explain it.")
+    assert area.input_value() == "Write a Python function that reverses a string,\nand explain it."
+    assert replies(page).count() == 0
+    area.press("Enter")  # sends
     expect(page.locator(".tgi-workbench .tgi-chat-stop")).to_be_enabled()  # Stop is offered before the first token
+    expect(area).to_have_value("")
     expect(replies(page)).to_have_count(1)
     renders = page.evaluate("window.tgiRenders")
     assert len(renders) >= 3, renders  # the answer grew on screen, three times or more, before it ended
@@ -210,8 +221,8 @@ def test_stop_ends_a_long_answer(page, shots):
     # The server aborted the request: its monitor shows no running request and no KV block in use.
     open_tab(page, "Monitor")
     plots = page.locator(".tgi-workbench .tgi-monitor-plots")
-    expect(plots).to_contain_text("running requests: 0")
-    expect(plots).to_contain_text("KV blocks used: 0")
+    expect(plots).to_contain_text("running 0")
+    expect(plots).to_contain_text("KV cache in use: used 0%")
     page.screenshot(path=shots / "workbench_monitor.png")
 
 
@@ -270,6 +281,117 @@ def test_rag_tab_indexes_pasted_text_and_answers_with_sources(page, shots):
     expect(rag.locator(".tgi-rag-status")).to_contain_text(indexed)
     assert rag.locator(".tgi-rag-answer").inner_text().strip()  # the model's answer (random words: tiny model)
     page.screenshot(path=shots / "workbench_rag.png")
+
+
+def test_parameters_fit_at_1280_px(page):
+    """Every control of the Parameters tab whole at 1280 px: no label cut, no value behind a scrollbar; the
+    JSON-schema box only for json_schema."""
+    open_tab(page, "Parameters")
+    params = page.locator(".tgi-workbench .tgi-parameters")
+    expect(params.locator(".tgi-param-temperature")).to_be_visible()
+    clipped = params.evaluate("""(root) => {
+      const box = root.getBoundingClientRect();
+      const out = [];
+      for (const el of [root, ...root.querySelectorAll('*')]) {
+        if (el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== 'visible'
+            && !el.closest('.tgi-param-code')) out.push('scrolls: ' + el.className);
+      }
+      for (const label of root.querySelectorAll('.widget-label, .widget-readout')) {
+        const r = label.getBoundingClientRect();
+        if (r.width && (label.scrollWidth > label.clientWidth + 1 || r.right > box.right + 1 || r.left < box.left - 1))
+          out.push('cut: ' + label.textContent);
+      }
+      return out;
+    }""")
+    assert clipped == [], clipped
+    schema = params.locator(".widget-textarea", has_text="JSON schema")
+    expect(schema).to_be_hidden()
+    params.locator(".tgi-param-response-format select").select_option("json_schema")
+    expect(schema).to_be_visible()
+    params.locator(".tgi-param-response-format select").select_option("text")
+    expect(schema).to_be_hidden()
+    # The curl snippet names the endpoint's own URL (a free port), not 127.0.0.1:8080.
+    url = page.locator(".tgi-workbench .tgi-endpoint-url").first.inner_text()
+    expect(page.locator(".tgi-workbench .tgi-param-code")).to_contain_text(f"curl {url}/v1/chat/completions")
+
+
+def test_reply_copy_button(page):
+    open_tab(page, "Chat")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    reply = replies(page).last
+    reply.locator(".tgi-chat-copy").click()
+    expect(reply.locator(".tgi-chat-copy")).to_have_text("Copied")
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert copied.strip() and copied.split()[0] in reply.locator(".tgi-chat-body").inner_text()
+
+
+def test_a_reload_while_an_answer_streams_leaves_a_working_chat(page, shots):
+    """The sequence a person reported: Compare, Monitor and RAG used (the tests before this one ran them), the
+    page reloaded while an answer streams, the answer ending after the reload. Send must still work (a
+    background thread's update used to route the chat's buttons to a subshell the new page had deleted), and
+    the transcript shows the whole conversation, the part streamed before the reload included, scrolled to
+    the newest message."""
+    set_max_tokens(page, 8)
+    open_tab(page, "Compare")
+    page.locator(".tgi-workbench .tgi-compare-run").click()
+    expect(page.locator(".tgi-workbench .tgi-compare-export-csv")).to_be_visible()
+    open_tab(page, "Monitor")
+    expect(page.locator(".tgi-workbench .tgi-monitor-plots")).to_contain_text("output tokens/s")
+    set_max_tokens(page, 1500)
+    page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")  # the outputs a reload shows
+    open_tab(page, "Chat")
+    before = replies(page).count()
+    send(page, "Tell me a very long story about a lighthouse keeper.", key="Enter")
+    streaming = page.locator(".tgi-workbench .tgi-chat .tgi-chat-streaming .tgi-chat-body")
+    page.wait_for_function("(el) => el.textContent.length > 40", arg=streaming.element_handle())
+    streamed = streaming.inner_text()[:40]
+    page.reload()
+    page.wait_for_function(KERNEL_IDLE, timeout=TIMEOUT_MS)
+    open_tab(page, "Chat")
+    transcript = page.locator(".tgi-workbench .tgi-chat .tgi-chat-transcript")
+    expect(transcript).to_contain_text("lighthouse keeper")  # the prompt, from before the reload
+    expect(transcript).to_contain_text(streamed)  # and what had streamed before it
+    # The answer ends by itself after the reload, nothing clicked meanwhile: a click would make its subshell
+    # the kernel's latest request again, hiding the bug.
+    expect(replies(page)).to_have_count(before + 1)
+    page.wait_for_function("(el) => el.scrollTop + el.clientHeight >= el.scrollHeight - 2",
+                           arg=transcript.element_handle())
+    page.screenshot(path=shots / "workbench_after_reload.png")
+    set_max_tokens(page, 8)  # the long answer is in the history: leave room in the context
+    open_tab(page, "Chat")
+    send(page, "Hello again")  # the button, as reported
+    expect(replies(page)).to_have_count(before + 2)
+    expect(transcript).to_contain_text("Hello again")
+    page.locator(".tgi-workbench .tgi-chat-clear").click()
+    expect(replies(page)).to_have_count(0)
+
+
+def test_the_chat_in_notebook_7(page, lab):
+    """The same widgets in Notebook 7 (``jupyter notebook``'s page, served by the same server): a ChatWidget in
+    another kernel, on the endpoint the workbench runs, answers a prompt sent with Enter."""
+    base, token = lab
+    url = page.locator(".tgi-workbench .tgi-endpoint-url").first.inner_text()
+    notebook = {"cells": [{"cell_type": "code", "execution_count": None, "id": "chat", "metadata": {}, "outputs": [],
+                           "source": ["from tgi_nb.widgets import ChatWidget\n",
+                                      f"ChatWidget({url!r}, parameters={{'max_tokens': 8}})"]}],
+                "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}},
+                "nbformat": 4, "nbformat_minor": 5}
+    response = httpx.put(f"{base}/api/contents/notebook7.ipynb", params={"token": token}, timeout=30,
+                         json={"type": "notebook", "format": "json", "content": notebook})
+    assert response.status_code in (200, 201), response.text
+    nb7 = page.context.new_page()
+    try:
+        nb7.goto(f"{base}/notebooks/notebook7.ipynb?token={token}")
+        nb7.locator(".jp-Notebook .jp-Cell .cm-content").first.click()
+        nb7.keyboard.press("Shift+Enter")  # Notebook 7 runs the cell as JupyterLab does
+        chat = nb7.locator(".tgi-chat")
+        area = chat.locator(".tgi-chat-input textarea")
+        area.fill("Hello from Notebook 7")
+        area.press("Enter")
+        expect(chat.locator(".tgi-chat-assistant:not(.tgi-chat-streaming) .tgi-chat-stats")).to_contain_text(
+            re.compile(r"\b[1-8] tokens"))
+    finally:
+        nb7.close()
 
 
 def test_migration_tab_replays_a_recorded_workload(page, shots, tmp_path):

@@ -7,7 +7,10 @@ server. Widgets run without a front-end here (ipywidgets' comms are inert outsid
 from __future__ import annotations
 
 import html
+import json
+import os
 import threading
+from pathlib import Path
 
 import pytest
 from server_fixtures import BorrowedEngine, SlowEngine, engine, kv_free, running_server, server, wait_until  # noqa: F401
@@ -60,7 +63,7 @@ def test_reply_streams_append_only_and_coalesced(server):
 def test_stop_aborts_the_request_and_frees_kv(slow_server, engine):
     chat = ChatWidget(slow_server.url, parameters={"max_tokens": 400})
     chat.send("Tell me a long story")
-    assert not chat.stop_button.disabled and chat.send_button.disabled  # Stop is offered at once
+    assert not chat.stop_button.disabled and not chat.input.ready  # Stop is offered at once, not Send
     assert wait_until(lambda: chat.transcript.appends_sent >= 2, TIMEOUT)
     chat.stop()
     chat.wait(TIMEOUT)
@@ -69,7 +72,7 @@ def test_stop_aborts_the_request_and_frees_kv(slow_server, engine):
     assert chat.messages[-1]["role"] == "assistant"  # what arrived stays
     assert "stopped" in chat.transcript.entries[-1]["stats"]
     assert wait_until(lambda: kv_free(engine), TIMEOUT), engine.stats()
-    assert chat.stop_button.disabled and not chat.send_button.disabled
+    assert chat.stop_button.disabled and chat.input.ready
 
 
 def test_stop_before_the_first_token(slow_server, engine):
@@ -146,7 +149,7 @@ def test_unreachable_server_shown():
     chat = ChatWidget("http://127.0.0.1:9", parameters={"max_tokens": 2})
     chat.send("Hi").wait(TIMEOUT)
     assert chat.last_stats["error"].startswith("cannot reach http://127.0.0.1:9/v1")
-    assert not chat.busy and not chat.send_button.disabled
+    assert not chat.busy and chat.input.ready
 
 
 def test_closing_a_streaming_widget_leaves_no_thread(slow_server, engine):
@@ -232,7 +235,159 @@ def test_docstring_examples(module):
 def test_replies_render_as_markdown_with_code_blocks():
     from tgi_nb.widgets.transcript import render_markdown
 
-    rendered = render_markdown("Use **this**:\n\n```python\nprint('<hi>')\n```\n<script>alert(1)</script>")
+    rendered = render_markdown("Use **this**:\n\n```python\nprint('<hi>')\n```\n<script>alert(1)</script>\n\n"
+                               "```nosuchlanguage\n<b>x</b>\n```")
     assert "<strong>this</strong>" in rendered
-    assert '<pre><code class="language-python">print(\'&lt;hi&gt;\')' in rendered
-    assert "<script>" not in rendered  # a model cannot inject markup into the page
+    # highlighted by Pygments, the code's own "<" escaped
+    assert '<code class="language-python"><span class="nb">print</span>' in rendered
+    assert '<span class="s1">\'&lt;hi&gt;\'</span>' in rendered
+    assert '<code class="language-nosuchlanguage">&lt;b&gt;x&lt;/b&gt;' in rendered  # unknown: escaped as is
+    assert "<script>" not in rendered and "<b>" not in rendered  # a model cannot inject markup into the page
+
+
+def test_background_updates_leave_replies_with_the_main_shell():
+    """ipykernel 7.4 routes a widget's incoming messages to the subshell named by its last update's parent. A
+    background thread's updates used to carry the kernel's latest request, often a subshell the reloaded page
+    had already deleted (JupyterLab's state-restoring comm), so Send stopped answering; in a real kernel, an
+    update from a Worker after a request from a soon-gone subshell routes replies to the main shell."""
+    from jupyter_client.manager import start_new_kernel
+
+    code = """
+import ipywidgets as w
+from ipykernel.kernelbase import Kernel
+from tgi_nb.widgets.lifecycle import Worker
+kernel = Kernel.instance()
+parent = kernel.get_parent()
+gone = {**parent, "header": {**parent["header"], "subshell_id": "a-deleted-subshell"}}
+kernel.set_parent(kernel._shell_parent_ident.get(), gone)   # as a comm_close from that subshell does
+button = w.Button()
+worker = Worker("test")
+worker.start(lambda job: setattr(button, "disabled", True))
+assert worker.wait(30)
+print("route:", repr(button.comm._reply_subshell_id))
+"""
+    outputs: list[dict] = []
+    repo = str(Path(__file__).resolve().parents[1])
+    manager, client = start_new_kernel(env={**os.environ, "PYTHONPATH": repo})
+    try:
+        reply = client.execute_interactive(code, timeout=TIMEOUT, output_hook=outputs.append)
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    text = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert "route: None" in text, text
+
+
+def test_a_cut_reply_says_so_and_continue_extends_it(server):
+    chat = ChatWidget(server.url, parameters={"max_tokens": 6, "temperature": 0})
+    chat.send("Tell me about the sea").wait(TIMEOUT)
+    entry = chat.transcript.entries[-1]
+    assert "cut at max_tokens (6)" in entry["notice"] and entry["actions"][0][0] == "continue"
+    assert entry["settings"].startswith("max_tokens=6, temperature=0")  # what the reply was made with
+    tips = dict(entry["stats_parts"])
+    assert "Time to first token" in tips[next(t for t in tips if t.startswith("TTFT"))]
+    assert "length: cut at max_tokens" in tips["finish_reason: length"]
+    first = chat.messages[-1]["content"]
+    chat.transcript._front_end_message(chat.transcript, {"op": "action", "name": "continue", "index": 1}, [])
+    chat.wait(TIMEOUT)
+    # The same reply, longer: the server continued the final assistant message; one Continue, on the last reply.
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"] and len(chat.transcript.entries) == 2
+    assert chat.messages[-1]["content"].startswith(first) and len(chat.messages[-1]["content"]) > len(first)
+    assert chat.transcript.entries[-1]["text"] == chat.messages[-1]["content"]
+    assert chat.last_stats["tokens"] == 6
+    chat.send("And the mountains?").wait(TIMEOUT)
+    assert "actions" not in chat.transcript.entries[1] and "actions" in chat.transcript.entries[-1]
+
+
+def test_a_reloaded_page_gets_the_whole_streaming_reply(slow_server):
+    """The state the kernel sends (to a reloaded page, a second view) holds the text streamed so far and how
+    many appends it includes; a view that missed appends asks for it again."""
+    chat = ChatWidget(slow_server.url, parameters={"max_tokens": 400})
+    sent = record_appends(chat)
+    chat.send("Tell me a long story")
+    assert wait_until(lambda: len(sent) >= 3, TIMEOUT)
+    with chat.transcript._lock:  # no append between the two reads
+        state = chat.transcript.get_state("entries")["entries"][-1]
+        streamed = chat.transcript.last_text
+    assert state["streaming"] and state["text"] == streamed and state["seq"] == len(sent) and streamed
+    resent = []
+    chat.transcript.send_state = lambda key=None: resent.append(key)
+    chat.transcript._front_end_message(chat.transcript, {"op": "sync"}, [])
+    assert resent == ["entries"]
+    chat.stop()
+    chat.wait(TIMEOUT)
+    assert "seq" not in chat.transcript.get_state("entries")["entries"][-1]  # ended: a plain message again
+
+
+def uploaded(name: str, data: bytes) -> dict:
+    """A file as ipywidgets' FileUpload holds it once the browser sent it."""
+    import datetime
+
+    return {"name": name, "type": "", "size": len(data), "content": memoryview(data),
+            "last_modified": datetime.datetime.now(datetime.timezone.utc)}
+
+
+def test_enter_sends_and_the_conversation_exports_and_imports(server):
+    import base64
+    import re
+
+    chat = ChatWidget(server.url, parameters={"max_tokens": 4}, system_prompt="Be brief.")
+    assert "Be brief." in chat.system_line.value  # the system prompt, visible in the chat
+    chat.input.value = "Hel"  # what the browser synced so far; Enter sends what the box shows
+    chat.input._front_end_message(chat.input, {"op": "submit", "text": "Hello"}, [])
+    assert not chat.input.ready  # Enter waits while the reply streams
+    chat.wait(TIMEOUT)
+    assert chat.messages[0] == {"role": "user", "content": "Hello"} and chat.input.ready
+    links = dict(re.findall(r'download="([^"]+)" href="data:[^;]+;base64,([^"]+)"', chat.exports.value))
+    exported = json.loads(base64.b64decode(links["chat.json"]))
+    assert [m["role"] for m in exported] == ["system", "user", "assistant"] and exported[1]["content"] == "Hello"
+    markdown = base64.b64decode(links["chat.md"]).decode()
+    assert markdown.startswith("### system\n\nBe brief.") and "### user\n\nHello" in markdown
+    # Import into a new chat, from either file: the same conversation, on screen and in the next request.
+    for name, content in (("chat.json", json.dumps(exported)), ("chat.md", markdown)):
+        other = ChatWidget(server.url, parameters={"max_tokens": 4})
+        other.importer.value = (uploaded(name, content.encode()),)
+        stripped = [{**m, "content": m["content"].strip()} for m in exported]  # markdown keeps no edge spaces
+        assert other.export_messages() == (exported if name.endswith(".json") else stripped), name
+        assert [e["role"] for e in other.transcript.entries] == ["user", "assistant"]
+        assert "imported" in other.status.value
+    other.importer.value = (uploaded("bad.json", b'[{"role": "robot", "content": "x"}]'),)
+    assert "messages[0].role: must be one of system, user, assistant" in other.status.value
+
+
+def test_thinking_streams_folded_above_the_answer_and_compare_counts_it(tmp_path_factory, smollm2_dir):
+    """A model that thinks (test_server_reasoning's chain model: "Let me think</think> Paris is the capital."):
+    the thinking streams into the reply's reasoning field as it comes, the answer apart; CompareWidget counts
+    thinking tokens in a column of their own."""
+    from server_fixtures import make_engine, running_server
+    from test_server_reasoning import ANSWER, REASONING, TEMPLATE, THINKING_TOKENS, build_chain_model
+
+    from tgi_nb.widgets import CompareWidget
+
+    engine = make_engine(build_chain_model(tmp_path_factory.mktemp("chain"), smollm2_dir))
+    try:
+        with running_server(engine, chat_template=TEMPLATE) as (srv, _):
+            chat = ChatWidget(srv.url, parameters={"max_tokens": 30, "temperature": 0})
+            fields: list[tuple[str, str]] = []
+            original = chat.transcript.send
+            chat.transcript.send = lambda content, buffers=None: (
+                fields.append((content["field"], content["text"])), original(content, buffers))
+            chat.send("What is the capital of France?").wait(TIMEOUT)
+            entry = chat.transcript.entries[-1]
+            assert entry["reasoning"].strip() == REASONING and entry["text"].strip() == ANSWER
+            assert "".join(t for f, t in fields if f == "reasoning").strip() == REASONING
+            assert [f for f, _ in fields] == sorted(f for f, _ in fields)[::-1]  # thinking first, then the answer
+            assert chat.last_stats["thinking_tokens"] == THINKING_TOKENS
+            assert f"{THINKING_TOKENS} thinking" in entry["stats"]
+            assert chat.messages[-1]["content"].strip() == ANSWER  # the history holds the answer only
+
+            compare = CompareWidget([srv.url, (srv.url, {"temperature": 0})], prompts=["Capital of France?"],
+                                    parameters={"max_tokens": 30, "temperature": 0})
+            compare.run().wait(TIMEOUT)
+            assert [r["thinking_tokens"] for r in compare.results] == [THINKING_TOKENS] * 2
+            assert "<th>thinking</th>" in compare.table.value
+            assert compare.rows()[0]["thinking"].strip() == REASONING
+            compare.close()
+    finally:
+        engine.shutdown()

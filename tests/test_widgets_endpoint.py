@@ -5,7 +5,9 @@ the monitor reads /metrics, compare runs prompts through several settings, and c
 
 from __future__ import annotations
 
+import csv
 import html
+import io
 import logging
 import threading
 import time
@@ -38,6 +40,11 @@ def test_form_creates_an_endpoint_and_follows_its_life_cycle(tiny):
     code = html.unescape(form.code.value)
     assert "create_inference_endpoint(" in code and "'MAX_TOTAL_TOKENS': '100000'" in code
     assert "no endpoint" in form.badge.value
+    assert form.token.layout.display == "none"  # a public endpoint needs no token: the field shows for protected
+    assert all(f.layout.display in (None, "") for f in (form.name, form.repository, form.url))  # only the token
+    form.type.value = "protected"
+    assert form.token.layout.display == ""
+    form.type.value = "public"
     form.create()
     try:
         assert form.wait_status("running", timeout=TIMEOUT) == "running"
@@ -45,7 +52,9 @@ def test_form_creates_an_endpoint_and_follows_its_life_cycle(tiny):
         assert endpoint is tgi_nb.get_inference_endpoint("widget-form")
         assert "data-status='running'" in form.badge.value
         assert f"{endpoint.url}/docs" in form.links.value and endpoint.url in form.links.value
-        assert "max_total_tokens=" in form.progress.value
+        # the limits in words, sizes in GiB / MiB rather than raw bytes
+        assert "Prompts up to " in form.progress.value and "KV cache " in form.progress.value
+        assert "kv_cache_bytes" not in form.progress.value and "iB" in form.progress.value
         assert wait_until(lambda: "MAX_TOTAL_TOKENS" in form.warnings.value, TIMEOUT), form.warnings.value
         chat = ChatWidget(endpoint, parameters={"max_tokens": 3})
         chat.send("Hi").wait(TIMEOUT)
@@ -169,6 +178,16 @@ def test_pick_a_running_endpoint_and_workbench_tabs(tiny):
         bench.parameters.set(max_tokens=4, temperature=0.0)
         bench.chat.send("Hello").wait(TIMEOUT)
         assert bench.chat.last_stats["tokens"] == 4
+        # Running: the Endpoint tab points to the Chat tab, the curl command names the endpoint's real URL, and
+        # the endpoint's defaults (none for this model) never undo a value the user set.
+        assert bench.next_step.layout.display == ""
+        bench.next_step.children[1].click()
+        assert bench.selected_index == 2
+        assert wait_until(lambda: bench.parameters.base_url == endpoint.url + "/v1", TIMEOUT)
+        assert f"curl {endpoint.url}/v1/chat/completions" in html.unescape(bench.parameters.code.value)
+        bench.parameters.use_endpoint_defaults({"temperature": 0.2, "top_p": 0.9})
+        assert bench.parameters.params == {"temperature": 0.0, "max_tokens": 4}  # top_p 0.9: the endpoint's own
+        assert bench.parameters.controls["top_p"].value == 0.9
         assert wait_until(lambda: (bench.monitor.latest.get("kv_free") or 0) > 0, TIMEOUT)
     finally:
         bench.close()
@@ -185,7 +204,12 @@ def test_monitor_reads_metrics_and_stops_when_closed(server):
     assert wait_until(lambda: monitor.latest.get("ttft_p50") is not None and monitor.latest["running"] == 0,
                       TIMEOUT), monitor.latest
     assert monitor.latest["kv_free"] > 0 and max(v for _, v in monitor.series["tokens_per_s"]) > 0
-    assert "tgi-monitor-plot" in monitor.plots.value and "TTFT p50" in monitor.plots.value
+    assert monitor.latest["kv_percent"] == 0.0 and max(v for _, v in monitor.series["kv_percent"]) <= 100
+    # one request's speed from the inter-token latencies: the chat's own figure, measured by the server
+    assert monitor.latest["request_tokens_per_s"] > 0
+    plots = monitor.plots.value
+    assert "tgi-monitor-plot" in plots and "time to first token (1 min)" in plots and "KV cache in use" in plots
+    assert "-1 min" in plots and "now" in plots and "e+0" not in plots and "e-0" not in plots  # axes, no 1e-09
     assert monitor.polling
     monitor.close()
     assert not monitor.polling
@@ -242,7 +266,15 @@ def test_compare_runs_prompts_through_each_setting(server):
     assert [(r["prompt"], r["tokens"]) for r in compare.results] == [("one", 5), ("one", 2), ("two", 5), ("two", 2)]
     assert all(r["answer"] and r["error"] is None and r["ttft_s"] is not None for r in compare.results)
     table = compare.table.value
-    assert table.count("<tr>") == 5 and "temperature=0.0" in table and "max_tokens=2" in table
+    # the prompt once above its answers (not in every row), answers in full in their tooltip
+    assert table.count("<tr>") == 5 and table.count("<tr class='tgi-compare-prompt'>") == 2 and table.count("Prompt:") == 2
+    assert "temperature=0.0" in table and "max_tokens=2" in table
+    # exports: CSV (a download link) and a DataFrame, a row per prompt and setting
+    rows = list(csv.DictReader(io.StringIO(compare.to_csv())))
+    assert [(r["prompt"], r["tokens"]) for r in rows] == [("one", "5"), ("one", "2"), ("two", "5"), ("two", "2")]
+    assert 'download="compare.csv"' in compare.exports.value
+    frame = compare.to_dataframe()
+    assert frame.shape == (4, len(CompareWidget.COLUMNS)) and list(frame["tokens"]) == [5, 2, 5, 2]
     # each column shows every prompt and its answer
     assert [e["role"] for e in compare.chats[0].transcript.entries] == ["user", "assistant"] * 2
     compare.close()

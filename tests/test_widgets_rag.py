@@ -73,6 +73,12 @@ def test_paste_upload_folder_then_ask(server, embeddings, tmp_path):
     assert widget.sources.value.count('class="tgi-rag-source"') == 2                      # k=2
     assert "How do bees talk to each other?" in widget.code.value
     assert not widget.ask_button.disabled and widget.stop_button.disabled
+    assert "tgi-rag-not-found" not in widget.sources.value and "notice" not in widget.answer.entries[-1]
+    # A question the documents do not answer: flagged beside the sources and under the answer.
+    widget.ask("Who won the 2018 football world cup?")
+    settle(widget)
+    assert "Not found in your documents" in widget.sources.value
+    assert widget.answer.entries[-1]["notice"].startswith("Not found in your documents: the closest passage scores")
 
 
 def test_stop_ends_a_long_answer(server, embeddings, engine):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from huggingface_hub.errors import InferenceEndpointError, InferenceEndpointTimeoutError
 
+from ..progress import progress_bar
 from .backends import PROBE_TIMEOUT, Backend, BackendState
 from .hub_session import allow_loopback_when_offline, is_loopback
 from .spec import EndpointRequest, utcnow
@@ -55,10 +56,7 @@ def _warn(message: str) -> None:
 
 
 def _progress_bar(desc: str):
-    with warnings.catch_warnings():  # tqdm.auto warns when ipywidgets is missing, then uses the text bar
-        warnings.simplefilter("ignore")
-        from tqdm.auto import tqdm
-    return tqdm(total=None, desc=desc, bar_format="{desc} [{elapsed}]", mininterval=1.0, leave=True)
+    return progress_bar(desc, bar_format="{desc} [{elapsed}]", mininterval=1.0, leave=True)
 
 
 @dataclass
@@ -204,6 +202,9 @@ class InferenceEndpoint:
             extra.update(backend=backend.kind, port=backend.port, limits=state.limits, server=self._server_kind,
                          warnings=list(state.warnings), **backend.details())
             self._populate_from_raw()
+            # Warned in the user's own thread only: from a widget's or the notifier's thread a warning has no cell
+            # to point at (Python names threading.py) and shows in whatever cell runs; widgets list them anyway.
+            show_warnings = show_warnings and threading.current_thread() is threading.main_thread()
             new = [w for w in state.warnings if w not in self._warned] if show_warnings else []
             self._warned.update(new)
         for message in new:

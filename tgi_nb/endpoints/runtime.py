@@ -98,6 +98,27 @@ def note_capacity(engine: Any, notes: Notes, *, env: dict[str, str], args: tuple
         notes.add(f"{plan.sizing}; the weights take {engine.weights_bytes / 2**30:.2f} GiB.")
 
 
+class _CapacityLogSaidByNotes(logging.Filter):
+    """While this thread builds an endpoint's engine, the engine's log records of lowered limits are left out:
+    the endpoint's notes say them (named as the user set them) as EndpointWarnings, and in a kernel, where
+    nothing configures logging, Python's last-resort handler would print each one a second time. Records of
+    other threads (another engine loading meanwhile) pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread or not getattr(record, "capacity_lowering", False)
+
+    def __enter__(self) -> "_CapacityLogSaidByNotes":
+        logging.getLogger("tgi_nb").addFilter(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger("tgi_nb").removeFilter(self)
+
+
 def choose_device(opts: dict[str, Any], accelerator: Optional[str], notes: Notes) -> None:
     """Set ``opts["device"]`` from huggingface_hub's ``accelerator`` ("gpu", "cpu", ...) unless DEVICE was given.
 
@@ -455,7 +476,8 @@ def build_endpoint_app(*, model_id: str, revision: Optional[str], env: dict[str,
     settings.accepted_key_digests = tuple(accepted_key_digests)
 
     def load_engine() -> Any:
-        engine = plan_from_options(opts, fit_limits=True).engine_factory()
+        with _CapacityLogSaidByNotes():
+            engine = plan_from_options(opts, fit_limits=True).engine_factory()
         note_capacity(engine, notes, env=env, args=args)
         return engine
 

@@ -250,7 +250,8 @@ def plan_capacity(model: ModelShape, requested: CapacityRequest, kv_budget: Opti
     prefill = r.max_batch_prefill_tokens
     if prefill > capacity:
         prefill = lower("max_batch_prefill_tokens", prefill, capacity, f"more than the KV cache ({capacity} tokens)")
-    sizing += f"; {capacity * per_token / gib:.2f} GiB"
+    # The cache is mapped, not written (model_runner.allocate_kv_caches): the figure is a ceiling, not memory taken.
+    sizing += f"; up to {capacity * per_token / gib:.2f} GiB of memory, taken only as requests fill it"
     return CapacityPlan(max_input_tokens=max_input, max_total_tokens=max_total, max_batch_prefill_tokens=prefill,
                         max_batch_total_tokens=capacity, num_blocks=capacity // bs, block_size=bs,
                         kv_bytes_per_token=per_token, kv_budget=kv_budget, sizing=sizing,

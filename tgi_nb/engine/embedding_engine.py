@@ -80,14 +80,15 @@ class EmbeddingEngine:
         import torch
         from sentence_transformers import SentenceTransformer
 
-        from tgi_nb.models.embedding import resolve_embedding_model
+        from tgi_nb.models.embedding import no_loading_bars, resolve_embedding_model
 
         self.config = config or EmbeddingConfig()
         resolved = resolve_embedding_model(self.config.model_id, self.config.revision)
         self.model_id = resolved.model_id
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # local_files_only: the folder is already on disk; nothing may reach for the network from here.
-        self.model = SentenceTransformer(str(resolved.path), device=device, local_files_only=True)
+        with no_loading_bars():
+            self.model = SentenceTransformer(str(resolved.path), device=device, local_files_only=True)
         self.model.eval()
         self.device = device
         self.tokenizer = self.model.tokenizer

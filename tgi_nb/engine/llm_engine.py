@@ -92,7 +92,8 @@ def _plan(loaded: LoadedModel, config: EngineConfig) -> tuple[Optional[MemoryBud
             f"{loaded.weights_bytes / gib:.1f} GiB: raise --cuda-memory-fraction (CUDA_MEMORY_FRACTION), free GPU "
             f"memory, or lower the limits")) from None
     for lowering in plan.lowerings:
-        logger.warning("%s", lowering.message())
+        # marked, so that an endpoint, which says each lowering in its own words, can leave this record out
+        logger.warning("%s", lowering.message(), extra={"capacity_lowering": True})
     if budget is not None:
         logger.info("%s", budget.describe())
     logger.info("%s", plan.sizing)

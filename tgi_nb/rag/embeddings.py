@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from tgi_nb.models.embedding import DEFAULT_EMBEDDING_MODEL_ID, resolve_embedding_model
+from tgi_nb.models.embedding import DEFAULT_EMBEDDING_MODEL_ID, no_loading_bars, resolve_embedding_model
 
 LANGCHAIN_HUGGINGFACE_HINT = "pip install --no-deps langchain-huggingface==1.2.3"
 
@@ -27,8 +27,9 @@ def local_embeddings(model: Optional[str] = None, **encode_kwargs: Any) -> Any:
         raise ImportError(f"tgi_nb.rag's local embeddings need langchain-huggingface: {LANGCHAIN_HUGGINGFACE_HINT} "
                           f"(--no-deps: it declares huggingface-hub<2 but works with 2.x)") from exc
     resolved = resolve_embedding_model(model)
-    return HuggingFaceEmbeddings(model_name=str(resolved.path), model_kwargs={"local_files_only": True},
-                                 encode_kwargs={"normalize_embeddings": True, **encode_kwargs})
+    with no_loading_bars():
+        return HuggingFaceEmbeddings(model_name=str(resolved.path), model_kwargs={"local_files_only": True},
+                                     encode_kwargs={"normalize_embeddings": True, **encode_kwargs})
 
 
 def server_embeddings(base_url: str, api_key: str = "-", model: str = DEFAULT_EMBEDDING_MODEL_ID) -> Any:

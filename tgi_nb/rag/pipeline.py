@@ -24,7 +24,9 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
 
 from tgi_nb.endpoints.hub_session import token_for_url
+from tgi_nb.progress import progress_bar
 
+from .citations import cite, relevant
 from .embeddings import local_embeddings, server_embeddings
 from .loaders import PathLike, load_paths
 from .prompts import rag_prompt
@@ -57,7 +59,8 @@ class Source:
 
 @dataclass(frozen=True)
 class Answer:
-    """An answer and the sources it was given, numbered as the answer cites them.
+    """An answer and the sources it was given, numbered as the answer cites them (``[n]`` markers the model
+    left out are added by :func:`~tgi_nb.rag.citations.cite`).
 
     Example:
         >>> a = Answer("Where is Paris?", "In France [1].", [Source(1, "notes.md", "Paris is in France.", 0.8)])
@@ -78,6 +81,11 @@ class Answer:
     def cited(self) -> list[Source]:
         """The sources whose ``[number]`` appears in the answer."""
         return [s for s in self.sources if f"[{s.number}]" in self.text]
+
+    @property
+    def found(self) -> bool:
+        """False when no passage was close to the question: the documents probably do not hold the answer."""
+        return relevant(self.sources)
 
     def __str__(self) -> str:
         return self.text + "\n\nSources:\n" + "\n".join(str(s) for s in self.sources)
@@ -137,7 +145,7 @@ class AnswerStream:
         """The whole :class:`Answer` (waits for the rest of the stream)."""
         for _ in self:
             pass
-        return Answer(self.question, self.text, self.sources)
+        return Answer(self.question, cite(self.text, self.sources), self.sources)
 
     def close(self) -> None:
         """Stop the stream where it is; from another thread (a Stop button), the iterating thread stops at its
@@ -351,9 +359,7 @@ class RagPipeline:
         ids = [_chunk_id(c) for c in chunks]
         bar = None
         if self.progress and chunks:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(chunks), desc="Indexing", unit="chunk")
+            bar = progress_bar("Indexing", total=len(chunks), unit="chunk")
         try:
             for start in range(0, len(chunks), INDEX_BATCH):
                 batch = chunks[start:start + INDEX_BATCH]
@@ -453,7 +459,8 @@ class RagPipeline:
         if stream:
             return AnswerStream(question, iter(chain.stream(question)))
         out = chain.invoke(question)
-        return Answer(question, out["answer"], _sources(out["context"]))
+        sources = _sources(out["context"])
+        return Answer(question, cite(out["answer"], sources), sources)
 
 
 def _check_chunking(chunk_size: Any, chunk_overlap: Any) -> None:

@@ -16,6 +16,7 @@ from tgi_nb.engine.interface import GenerationEngine
 from .chat import load_chat_template
 from .responses_store import ResponseStore
 from .errors import ModelNotReady, Overloaded
+from .generation_defaults import sampling_defaults
 from .metrics import ServerMetrics
 from .settings import ServerSettings
 
@@ -164,6 +165,7 @@ class ServerContext:
         self.started = int(time.time())
         self.chat_template = load_chat_template(settings.chat_template)
         self.responses = ResponseStore()  # /v1/responses with store=true (bounded; see responses_store.py)
+        self._sampling_defaults: tuple[Any, dict[str, float]] = (None, {})  # (engine, its defaults)
         # Open GenerationStreams, so that a shutdown can end them all at once (see drain()).
         self.streams: set["GenerationStream"] = set()
         self.draining = False
@@ -209,6 +211,17 @@ class ServerContext:
     def embedding_model_name(self) -> str:
         engine = self.embeddings.engine if self.embeddings is not None else None
         return engine.model_id if engine is not None else (self.settings.embedding_model or "")
+
+    def sampling_defaults(self, engine: Optional[GenerationEngine]) -> dict[str, float]:
+        """The model's recommended sampling settings for requests that leave them out (generation_defaults.py),
+        read once per loaded engine; ``{}`` without one."""
+        if engine is None:
+            return {}
+        loaded_for, defaults = self._sampling_defaults
+        if loaded_for is not engine:
+            defaults = sampling_defaults(self.settings.generation_config, getattr(engine, "model_dir", None))
+            self._sampling_defaults = (engine, defaults)
+        return defaults
 
     def limits(self, engine: GenerationEngine) -> RequestLimits:
         """The engine's limits, lowered to the settings' where those are stricter."""

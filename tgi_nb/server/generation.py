@@ -29,12 +29,12 @@ from .errors import APIError, logged_failure
 from .guided import compile_guide, request_guide
 from .params import make_sampling_params, parse_logit_bias, resolve_max_new_tokens, stop_list, tokenize
 from .protocol import ChatCompletionRequest, CompletionTokensDetails, PromptTokensDetails, UsageInfo
-from .reasoning import (MAY_OPEN, THINKING, ReasoningSplitter, answer_text, effort_template_kwargs,
+from .reasoning import (ANSWER, MAY_OPEN, THINKING, ReasoningSplitter, answer_text, effort_template_kwargs,
                         reasoning_parser, start_state, think_grammar)
 from .streaming import GenerationStream
 from .tokens import TokenTable, token_table
 from .tool_parser import ToolCallParser
-from .tools import ToolPlan, plan_tools
+from .tools import NoTagEcho, ToolPlan, follows_tool_results_as_text, plan_tools
 
 
 # Engine field -> what the client called it, for error messages.
@@ -42,18 +42,22 @@ CHAT_NAMES = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs", "promp
 
 
 def sampling_params(req: Any, engine: GenerationEngine, max_new_tokens: int, logprobs: Optional[int], n: int,
-                    names: dict[str, str], logits_processor_factory: Any = None):
-    """The engine's ``SamplingParams`` for a chat or completion request (OpenAI's defaults and names)."""
-    temperature = 1.0 if req.temperature is None else req.temperature
-    top_p = 1.0 if req.top_p is None else req.top_p
-    top_k = 0 if req.top_k in (None, -1) else req.top_k
+                    names: dict[str, str], logits_processor_factory: Any = None,
+                    defaults: Optional[dict[str, float]] = None):
+    """The engine's ``SamplingParams`` for a chat or completion request (OpenAI's names); a field the request
+    leaves out takes the model's recommended value (``defaults``, generation_defaults.py), else OpenAI's."""
+    def pick(name: str, neutral: float) -> float:
+        value = getattr(req, name)
+        return value if value is not None else (defaults or {}).get(name, neutral)
+
+    temperature, top_p, top_k = pick("temperature", 1.0), pick("top_p", 1.0), pick("top_k", 0)
+    top_k = 0 if top_k == -1 else top_k
     if top_p == 0:  # OpenAI accepts 0: only the most likely token is left
         top_p, top_k = 1.0, 1
     return make_sampling_params(
         names,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        min_p=req.min_p or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        min_p=pick("min_p", 0.0), repetition_penalty=pick("repetition_penalty", 1.0),
         frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
         logit_bias=parse_logit_bias(req.logit_bias, engine.vocab_size), seed=req.seed,
         stop=stop_list(req.stop), stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
@@ -223,8 +227,10 @@ async def start_chat(ctx: ServerContext, req: ChatCompletionRequest, route: str,
     if tool_names is not None:  # the output is parsed for calls: end it at a repeated (or, single, a first) call
         processors = tools.processor_factory(processors, engine.tokenizer, engine.eos_token_ids,
                                              answer=lambda text: answer_text(text, state))
+    elif processors is None and state in (None, ANSWER) and follows_tool_results_as_text(req.messages, template):
+        processors = lambda: NoTagEcho(engine.tokenizer)  # noqa: E731 - an answer in words, not an echoed tag
     params = sampling_params(req, engine, max_new, (req.top_logprobs or 0) if req.logprobs else None, req.n, names,
-                             processors)
+                             processors, defaults=ctx.sampling_defaults(engine))
     stream = GenerationStream(ctx, engine, route)
     stream.submit([ids], params, request_id, names)
     return ChatRun(stream, request_id, ids, req.n, tools, tool_names, state, token_table(engine))

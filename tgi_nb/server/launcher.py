@@ -87,6 +87,9 @@ _OPTIONS: tuple = (
     ("reasoning_parser", ("--reasoning-parser",), ("REASONING_PARSER",), str, None,
      "split thinking (<think>...</think>) from answers: qwen3, deepseek_r1, glm45, deepseek_v3 or none "
      "(default: qwen3 when the chat template writes <think>, else none)"),
+    ("generation_config", ("--generation-config",), ("GENERATION_CONFIG",), str, "auto",
+     "where a request's missing sampling settings come from: auto (the model's generation_config.json, as "
+     "vLLM), vllm (none: temperature 1, top_p 1) or a folder with a generation_config.json (default: auto)"),
     ("served_model_name", ("--served-model-name",), ("SERVED_MODEL_NAME",), str, None,
      "the model name /v1/models reports and responses echo (default: the model id)"),
     ("cors_allow_origin", ("--cors-allow-origin",), ("CORS_ALLOW_ORIGIN",), str, None,
@@ -238,7 +241,7 @@ def plan_from_options(opts: dict[str, Any], *, fit_limits: bool = False) -> Serv
         settings = ServerSettings(
             host=opts["hostname"], port=opts["port"], api_key=opts["api_key"],
             served_model_name=opts["served_model_name"], model_id=model_id,
-            reasoning_parser=opts.get("reasoning_parser"),
+            reasoning_parser=opts.get("reasoning_parser"), generation_config=opts.get("generation_config") or "auto",
             embedding_model=_embedding_model(opts.get("embedding_model")),
             max_concurrent_requests=opts["max_concurrent_requests"], max_top_n_tokens=opts["max_top_n_tokens"],
             max_best_of=opts["max_best_of"], max_stop_sequences=opts["max_stop_sequences"],

@@ -253,7 +253,8 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
     engine_logprobs = req.logprobs if req.logprobs is not None else (0 if best_of > req.n else None)
     params = [sampling_params(req, engine, resolve_max_new_tokens(req.max_tokens, len(ids), limits, field="max_tokens",
                                                             prompt_field="prompt"),
-                        engine_logprobs, best_of, _COMPLETION_NAMES, guide.processor if guide is not None else None)
+                        engine_logprobs, best_of, _COMPLETION_NAMES, guide.processor if guide is not None else None,
+                        defaults=ctx.sampling_defaults(engine))
               for ids, _ in prompts]
     if req.echo and req.logprobs is not None:   # score the prompt too (lm-eval's loglikelihood does this)
         params = [dataclasses.replace(p, prompt_logprobs=req.logprobs) for p in params]

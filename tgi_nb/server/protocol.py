@@ -450,6 +450,8 @@ class Info(BaseModel):
     # how the weights are held and computed with, e.g. "q8_0 (1), float32 (61), q4_1 (120)" and "exact" | "fast"
     weight_formats: Optional[str] = None
     numerics: Optional[str] = None
+    # the model's recommended sampling settings, applied when a request leaves them out (--generation-config)
+    generation_config: dict[str, float] = Field(default_factory=dict)
     # each native kernel library used so far: "native", or "torch (<why>)" when it could not be built
     kernels: Optional[dict[str, str]] = None
 

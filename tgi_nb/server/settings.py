@@ -7,6 +7,7 @@ from typing import Optional
 
 from tgi_nb.models.embedding import DEFAULT_EMBEDDING_MODEL_ID
 
+from .generation_defaults import check_generation_config
 from .reasoning import check_parser_name
 
 
@@ -27,7 +28,8 @@ class ServerSettings:
     server stops), bounded by ``max_file_bytes`` per upload, ``max_files_bytes`` and ``max_files`` in all;
     a batch has at most ``max_batch_requests`` lines, of which ``batch_concurrency`` run at once.
     ``reasoning_parser`` splits thinking from answers (reasoning.py's names; None: the chat template decides,
-    ``none``: never). ``keep_alive_interval`` is how long a stream may stay silent (a long prefill, a full queue)
+    ``none``: never). ``generation_config`` is where requests' missing sampling settings come from
+    (generation_defaults.py: ``auto``, ``vllm`` or a folder). ``keep_alive_interval`` is how long a stream may stay silent (a long prefill, a full queue)
     before an SSE comment is sent so that proxies and clients do not time out.
 
     Example:
@@ -58,6 +60,7 @@ class ServerSettings:
     payload_limit: int = 2_000_000
     chat_template: Optional[str] = None
     reasoning_parser: Optional[str] = None
+    generation_config: str = "auto"
     keep_alive_interval: float = 10.0
     retry_after: int = 1
     cors_allow_origins: list[str] = field(default_factory=list)
@@ -95,6 +98,7 @@ class ServerSettings:
             raise SettingsError(f"keep_alive_interval: must be > 0 seconds, got {self.keep_alive_interval!r}")
         try:
             check_parser_name(self.reasoning_parser)
+            self.generation_config = check_generation_config(self.generation_config)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
         if self.api_key == "":

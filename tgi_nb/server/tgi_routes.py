@@ -66,7 +66,8 @@ async def info(ctx: ServerContext = Depends(get_ctx)) -> Info:
                 max_input_tokens=limits.max_input_tokens if limits else s.max_input_tokens,
                 max_total_tokens=limits.max_total_tokens if limits else s.max_total_tokens,
                 version=server_version(), served_model_name=ctx.served_model_name, model_status=ctx.holder.status,
-                max_top_n_tokens=s.max_top_n_tokens, **_capacity_fields(engine))
+                max_top_n_tokens=s.max_top_n_tokens, generation_config=ctx.sampling_defaults(engine),
+                **_capacity_fields(engine))
 
 
 def _capacity_fields(engine: GenerationEngine) -> dict[str, Any]:

@@ -134,6 +134,43 @@ class ToolPlan:
                                      eos, single=not self.parallel, answer=answer)
 
 
+class NoTagEcho:
+    """A logits processor for an answer that follows tool results written as ``<tool_response>`` turns (a
+    template that knows no tools): the first token may not open a tag. A small model otherwise copies the
+    turn it just read, tags and all ("<tool_response>\nIt is sunny..."), where it then answers in words
+    ("The weather in Paris is sunny and 24 degrees."). Only for requests whose output is neither tool calls
+    nor thinking, which open with a tag of their own.
+
+    Example:
+        >>> no_echo = NoTagEcho(tokenizer)                                                    # doctest: +SKIP
+        >>> torch.isinf(no_echo([], torch.zeros(49152)))[tokenizer.encode("<")[0]].item()    # doctest: +SKIP
+        True
+    """
+
+    __slots__ = ("_first",)
+
+    def __init__(self, tokenizer: Any):
+        self._first = tokenizer.encode(TOOL_RESPONSE_OPEN, add_special_tokens=False)[0]
+
+    def __call__(self, generated: list[int], logits: Any) -> Any:
+        if not generated:
+            logits[self._first] = float("-inf")
+        return logits
+
+
+def follows_tool_results_as_text(messages: Iterable[Any], template: str) -> bool:
+    """True when ``messages`` hold tool results that a template without tools gets as ``<tool_response>`` turns.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> follows_tool_results_as_text([SimpleNamespace(role="tool")], "{{ messages }}")
+        True
+    """
+    from .chat import template_supports_tools  # chat.py imports this module
+
+    return any(getattr(m, "role", None) == "tool" for m in messages) and not template_supports_tools(template)
+
+
 def _rebase_refs(schema: Any, base: str) -> Any:
     """``schema`` with its local ``$ref``s (``#/$defs/X``, ``#``) pointing into ``base``, where it now sits."""
     if isinstance(schema, dict):

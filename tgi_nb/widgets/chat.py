@@ -3,22 +3,27 @@
 A turn runs in the widget's :class:`~tgi_nb.widgets.lifecycle.Worker`: the cell or click that starts it returns
 at once. Streamed text is coalesced to about 15 browser updates a second and sent append-only (see
 ``transcript.py``); the stream itself is :func:`~tgi_nb.widgets.streaming.stream_reply`. Stop closes the HTTP
-stream; the server sees the client go away, aborts the request and frees its KV blocks.
+stream; the server sees the client go away, aborts the request and frees its KV blocks. Enter sends
+(``chat_input.py``); the conversation downloads as OpenAI's message JSON or markdown and imports from either
+(``conversation.py``).
 """
 
 from __future__ import annotations
 
 import html
+import json
 import threading
 import time
 from typing import Any, Optional, Union
 
 import ipywidgets as w
 
+from .chat_input import ChatInput
 from .controls import button, styled
+from .conversation import download_link, parse_conversation, to_markdown
 from .lifecycle import UPDATES_PER_SECOND, Job, Worker, replace_in_cell
 from .parameters import ParametersWidget, python_call, split_openai_kwargs
-from .streaming import Reply, describe_error, format_stats, stream_reply
+from .streaming import Reply, describe_error, describe_settings, format_stats, stream_reply
 from .target import Target
 from .transcript import Transcript
 
@@ -65,10 +70,10 @@ class ChatWidget(w.VBox):
         self._lock = threading.RLock()
 
         self.transcript = Transcript()
-        self.input = styled(w.Textarea(placeholder="Ask something, then click Send",
-                                       layout=w.Layout(width="auto", flex="1 1 auto", height="56px")),
-                            "tgi-chat-input")
-        self.send_button = button("Send", "tgi-chat-send", self._send_clicked, style="primary")
+        self.transcript.on_action("continue", self._continue_clicked)
+        self.input = ChatInput(placeholder="Ask something (Enter sends, Shift+Enter: a new line)",
+                               layout=w.Layout(width="auto", flex="1 1 auto"))
+        self.input.on_submit(self._submitted)
         self.stop_button = button("Stop", "tgi-chat-stop", self.stop, style="danger")
         self.stop_button.disabled = True
         self.regenerate_button = button("Regenerate", "tgi-chat-regenerate", lambda: self._guard(self.regenerate))
@@ -76,14 +81,22 @@ class ChatWidget(w.VBox):
         self.clear_button = button("Clear", "tgi-chat-clear", lambda: self._guard(self.clear))
         self.status = styled(w.HTML(), "tgi-chat-status")
         self.code = styled(w.HTML(), "tgi-chat-code")
-        buttons = w.HBox([self.send_button, self.stop_button, self.regenerate_button, self.edit_button,
-                          self.clear_button])
+        self.system_line = styled(w.HTML(), "tgi-chat-system")
+        self.exports = styled(w.HTML(), "tgi-chat-export")
+        self.importer = styled(w.FileUpload(accept=".json,.md", description="Import", icon="upload",
+                                            layout=w.Layout(width="auto")), "tgi-chat-import")
+        self.importer.observe(self._imported, "value")
+        buttons = w.HBox([self.stop_button, self.regenerate_button, self.edit_button,
+                          self.clear_button, self.importer, self.exports],
+                         layout=w.Layout(align_items="center", flex_flow="row wrap"))
         super().__init__([w.HTML(f"<b>Chat</b> with <code>{html.escape(self.target.label)}</code>"),
-                          self.transcript, w.HBox([self.input]), buttons, self.status, self.code])
+                          self.system_line, self.transcript, w.HBox([self.input]), buttons, self.status,
+                          self.code])
         self.add_class("tgi-chat")
         self._show_code()
+        self._show_exports()
         if isinstance(parameters, ParametersWidget):  # shared by the workbench's chats: let go on close
-            parameters.observe(self._show_code, "params")
+            parameters.observe(self._show_code, ["params", "system_prompt"])
         replace_in_cell(self)
 
     # ------------------------------------------------------------------------------------------------ API
@@ -106,6 +119,8 @@ class ChatWidget(w.VBox):
             if not self.history:
                 self.messages.clear()
                 self._turn_starts.clear()
+            if self.transcript.entries and self.transcript.entries[-1].get("actions"):
+                self.transcript.update_entry(-1, actions=None, notice=None)  # Continue: on the last reply only
             self._turn_starts.append((len(self.transcript.entries), len(self.messages), text))
             self.messages.append({"role": "user", "content": text})
             self.transcript.add("user", text)
@@ -137,6 +152,7 @@ class ChatWidget(w.VBox):
             self._turn_starts.clear()
             self.transcript.truncate(0)
             self._set_status("")
+        self._show_exports()
 
     def regenerate(self) -> "ChatWidget":
         """Ask again for the last reply (or retry the last prompt after an error)."""
@@ -152,13 +168,62 @@ class ChatWidget(w.VBox):
             self.input.value = prompt
         return prompt
 
+    def continue_reply(self) -> "ChatWidget":
+        """Ask for the rest of the last reply (cut by max_tokens): the server continues the assistant message
+        where it stopped (tgi_nb and TGI continue a final assistant message), and the text joins the reply.
+
+        Raises ``RuntimeError`` when the conversation does not end with a reply, or while one streams.
+        """
+        with self._lock:
+            if self.busy:
+                raise RuntimeError("a reply is still streaming: call stop() or wait() first")
+            if not self.messages or self.messages[-1]["role"] != "assistant":
+                raise RuntimeError("nothing to continue: the conversation does not end with a reply")
+            self.transcript.update_entry(-1, actions=None, notice=None)
+            self._start_turn(continued=self.messages[-1]["content"])
+        return self
+
+    def export_messages(self) -> list[dict[str, Any]]:
+        """The conversation in OpenAI's message format, the system prompt first (what a request sends).
+
+        Example:
+            >>> chat = ChatWidget("http://127.0.0.1:9", system_prompt="Be brief.")
+            >>> chat.load_messages([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+            >>> [m["role"] for m in chat.export_messages()], chat.to_markdown().splitlines()[0]
+            (['system', 'user', 'assistant'], '### system')
+        """
+        return self._request()[0]
+
+    def to_markdown(self) -> str:
+        """The conversation as markdown, a ``### role`` heading per message."""
+        return to_markdown(self.export_messages())
+
+    def load_messages(self, messages: list[dict[str, Any]]) -> None:
+        """Replace the conversation by ``messages`` (OpenAI's format; a system message becomes this chat's
+        system prompt); stops a reply in progress."""
+        self.stop()
+        self.wait(30)
+        with self._lock:
+            system = [m["content"] for m in messages if m["role"] == "system"]
+            if system:
+                self.system_prompt = system[-1]
+            self.messages = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+            self._turn_starts = []
+            self.transcript.truncate(0)
+            for m in self.messages:
+                if m["role"] == "user":
+                    self._turn_starts.append((len(self.transcript.entries), self.messages.index(m), m["content"]))
+                self.transcript.add(m["role"], m["content"], markdown=m["role"] == "assistant")
+        self._show_code()
+        self._show_exports()
+
     def close(self) -> None:
         """Stop the reply in progress and let go of the parameters widget (which may outlive this chat)."""
         worker = getattr(self, "_worker", None)
         if worker is not None:
             worker.close()
             if isinstance(self.parameters, ParametersWidget):
-                self.parameters.unobserve(self._show_code, "params")
+                self.parameters.unobserve(self._show_code, ["params", "system_prompt"])
         super().close()
 
     # ------------------------------------------------------------------------------------------------ turns
@@ -183,39 +248,52 @@ class ChatWidget(w.VBox):
         messages = ([{"role": "system", "content": system}] if system else []) + list(self.messages)
         return messages, kwargs
 
-    def _start_turn(self) -> None:
+    def _start_turn(self, continued: str = "") -> None:
+        """Stream a reply to the conversation; ``continued``: the last reply's text, which the new text extends."""
         messages, kwargs = self._request()
         started = time.monotonic()
-        self.transcript.start_reply()
+        self.transcript.start_reply(continued)
         self._set_status("<i>waiting for the first token...</i>")
 
-        def show(text: str) -> None:
+        def show(text: str, field: str = "content") -> None:
             if self.status.value:
                 self._set_status("")
-            self.transcript.append(text)
+            self.transcript.append(text, field)
 
         def turn(job: Job) -> None:
             reply = stream_reply(self.target, messages, kwargs, job, show, self.updates_per_second, started)
-            self._end_turn(reply)
+            self._end_turn(reply, kwargs, continued)
 
         self._set_busy(True)
         if self._worker.start(turn, on_end=self._turn_ended) is None:  # closed meanwhile
             self._set_busy(False)
 
-    def _end_turn(self, reply: Reply) -> None:
+    def _end_turn(self, reply: Reply, kwargs: dict[str, Any], continued: str) -> None:
+        cut = reply.finish_reason == "length" and reply.error is None and not reply.stopped
+        notice = actions = None
+        if cut:
+            notice = (f"The reply was cut at max_tokens ({kwargs.get('max_tokens', 'the server’s limit')}): "
+                      "Continue asks for the rest, or raise max_tokens in the parameters.")
+            actions = [["continue", "Continue", "Ask the model to go on from where the reply was cut"]]
         with self._lock:
-            stats = reply.show_end(self.transcript, self.target.base_url)
+            stats = reply.show_end(self.transcript, self.target.base_url, prefix=continued,
+                                   settings=describe_settings(kwargs), notice=notice, actions=actions)
             if stats["error"] is not None:
-                del self.messages[-1:]  # the prompt failed: it stays on screen, not in the history
+                if not continued:
+                    del self.messages[-1:]  # the prompt failed: it stays on screen, not in the history
                 if reply.status_code == 400 and isinstance(self.parameters, ParametersWidget):
                     self.parameters.show_error(stats["error"])
                 self._set_status(f"<span style='color:#b91c1c'>{html.escape(stats['error'])}</span>")
             else:
-                self.messages.append({"role": "assistant", "content": reply.text})
+                if continued:
+                    self.messages[-1] = {"role": "assistant", "content": continued + reply.text}
+                else:
+                    self.messages.append({"role": "assistant", "content": reply.text})
                 self._set_status("")
                 if isinstance(self.parameters, ParametersWidget):
                     self.parameters.show_error(None)
             self.last_stats = stats
+        self._show_exports()
 
     def _turn_ended(self, error: Optional[BaseException]) -> None:
         # Runs after every turn, before wait() returns: the buttons are right by then.
@@ -224,14 +302,32 @@ class ChatWidget(w.VBox):
         self._set_busy(False)
 
     # ------------------------------------------------------------------------------------------------ UI
-    def _send_clicked(self) -> None:
-        text = self.input.value
+    def _submitted(self, text: str) -> None:
+        """Send what the box held (the browser emptied it)."""
         try:
             self.send(text)
         except (ValueError, RuntimeError) as exc:
             self._set_status(html.escape(str(exc)))
+            if text.strip() and not self.input.value:
+                self.input.value = text  # refused: the text goes back where it was typed
+
+    def _continue_clicked(self, index: int) -> None:
+        if index not in (-1, len(self.transcript.entries) - 1):
+            self._set_status("Continue works on the last reply only")
             return
-        self.input.value = ""
+        self._guard(self.continue_reply)
+
+    def _imported(self, change: Any) -> None:
+        files = list(change["new"] or ())
+        if not files:
+            return
+        item = files[-1]
+        try:
+            self.load_messages(parse_conversation(bytes(item["content"]).decode("utf-8")))
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._set_status(f"<span style='color:#b91c1c'>{html.escape(item['name'])}: {html.escape(str(exc))}</span>")
+            return
+        self._set_status(f"imported {html.escape(item['name'])}: {len(self.messages)} messages")
 
     def _guard(self, action) -> None:
         # Button handlers run in the kernel's thread: the waits inside are bounded, errors become the status.
@@ -241,9 +337,9 @@ class ChatWidget(w.VBox):
             self._set_status(html.escape(str(exc)))
 
     def _set_busy(self, busy: bool) -> None:
-        self.send_button.disabled = busy
+        self.input.ready = not busy
         self.stop_button.disabled = not busy
-        for button in (self.regenerate_button, self.edit_button, self.clear_button):
+        for button in (self.regenerate_button, self.edit_button, self.clear_button, self.importer):
             button.disabled = busy
 
     def _set_status(self, text: str) -> None:
@@ -255,3 +351,18 @@ class ChatWidget(w.VBox):
         code = (f"from openai import OpenAI\nclient = OpenAI(base_url={self.target.base_url or '<endpoint.url>/v1'!r}"
                 f" + '/', api_key=token)\n" + python_call(params, "messages", self.target.model))
         self.code.value = (f"<details><summary>Python</summary><pre>{html.escape(code)}</pre></details>")
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+        self.system_line.value = (
+            f"<div style='font-size:12px' title='Sent first in every request of this chat'>System prompt: "
+            f"<i>{html.escape(system)}</i></div>" if system else
+            "<div style='font-size:12px;opacity:0.7'>No system prompt (set one in the parameters)</div>")
+
+    def _show_exports(self) -> None:
+        if not self.messages:
+            self.exports.value = ""
+            return
+        self.exports.value = ("<span style='font-size:12px'>Export: "
+                              + download_link(json.dumps(self.export_messages(), indent=1, ensure_ascii=False),
+                                              "chat.json", "JSON", "application/json", "tgi-chat-export-json")
+                              + " · " + download_link(self.to_markdown(), "chat.md", "Markdown", "text/markdown",
+                                                      "tgi-chat-export-md") + "</span>")

@@ -4,24 +4,51 @@ a user decides whether the open model is good enough to migrate to.
 
 Each column is a transcript and a stream of its own (:func:`~tgi_nb.widgets.streaming.stream_reply`), all
 driven from the widget's one :class:`~tgi_nb.widgets.lifecycle.Worker`; the table's figures come from the
-streams themselves.
+streams themselves. The table downloads as CSV (``to_csv()``) and becomes a pandas DataFrame
+(``to_dataframe()``).
 """
 
 from __future__ import annotations
 
+import csv
 import html
-import threading
+import io
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import ipywidgets as w
 
 from .controls import button, styled
-from .lifecycle import Job, Worker, replace_in_cell
+from .conversation import download_link
+from .lifecycle import Job, Worker, replace_in_cell, start_thread
 from .parameters import ParametersWidget, split_openai_kwargs
 from .streaming import Reply, end_reason, stream_reply
 from .target import Target
 from .transcript import Transcript
+
+
+_TABLE_CSS = """
+.tgi-compare-results { font-size: 12px; border-collapse: collapse; width: 100%; }
+.tgi-compare-results td, .tgi-compare-results th { padding: 2px 6px; vertical-align: top; text-align: left;
+  border-bottom: 1px solid var(--jp-border-color2, #e5e7eb); }
+.tgi-compare-prompt td { background: var(--jp-layout-color2, #f3f4f6); }
+.tgi-compare-answer { max-width: 520px; }
+"""
+ANSWER_CHARS = 160
+
+
+def shorten(text: str, limit: int = ANSWER_CHARS) -> str:
+    """``text`` on one line, cut at a word boundary with an ellipsis when longer than ``limit`` characters.
+
+    Example:
+        >>> shorten("The quick brown fox jumps over the lazy dog", 20)
+        'The quick brown fox…'
+    """
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
+    return cut.rstrip(" ,.;:") + "…"
 
 
 @dataclass
@@ -86,9 +113,11 @@ class CompareWidget(w.VBox):
         self.stop_button = button("Stop", "tgi-compare-stop", self.stop, style="danger")
         self.stop_button.disabled = True
         self.table = styled(w.HTML(), "tgi-compare-table")
+        self.exports = styled(w.HTML(), "tgi-compare-export")
         panes = [w.VBox([w.HTML(f"<b>{html.escape(column.label)}</b>"), column.transcript],
                         layout=w.Layout(flex="1 1 0", min_width="200px")) for column in self.chats]
-        super().__init__([self.prompts, w.HBox([self.run_button, self.stop_button]), w.HBox(panes), self.table])
+        super().__init__([self.prompts, w.HBox([self.run_button, self.stop_button]), w.HBox(panes), self.table,
+                          self.exports])
         self.add_class("tgi-compare")
         replace_in_cell(self)
 
@@ -122,16 +151,14 @@ class CompareWidget(w.VBox):
                                               split_openai_kwargs(self._params(column.overrides)), job,
                                               column.transcript.append)
 
-            streams = [threading.Thread(target=stream, args=(i, column), name="tgi_nb-compare-stream", daemon=True)
-                       for i, column in enumerate(self.chats)]
-            for thread in streams:
-                thread.start()
+            streams = [start_thread(stream, i, column, name="compare-stream") for i, column in enumerate(self.chats)]
             for thread in streams:
                 thread.join()
             for column, reply in zip(self.chats, replies):
                 stats = reply.show_end(column.transcript, column.target.base_url)
                 self.results.append({"prompt": prompt, "target": column.label, "latency_s": stats["elapsed_s"],
-                                     **stats, "answer": reply.text if stats["error"] is None else ""})
+                                     **stats, "answer": reply.text if stats["error"] is None else "",
+                                     "thinking": reply.reasoning if stats["error"] is None else ""})
             self._draw()
 
     def _ended(self, error: Optional[BaseException]) -> None:
@@ -149,19 +176,63 @@ class CompareWidget(w.VBox):
             raise TimeoutError(f"the comparison did not end within timeout={timeout} s")
         return self
 
+    COLUMNS = ("prompt", "target", "latency_s", "ttft_s", "tokens_per_s", "tokens", "thinking_tokens",
+               "finish_reason", "error", "answer", "thinking")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The results as flat rows (one per prompt and target) with the table's columns.
+
+        Example:
+            >>> cmp = CompareWidget(["http://a:1", "http://b:1"])
+            >>> cmp.results = [{"prompt": "Hi", "target": "a:1", "latency_s": 1.0, "tokens": 3, "answer": "Hey"}]
+            >>> cmp.rows()[0]["answer"], cmp.to_csv().splitlines()[0].split(",")[:4]
+            ('Hey', ['prompt', 'target', 'latency_s', 'ttft_s'])
+        """
+        return [{key: r.get(key) for key in self.COLUMNS} for r in self.results]
+
+    def to_csv(self) -> str:
+        """The table as CSV text (what the CSV link downloads)."""
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=self.COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows())
+        return out.getvalue()
+
+    def to_dataframe(self) -> Any:
+        """The table as a pandas DataFrame (``pip install pandas``)."""
+        try:
+            import pandas as pd
+        except ImportError as exc:  # not a dependency of tgi_nb: the CSV needs nothing
+            raise ImportError("to_dataframe() needs pandas: pip install pandas (or use to_csv())") from exc
+        return pd.DataFrame(self.rows(), columns=list(self.COLUMNS))
+
     def _draw(self) -> None:
         def cell(value: Any, fmt: str = "{:.2f}") -> str:
             return "–" if value is None else fmt.format(value)
 
-        rows = "".join(
-            f"<tr><td>{html.escape(r['prompt'][:60])}</td><td>{html.escape(r['target'])}</td>"
-            f"<td>{cell(r['latency_s'])}</td><td>{cell(r.get('ttft_s'))}</td>"
-            f"<td>{cell(r.get('tokens_per_s'), '{:.1f}')}</td><td>{r.get('tokens', 0)}</td>"
-            f"<td>{html.escape(end_reason(r))}</td>"
-            f"<td>{html.escape(r['answer'][:200])}</td></tr>" for r in self.results)
-        self.table.value = ("<table class='tgi-compare-results' style='font-size:12px'><tr><th>prompt</th>"
-                            "<th>target</th><th>latency (s)</th><th>TTFT (s)</th><th>tok/s</th><th>tokens</th>"
-                            f"<th>end</th><th>answer</th></tr>{rows}</table>")
+        thinking = any(r.get("thinking_tokens") for r in self.results)
+        head = ["target", "latency (s)", "TTFT (s)", "tok/s", "tokens", *(["thinking"] if thinking else []),
+                "end", "answer"]
+        rows, prompt = [], None
+        for r in self.results:
+            if r["prompt"] != prompt:  # the prompt once, above its answers
+                prompt = r["prompt"]
+                rows.append(f"<tr class='tgi-compare-prompt'><td colspan='{len(head)}'><b>Prompt:</b> "
+                            f"{html.escape(prompt)}</td></tr>")
+            answer = r["answer"] or ""
+            rows.append(
+                f"<tr><td>{html.escape(r['target'])}</td><td>{cell(r['latency_s'])}</td>"
+                f"<td>{cell(r.get('ttft_s'))}</td><td>{cell(r.get('tokens_per_s'), '{:.1f}')}</td>"
+                f"<td>{r.get('tokens', 0)}</td>" + (f"<td>{r.get('thinking_tokens') or 0}</td>" if thinking else "")
+                + f"<td>{html.escape(end_reason(r))}</td>"
+                f"<td class='tgi-compare-answer' title='{html.escape(answer)}'>{html.escape(shorten(answer))}</td>"
+                "</tr>")
+        header = "".join(f"<th>{h}</th>" for h in head)
+        self.table.value = (f"<style>{_TABLE_CSS}</style><table class='tgi-compare-results'><tr>{header}</tr>"
+                            f"{''.join(rows)}</table>")
+        self.exports.value = ("<span style='font-size:12px'>Export: "
+                              + download_link(self.to_csv(), "compare.csv", "CSV", "text/csv", "tgi-compare-export-csv")
+                              + " · <code>compare.to_dataframe()</code></span>")
 
     def close(self) -> None:
         """Stop the comparison; the columns' transcripts close with the widget."""

@@ -20,7 +20,7 @@ import traitlets
 from tgi_nb.endpoints.status import allowed_actions
 
 from .controls import button
-from .lifecycle import Worker, replace_in_cell
+from .lifecycle import Worker, replace_in_cell, request_parent, use_parent
 
 DEFAULT_REPOSITORY = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LIMITS = ("MAX_INPUT_TOKENS", "MAX_TOTAL_TOKENS", "MAX_BATCH_PREFILL_TOKENS", "MAX_BATCH_TOTAL_TOKENS",
@@ -78,6 +78,40 @@ def creation_code(name: str, repository: str, type_: str, env: dict[str, str], b
         lines.append(f"    backend={backend!r},")
     lines += [")", "endpoint.wait()"]
     return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover - the loop returns
+
+
+def describe_limits(limits: dict[str, Any]) -> str:
+    """An endpoint's limits in words, as the form shows them once it runs.
+
+    Example:
+        >>> describe_limits({"max_input_tokens": 4095, "max_total_tokens": 4096, "max_batch_total_tokens": 16384,
+        ...                  "device": "cpu", "dtype": "float32", "kv_cache_dtype": "float32",
+        ...                  "kv_cache_bytes": 1509949440, "weights_bytes": 538000000})
+        'Prompts up to 4,095 tokens, 4,096 with the answer; 16,384 tokens in flight over all requests. On cpu in float32: weights 513.1 MiB, KV cache 1.4 GiB (float32).'
+    """
+    def count(key: str) -> str:
+        value = limits.get(key)
+        return f"{value:,}" if isinstance(value, int) else "?"
+
+    text = (f"Prompts up to {count('max_input_tokens')} tokens, {count('max_total_tokens')} with the answer; "
+            f"{count('max_batch_total_tokens')} tokens in flight over all requests.")
+    memory = []
+    if limits.get("weights_bytes"):
+        memory.append(f"weights {_size(limits['weights_bytes'])}")
+    if limits.get("kv_cache_bytes"):
+        memory.append(f"KV cache {_size(limits['kv_cache_bytes'])} ({limits.get('kv_cache_dtype') or 'float32'})")
+    where = " in ".join(str(limits[k]) for k in ("device", "dtype") if limits.get(k))
+    if memory or where:
+        text += f" On {where or 'this machine'}" + (": " + ", ".join(memory) if memory else "") + "."
+    return text
 
 
 class _LoadLog(logging.Handler):
@@ -161,7 +195,7 @@ class EndpointWidget(w.VBox):
                                      style=style, layout=wide)
         self.type = w.ToggleButtons(options=TYPES, value=type, description="type", style=style)
         self.token = w.Password(description="token", placeholder="empty: a random one (endpoint.token)", style=style,
-                                layout=wide)
+                                layout=w.Layout(width="460px"))  # its own layout: hidden for a public endpoint
         self.limits = {name_: w.Text(description=name_, placeholder="default (fitted to the machine)",
                                      style=style, layout=wide) for name_ in LIMITS}
         self.backend = w.ToggleButtons(options=BACKENDS, value=backend, description="backend", style=style)
@@ -209,6 +243,8 @@ class EndpointWidget(w.VBox):
 
         for control in (self.name, self.repository, self.type, self.backend, self.dtype, *self.limits.values()):
             control.observe(lambda _: self._show_code(), "value")
+        self.type.observe(lambda _: self._show_token(), "value")
+        self._show_token()
 
         self._worker = Worker("endpoint-action")
         self._load_log: Optional[_LoadLog] = None
@@ -244,6 +280,10 @@ class EndpointWidget(w.VBox):
         if self.type.value != "public":
             kwargs["token"] = self.token.value or None
         return kwargs
+
+    def _show_token(self) -> None:
+        """The token field only where one is needed: a protected endpoint."""
+        self.token.layout.display = "" if self.type.value == "protected" else "none"
 
     def _show_code(self) -> None:
         try:
@@ -308,6 +348,7 @@ class EndpointWidget(w.VBox):
             self._unsubscribe = endpoint.on_status_change(self._on_status)
 
     def _on_status(self, endpoint: Any, previous: str, new: str) -> None:
+        use_parent(request_parent())  # the status machine's notifier thread: publish outside any subshell
         if endpoint is self.endpoint:  # not a change that came in while another endpoint was picked
             self._show()
 
@@ -395,6 +436,7 @@ class EndpointWidget(w.VBox):
         self.warnings.value = "".join(f"<div style='color:#b45309'>&#9888; {html.escape(m)}</div>" for m in found)
 
     def _step_logged(self) -> None:
+        use_parent(request_parent())  # the loading thread, maybe the endpoint's own: publish outside any subshell
         with self._status_cond:  # not drawn over a change of status being drawn
             self._show_progress()
 
@@ -413,7 +455,7 @@ class EndpointWidget(w.VBox):
         if status == "failed" and message:
             lines.append(f"<b style='color:#dc2626'>{html.escape(message)}</b>")
         elif status == "running" and endpoint.limits:
-            lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in endpoint.limits.items()))
+            lines.append(html.escape(describe_limits(endpoint.limits)))
         self.progress.value = f"<div style='font-size:12px;line-height:1.4'>{'<br>'.join(lines)}</div>"
 
     def _show_error(self, message: str) -> None:

@@ -65,6 +65,74 @@ def replace_in_cell(widget: Any) -> None:
         if old is not None:
             old.close()
 
+
+# Replies to a widget's messages go where its last update said (ipykernel 7.4 routes a comm's incoming
+# messages to the subshell named by the parent of its last publish). A thread the kernel did not start
+# publishes with the kernel's most recent request as parent, whichever page or subshell sent it: after a page
+# reload that is often a subshell the new page has already deleted (the one JupyterLab opens for the
+# widget-state comm and closes right after), and the widget it updated stops answering ("Unknown
+# subshell_id"). So our threads publish as the request that started them, with no subshell: the main shell,
+# which lives as long as the kernel.
+def request_parent() -> Optional[dict]:
+    """The kernel's current request, without its subshell, as the parent for a background thread's widget
+    updates (None outside a kernel). Call it where the work is asked for; pass it to :func:`use_parent`.
+
+    Example:
+        >>> request_parent() is None     # outside a kernel
+        True
+    """
+    try:
+        from ipykernel.kernelbase import Kernel
+
+        if not Kernel.initialized():
+            return None
+        parent = Kernel.instance().get_parent() or {}
+    except Exception:  # noqa: BLE001 - any kernel quirk: publish as before
+        return None
+    if not parent.get("header"):
+        return None
+    return {**parent, "header": {**parent["header"], "subshell_id": None}}
+
+
+def use_parent(parent: Optional[dict]) -> None:
+    """Make ``parent`` (from :func:`request_parent`) the request this thread's widget updates answer. Ignored in
+    the threads the kernel runs requests in (the main one, its subshells'): theirs is the request they handle.
+
+    Example:
+        >>> use_parent(None)     # nothing to do outside a kernel
+    """
+    thread = threading.current_thread()
+    if parent is None or thread is threading.main_thread() or thread.name.startswith("subshell-"):
+        return
+    try:
+        from ipykernel.kernelbase import Kernel
+
+        var = getattr(Kernel.instance(), "_shell_parent", None)
+        if var is not None and hasattr(var, "set"):  # a ContextVar: this thread's own value
+            var.set(parent)
+    except Exception:  # noqa: BLE001 - any kernel quirk: publish as before
+        logger.debug("could not set the thread's parent request", exc_info=True)
+
+
+def start_thread(target: Callable[..., Any], *args: Any, name: str) -> threading.Thread:
+    """Start a daemon thread named ``tgi_nb-<name>`` running ``target(*args)``, whose widget updates answer the
+    request that started it (see :func:`use_parent`).
+
+    Example:
+        >>> start_thread(print, "from a thread", name="doc").join()
+        from a thread
+    """
+    parent = request_parent()
+
+    def run() -> None:
+        use_parent(parent)
+        target(*args)
+
+    thread = threading.Thread(target=run, name=f"tgi_nb-{name}", daemon=True)
+    thread.start()
+    return thread
+
+
 class Job:
     """One piece of a widget's background work: ``stopping`` is set by ``stop()``, and the functions given to
     ``on_stop`` (close an HTTP stream...) run then, so that the work ends at once rather than at its next
@@ -147,7 +215,7 @@ class Worker:
                 return None
             job = self._job = Job()
             self.idle.clear()
-        threading.Thread(target=self._run, args=(job, work, on_end), name=f"tgi_nb-{self.name}", daemon=True).start()
+        start_thread(self._run, job, work, on_end, name=self.name)
         return job
 
     def submit(self, work: Callable[[Job], Any],
@@ -270,15 +338,16 @@ class Poller:
         self.ticks = 0
         self._stop = threading.Event()
         self._tick = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name=f"tgi_nb-{name}", daemon=True)
+        self.name = name
+        self._thread: Optional[threading.Thread] = None
 
     def start(self) -> "Poller":
-        self._thread.start()
+        self._thread = start_thread(self._loop, name=self.name)
         return self
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -299,5 +368,5 @@ class Poller:
 
     def stop(self, join: bool = True) -> None:
         self._stop.set()
-        if join and self._thread.is_alive() and threading.current_thread() is not self._thread:
+        if join and self.alive and threading.current_thread() is not self._thread:
             self._thread.join(10)

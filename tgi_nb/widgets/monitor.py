@@ -22,13 +22,20 @@ WINDOW_SECONDS = 60  # latency percentiles over the last minute
 
 GAUGES = {"running": "tgi_batch_current_size", "waiting": "tgi_queue_size", "kv_used": "tgi_kv_blocks_used",
           "kv_free": "tgi_kv_blocks_free", "in_flight": "tgi_requests_in_flight"}
+# The figures drawn: (title, {legend: series key}, unit); KV use as a percentage of the cache.
+CHARTS = (("requests", {"running": "running", "waiting": "waiting"}, ""),
+          ("KV cache in use", {"used": "kv_percent"}, "%"),
+          ("output tokens/s", {"all requests": "tokens_per_s"}, ""),
+          ("time to first token (1 min)", {"p50": "ttft_p50", "p99": "ttft_p99"}, " s"),
+          ("inter-token latency (1 min)", {"p50": "itl_p50", "p99": "itl_p99"}, " s"))
 COUNTERS = {"generated": "tgi_engine_generated_tokens", "requests": "tgi_request_count"}
 HISTOGRAMS = {"ttft": "tgi_request_time_to_first_token_seconds", "itl": "tgi_request_inter_token_latency_seconds"}
 
 
 @dataclass
 class Scrape:
-    """One read of /metrics: gauges, counters (summed over labels) and cumulative histogram buckets."""
+    """One read of /metrics: gauges, counters (summed over labels), cumulative histogram buckets, and each
+    histogram's sum and count (``values["<name>_sum"]``, ``values["<name>_count"]``)."""
 
     at: float
     values: dict[str, float]
@@ -57,6 +64,9 @@ def parse_metrics(text: str, at: Optional[float] = None) -> Scrape:
                 name = name[: -len("_total")]
             if name in wanted:
                 key = wanted[name]
+                values[key] = values.get(key, 0.0) + sample.value
+            elif name.endswith(("_sum", "_count")) and name.rsplit("_", 1)[0] in histograms:
+                key = f"{histograms[name.rsplit('_', 1)[0]]}_{name.rsplit('_', 1)[1]}"
                 values[key] = values.get(key, 0.0) + sample.value
             elif name.endswith("_bucket") and name[: -len("_bucket")] in histograms:
                 key = histograms[name[: -len("_bucket")]]
@@ -93,32 +103,69 @@ def histogram_quantile(q: float, now: list[tuple[float, float]], before: list[tu
     return lower_bound
 
 
-def _number(value: float) -> str:
-    """Counts as integers (8192, not 8.19e+03), other values with three significant digits."""
-    return f"{value:.0f}" if value == int(value) else f"{value:.3g}"
-
-
-def sparkline(points: list[tuple[float, float]], title: str, unit: str = "", width: int = 300,
-              height: int = 60, span: float = HISTORY_SECONDS) -> str:
-    """An SVG line of (time, value) points over the last ``span`` seconds, with its title and last value.
+def _number(value: float, unit: str = "") -> str:
+    """A value as people read it: seconds in ms below one second, percentages and counts rounded, others with
+    three significant digits (never 1e-09 or 8.19e+03).
 
     Example:
-        >>> "<svg" in sparkline([(0, 1), (1, 2)], "running")
+        >>> _number(0.0123, " s"), _number(8192), _number(42.37, "%"), _number(1e-9, " s")
+        ('12 ms', '8192', '42%', '0 ms')
+    """
+    if unit == " s" and value < 1:
+        return f"{value * 1000:.0f} ms"
+    if unit == "%" or value >= 100 or value == int(value):
+        return f"{value:.0f}{unit}"
+    return f"{value:.3g}{unit}"
+
+
+def _nice_top(value: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x 10^k at or above ``value``: a y axis' top tick."""
+    if value <= 0:
+        return 1.0
+    power = 10 ** math.floor(math.log10(value))
+    return next(step * power for step in (1, 2, 2.5, 5, 10) if step * power >= value)
+
+
+COLORS = ("#2563eb", "#d97706")
+
+
+def sparkline(lines: dict[str, list[tuple[float, float]]], title: str, unit: str = "", width: int = 280,
+              height: int = 90, span: float = HISTORY_SECONDS, top: Optional[float] = None, note: str = "") -> str:
+    """An SVG chart of one or two series of (time, value) points over the last ``span`` seconds, with a y
+    axis (0 and its top tick), a time axis (minutes ago) and each series' last value in the title.
+
+    Example:
+        >>> chart = sparkline({"running": [(0, 1), (1, 2)]}, "requests")
+        >>> "<svg" in chart and "running <b>2</b>" in chart and "now" in chart
         True
     """
-    last = _number(points[-1][1]) + unit if points else "–"
-    svg = [f"<svg width='{width}' height='{height}' style='background:var(--jp-layout-color2,#f9fafb)'>"]
-    if len(points) > 1:
-        t_end = points[-1][0]
-        top = max(v for _, v in points)
-        scale = top if top > 0 else 1.0
-        coords = " ".join(f"{width - (t_end - t) / span * width:.1f},{height - 4 - v / scale * (height - 16):.1f}"
-                          for t, v in points)
-        svg.append(f"<polyline fill='none' stroke='#2563eb' stroke-width='1.5' points='{coords}'/>")
-        svg.append(f"<text x='4' y='10' font-size='9' fill='#6b7280'>max {_number(top)}{unit}</text>")
+    left, bottom, right = 46, 14, 6  # room for a y label such as "500 ms" or "2.5 s"
+    plot_w, plot_h = width - left - right, height - bottom - 6
+    points = [p for series in lines.values() for p in series]
+    t_end = max((t for t, _ in points), default=0.0)
+    y_top = top if top is not None else _nice_top(max((v for _, v in points), default=0.0))
+    svg = [f"<svg width='{width}' height='{height}' style='background:var(--jp-layout-color2,#f9fafb)' "
+           f"font-size='9' fill='var(--jp-ui-font-color2,#6b7280)'>"]
+    for value, y in ((y_top, 6), (0, 6 + plot_h)):  # y ticks: the top and 0
+        svg.append(f"<text x='{left - 3}' y='{y + 3}' text-anchor='end'>{_number(value, unit)}</text>"
+                   f"<line x1='{left}' x2='{left + plot_w}' y1='{y}' y2='{y}' stroke='#d1d5db' stroke-width='0.5'/>")
+    for minutes in range(int(span // 60) + 1):  # the time axis: minutes ago, now at the right
+        x = left + plot_w - minutes * 60 / span * plot_w
+        label = "now" if minutes == 0 else f"-{minutes} min"
+        svg.append(f"<text x='{x:.0f}' y='{height - 2}' text-anchor='{'end' if minutes == 0 else 'middle'}'>"
+                   f"{label}</text>")
+    legend = []
+    for (name, series), color in zip(lines.items(), COLORS):
+        if len(series) > 1:
+            coords = " ".join(f"{left + plot_w - (t_end - t) / span * plot_w:.1f},"
+                              f"{6 + plot_h - min(v / y_top, 1.0) * plot_h:.1f}" for t, v in series)
+            svg.append(f"<polyline fill='none' stroke='{color}' stroke-width='1.5' points='{coords}'/>")
+        last = _number(series[-1][1], unit) if series else "–"
+        legend.append(f"<span style='color:{color}'>{html.escape(name)} <b>{last}</b></span>")
     svg.append("</svg>")
-    return (f"<div class='tgi-monitor-plot' style='display:inline-block;margin:4px'>"
-            f"<div style='font-size:12px'>{html.escape(title)}: <b>{last}</b></div>{''.join(svg)}</div>")
+    extra = f"<div style='font-size:11px;opacity:0.8'>{note}</div>" if note else ""
+    return (f"<div class='tgi-monitor-plot' style='display:inline-block;margin:4px;vertical-align:top'>"
+            f"<div style='font-size:12px'>{html.escape(title)}: {' · '.join(legend)}</div>{''.join(svg)}{extra}</div>")
 
 
 class MonitorWidget(w.VBox):
@@ -198,6 +245,14 @@ class MonitorWidget(w.VBox):
                 latest[f"{key}_p{int(q * 100)}"] = histogram_quantile(
                     q, scrape.buckets.get(key, []), window_start.buckets.get(key, []) if window_start is not scrape
                     else [])
+        used, free = latest.get("kv_used"), latest.get("kv_free")
+        latest["kv_percent"] = 100.0 * used / (used + free) if used is not None and free and used + free else (
+            0.0 if used == 0 else None)
+        # One request's decoding speed, as the chat measures it: 1 / the mean inter-token latency (last minute).
+        count = scrape.values.get("itl_count", 0.0) - window_start.values.get("itl_count", 0.0)
+        total = scrape.values.get("itl_sum", 0.0) - window_start.values.get("itl_sum", 0.0)
+        latest["request_tokens_per_s"] = count / total if window_start is not scrape and count > 0 and total > 0 \
+            else None
         self.latest = latest
         t = scrape.at - self._started
         for key, value in latest.items():
@@ -209,13 +264,13 @@ class MonitorWidget(w.VBox):
         self._draw()
 
     def _draw(self) -> None:
-        charts = (("running", "running requests", ""), ("waiting", "waiting requests", ""),
-                  ("kv_used", "KV blocks used", ""), ("kv_free", "KV blocks free", ""),
-                  ("tokens_per_s", "output tokens/s", ""), ("ttft_p50", "TTFT p50 (1 min)", " s"),
-                  ("ttft_p99", "TTFT p99 (1 min)", " s"), ("itl_p50", "inter-token p50 (1 min)", " s"),
-                  ("itl_p99", "inter-token p99 (1 min)", " s"))
-        self.plots.value = "".join(sparkline(list(self.series.get(key, ())), title, unit)
-                                   for key, title, unit in charts)
+        speed = self.latest.get("request_tokens_per_s")
+        notes = {"output tokens/s": f"one request: <b>{speed:.1f} tok/s</b> (1 / mean inter-token latency, 1 min;"
+                                    " the chat's figure)" if speed else ""}
+        self.plots.value = "".join(
+            sparkline({name: list(self.series.get(key, ())) for name, key in lines.items()}, title, unit,
+                      top=100.0 if unit == "%" else None, note=notes.get(title, ""))
+            for title, lines, unit in CHARTS)
 
     def _show_header(self, text: str) -> None:
         self.header.value = f"<b>Monitor</b> {html.escape(self.target.label)} &middot; {text}"

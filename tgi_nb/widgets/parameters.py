@@ -2,7 +2,9 @@
 
 ``params`` holds max_tokens and what differs from the server's defaults, so the code it shows is the shortest
 call that does the same. Parameters that OpenAI's API lacks but TGI and vLLM accept (top_k, min_p, repetition_penalty)
-go through the ``openai`` client's ``extra_body``, as users of those servers already write them.
+go through the ``openai`` client's ``extra_body``, as users of those servers already write them. An endpoint's
+own defaults (the model's recommended settings, ``/info``'s ``generation_config``) become the widget's starting
+values with :meth:`ParametersWidget.use_endpoint_defaults`, and its URL the one in the curl command.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any, Optional
 
 import ipywidgets as w
 import traitlets
+
+from .controls import styled
 
 # Body fields the openai client takes as keyword arguments; the rest of ``params`` goes to extra_body.
 OPENAI_FIELDS = frozenset({"temperature", "top_p", "max_tokens", "seed", "stop", "frequency_penalty",
@@ -58,7 +62,10 @@ def python_call(params: dict[str, Any], messages_expr: str = "messages", model: 
     return f"{head} = client.chat.completions.create(\n" + "\n".join(lines) + "\n)"
 
 
-def curl_command(params: dict[str, Any], base_url: str = "http://127.0.0.1:8080/v1", model: str = "tgi") -> str:
+DEFAULT_BASE_URL = "http://127.0.0.1:8080/v1"
+
+
+def curl_command(params: dict[str, Any], base_url: str = DEFAULT_BASE_URL, model: str = "tgi") -> str:
     """The same request as a curl command (``$TOKEN`` for the bearer token), quoted for a POSIX shell whatever
     the values hold (a ``'`` in a stop string...).
 
@@ -92,6 +99,7 @@ class ParametersWidget(w.VBox):
 
     params = traitlets.Dict(help="The request body in OpenAI's names (only values that differ from defaults)")
     system_prompt = traitlets.Unicode("", help="The system message the chat starts with ('' for none)")
+    base_url = traitlets.Unicode(DEFAULT_BASE_URL, help="The /v1 URL the curl command shows")
 
     # name -> (default, control factory); a value equal to its default is left out of ``params``.
     DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_tokens": 256,
@@ -104,8 +112,10 @@ class ParametersWidget(w.VBox):
         if unknown:
             raise TypeError(f"ParametersWidget: unknown parameter {unknown[0]!r}; "
                             f"allowed: {', '.join(self.DEFAULTS)}")
+        self.defaults = dict(self.DEFAULTS)  # the server's: an endpoint's own replace OpenAI's (use_endpoint_defaults)
         style = {"description_width": "130px"}
-        layout = w.Layout(width="420px")
+        # Two columns side by side when there is room, one under the other when not: never a clipped control.
+        layout = w.Layout(width="400px", max_width="100%")
 
         def slider(cls, name, lo, hi, step, desc):
             return cls(value=self.DEFAULTS[name], min=lo, max=hi, step=step, description=desc, style=style,
@@ -134,11 +144,11 @@ class ParametersWidget(w.VBox):
         for name, control in self.controls.items():
             control.add_class(f"tgi-param-{name.replace('_', '-')}")
         self.schema = w.Textarea(value=json.dumps(json_schema, indent=1) if json_schema else _DEFAULT_SCHEMA,
-                                 description="JSON schema", style=style, layout=w.Layout(width="420px",
-                                                                                        height="90px"))
+                                 description="JSON schema", style=style,
+                                 layout=w.Layout(width="400px", max_width="100%", height="90px"))
         self.system = w.Textarea(value=system_prompt, placeholder="You are a helpful assistant.",
                                  description="system prompt", style=style,
-                                 layout=w.Layout(width="420px", height="60px"))
+                                 layout=w.Layout(width="816px", max_width="100%", height="60px"))
         self.system.add_class("tgi-param-system")
         self.error = w.HTML()
         self.error.add_class("tgi-param-error")
@@ -149,11 +159,17 @@ class ParametersWidget(w.VBox):
         right = [stop_row] + [self.controls[n] for n in ("frequency_penalty", "presence_penalty",
                                                          "repetition_penalty", "logprobs", "top_logprobs",
                                                          "response_format")] + [self.schema]
-        super().__init__([w.HBox([w.VBox(left), w.VBox(right)]), self.system, self.error, self.code])
+        column = w.Layout(width="410px", max_width="100%", overflow="visible")
+        columns = w.HBox([w.VBox(left, layout=column), w.VBox(right, layout=column)],
+                         layout=w.Layout(flex_flow="row wrap", width="100%", overflow="visible"))
+        self.defaults_note = styled(w.HTML(), "tgi-param-defaults")
+        super().__init__([self.defaults_note, columns, self.system, self.error, self.code],
+                         layout=w.Layout(overflow="visible"))
         self.add_class("tgi-parameters")
         for control in [*self.controls.values(), self.schema]:
             control.observe(self._changed, "value")
         self.system.observe(self._changed, "value")
+        self.observe(self._changed, "base_url")
         self.set(**values)
         self._changed()
 
@@ -187,7 +203,7 @@ class ParametersWidget(w.VBox):
                 value = list(value)
             elif isinstance(value, float):
                 value = round(value, 4)  # slider steps are decimal; 0.7000000000000001 would leak into the code
-            if value == self.DEFAULTS[name] and name != "max_tokens":
+            if value == self.defaults[name] and name != "max_tokens":
                 continue  # max_tokens always: the server's own default is "until the context is full"
             if name == "response_format":
                 value = {"type": value}
@@ -198,7 +214,40 @@ class ParametersWidget(w.VBox):
             params["logprobs"] = True  # OpenAI refuses top_logprobs without logprobs
         return params
 
+    def use_endpoint_defaults(self, defaults: dict[str, Any], base_url: Optional[str] = None) -> None:
+        """Start from an endpoint's own defaults (``/info``'s ``generation_config``: what it applies when a
+        request leaves a setting out): the controls the user has not moved go to them, and ``params`` leaves
+        them out while they are unchanged. ``base_url``: the endpoint's ``/v1`` URL, for the curl command.
+
+        Example:
+            >>> p = ParametersWidget()
+            >>> p.use_endpoint_defaults({"temperature": 0.2, "top_p": 0.9}, "http://127.0.0.1:9000/v1")
+            >>> p.controls["temperature"].value, p.params, p.base_url
+            (0.2, {'max_tokens': 256}, 'http://127.0.0.1:9000/v1')
+        """
+        known = {}
+        with self.hold_trait_notifications():
+            for name, value in defaults.items():
+                if name in self.controls and name not in ("seed", "stop", "max_tokens"):
+                    if self.controls[name].value != self.defaults[name]:
+                        known[name] = value  # the user moved it already: their value stays, and is sent
+                        continue
+                    try:
+                        self.set(**{name: value})
+                    except (TypeError, ValueError):  # beyond the control's range: left as the server has it
+                        continue
+                    known[name] = value
+            self.defaults = {**self.DEFAULTS, **known}
+            if base_url:
+                self.base_url = base_url
+        self.defaults_note.value = (
+            "<div style='font-size:12px'>Starting from the endpoint's defaults (the model's recommended "
+            f"settings): {html.escape(', '.join(f'{k}={v}' for k, v in known.items()))}</div>" if known else "")
+        self._changed()
+
     def _changed(self, change: Any = None) -> None:
+        # The JSON schema box only where it is used.
+        self.schema.layout.display = "" if self.controls["response_format"].value == "json_schema" else "none"
         try:
             params = self._read()
         except json.JSONDecodeError as exc:
@@ -212,7 +261,8 @@ class ParametersWidget(w.VBox):
             messages = f"[{{'role': 'system', 'content': {self.system_prompt!r}}}, *messages]"
         code = python_call(params, messages)
         self.code.value = ("<details><summary>Python / curl</summary>"
-                           f"<pre>{html.escape(code)}</pre><pre>{html.escape(curl_command(params))}</pre></details>")
+                           f"<pre>{html.escape(code)}</pre><pre>{html.escape(curl_command(params, self.base_url))}</pre>"
+                           "</details>")
 
     def show_error(self, message: Optional[str]) -> None:
         """Show a refused value (the server's 400 message) under the controls; None clears it."""

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import ipywidgets as w
 
 from tgi_nb.rag import RagPipeline, Source, load_file, load_paths
+from tgi_nb.rag.citations import not_found_warning
 
 from .controls import button, styled
 from .lifecycle import Coalescer, Job, Worker, replace_in_cell
@@ -70,8 +71,9 @@ class RagWidget(w.VBox):
                                               description="Overlap")
         self.reindex_button = button("Re-index", "tgi-rag-reindex", self.reindex)
 
+        # It takes the row's free width; the buttons keep their labels' (width 100% squeezed them to "A...").
         self.question = styled(w.Text(placeholder="Ask a question about your documents",
-                                       layout=w.Layout(width="100%")), "tgi-rag-question")
+                                       layout=w.Layout(flex="1 1 auto", width="auto")), "tgi-rag-question")
         self.question.on_submit(lambda _: self._ask_clicked())
         self.ask_button = button("Ask", "tgi-rag-ask", self._ask_clicked, style="primary")
         self.stop_button = button("Stop", "tgi-rag-stop", self.stop, style="danger")
@@ -203,15 +205,20 @@ class RagWidget(w.VBox):
         self.answer.start_reply()
         stream = self.pipeline.ask(question, stream=True)
         forget = job.on_stop(stream.close)  # Stop: the HTTP stream closes, the server stops generating
+        warning = not_found_warning(stream.sources)
         try:
-            self.sources.value = _sources_html(stream.sources)
+            self.sources.value = (f"<div class='tgi-rag-not-found' style='color:#b45309'>&#9888; {html.escape(warning)}"
+                                  "</div>" if warning else "") + _sources_html(stream.sources)
             shown = Coalescer(self.answer.append)
             for piece in stream:
                 shown.add(piece)
             shown.flush()
         finally:
             forget()
-        self.answer.end_reply(shown.text, stats="stopped" if job.stopping.is_set() else None)
+        stopped = job.stopping.is_set()
+        # Ended: the answer with the [n] markers the model left out (citations.cite); stopped: as far as it came.
+        self.answer.end_reply(shown.text if stopped else stream.answer.text, stats="stopped" if stopped else None,
+                              notice=warning)
 
     def stop(self) -> None:
         """Stop the answer being streamed (the server stops generating).

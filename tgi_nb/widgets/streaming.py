@@ -34,6 +34,39 @@ def describe_error(exc: BaseException, base_url: Optional[str] = None) -> tuple[
     return None, f"{type(exc).__name__}: {exc}"
 
 
+TIPS = {
+    "ttft": "Time to first token: from sending the request to the first token arriving (queueing and reading "
+            "the prompt)",
+    "tokens": "Tokens generated, as the server counted them (usage.completion_tokens)",
+    "thinking": "Of those, tokens of the model's thinking (reasoning), shown folded above the answer",
+    "speed": "Tokens a second after the first one (1 / mean inter-token latency): the decoding speed this request "
+             "got; the Monitor's 'one request' figure",
+    "finish_reason": "Why the reply ended. stop: the model finished (or a stop string came); length: cut at "
+                     "max_tokens or the context size; tool_calls: it called a tool; content_filter: filtered",
+}
+
+
+def stats_parts(stats: dict[str, Any]) -> list[tuple[str, str]]:
+    """The pieces of the line shown under a reply, each with its tooltip ("" for none).
+
+    Example:
+        >>> [text for text, _ in stats_parts({"ttft_s": 0.25, "tokens": 12, "tokens_per_s": 30.0,
+        ...                                   "finish_reason": "stop"})]
+        ['TTFT 0.25 s', '12 tokens', '30.0 tok/s', 'finish_reason: stop']
+    """
+    parts = []
+    if stats.get("ttft_s") is not None:
+        parts.append((f"TTFT {stats['ttft_s']:.2f} s", TIPS["ttft"]))
+    parts.append((f"{stats.get('tokens', 0)} tokens", TIPS["tokens"]))
+    if stats.get("thinking_tokens"):
+        parts.append((f"{stats['thinking_tokens']} thinking", TIPS["thinking"]))
+    if stats.get("tokens_per_s") is not None:
+        parts.append((f"{stats['tokens_per_s']:.1f} tok/s", TIPS["speed"]))
+    ended = end_reason(stats)
+    parts.append((ended, TIPS["finish_reason"] if ended.startswith("finish_reason") else ""))
+    return parts
+
+
 def format_stats(stats: dict[str, Any]) -> str:
     """The line shown under a reply.
 
@@ -41,14 +74,7 @@ def format_stats(stats: dict[str, Any]) -> str:
         >>> format_stats({"ttft_s": 0.25, "tokens": 12, "tokens_per_s": 30.0, "finish_reason": "stop"})
         'TTFT 0.25 s · 12 tokens · 30.0 tok/s · finish_reason: stop'
     """
-    parts = []
-    if stats.get("ttft_s") is not None:
-        parts.append(f"TTFT {stats['ttft_s']:.2f} s")
-    parts.append(f"{stats.get('tokens', 0)} tokens")
-    if stats.get("tokens_per_s") is not None:
-        parts.append(f"{stats['tokens_per_s']:.1f} tok/s")
-    parts.append(end_reason(stats))
-    return " · ".join(parts)
+    return " · ".join(text for text, _ in stats_parts(stats))
 
 
 def end_reason(stats: dict[str, Any]) -> str:
@@ -63,6 +89,18 @@ def end_reason(stats: dict[str, Any]) -> str:
     return "stopped" if stats.get("stopped") else f"finish_reason: {stats.get('finish_reason')}"
 
 
+def describe_settings(kwargs: dict[str, Any]) -> str:
+    """The sampling settings of a request (``create()``'s keyword arguments), in one line.
+
+    Example:
+        >>> describe_settings({"temperature": 0.2, "max_tokens": 64, "extra_body": {"top_k": 5}})
+        'temperature=0.2, max_tokens=64, top_k=5 (the rest: endpoint defaults)'
+    """
+    flat = {**{k: v for k, v in kwargs.items() if k != "extra_body"}, **kwargs.get("extra_body", {})}
+    own = ", ".join(f"{k}={v}" for k, v in flat.items())
+    return f"{own} (the rest: endpoint defaults)" if own else "endpoint defaults"
+
+
 @dataclass
 class Reply:
     """How one streamed reply went: ``text`` (what was shown), timings, ``finish_reason``, usage, the error.
@@ -75,7 +113,10 @@ class Reply:
 
     started: float = field(default_factory=time.monotonic)
     text: str = ""
+    reasoning: str = ""
+    reasoning_chunks: int = 0
     first_token: Optional[float] = None
+    last_token: Optional[float] = None
     finish_reason: Optional[str] = None
     usage: Any = None
     chunks: int = 0
@@ -87,12 +128,17 @@ class Reply:
     def stats(self, base_url: Optional[str] = None) -> dict[str, Any]:
         """The figures of the stats line (and of CompareWidget's table); ``error`` as a one-line message."""
         end = self.ended if self.ended is not None else time.monotonic()
-        tokens = self.usage.completion_tokens if self.usage is not None else self.chunks
+        tokens = self.usage.completion_tokens if self.usage is not None else self.chunks + self.reasoning_chunks
+        details = getattr(self.usage, "completion_tokens_details", None)
+        thinking = getattr(details, "reasoning_tokens", None) or self.reasoning_chunks
         first = self.first_token
+        last = self.last_token if self.last_token is not None else end
         return {
             "ttft_s": None if first is None else first - self.started,
             "tokens": tokens,
-            "tokens_per_s": tokens / (end - first) if first and tokens > 1 and end > first else None,
+            "thinking_tokens": thinking,
+            # the decoding speed: tokens after the first over the time they took (1 / mean inter-token latency)
+            "tokens_per_s": (tokens - 1) / (last - first) if first and tokens > 1 and last > first else None,
             "elapsed_s": end - self.started,
             "finish_reason": None if self.stopped else self.finish_reason,
             "stopped": self.stopped,
@@ -105,22 +151,37 @@ class Reply:
         """The HTTP status of the error, if the server answered one."""
         return None if self.error is None else describe_error(self.error)[0]
 
-    def show_end(self, transcript: Any, base_url: Optional[str] = None) -> dict[str, Any]:
-        """End the transcript's streaming message: the reply with its stats line, or the error; returns the
-        stats."""
+    def show_end(self, transcript: Any, base_url: Optional[str] = None, *, prefix: str = "",
+                 **extra: Any) -> dict[str, Any]:
+        """End the transcript's streaming message: the reply (after ``prefix``, what a continued reply had
+        already) with its stats line and ``extra`` entry fields, or the error; returns the stats."""
         stats = self.stats(base_url)
         if stats["error"] is not None:
             transcript.end_reply(stats["error"], role="error")
         else:
-            transcript.end_reply(self.text, stats=format_stats(stats))
+            transcript.end_reply(prefix + self.text, stats=format_stats(stats), stats_parts=stats_parts(stats),
+                                 reasoning=self.reasoning, **extra)
         return stats
 
 
+def reasoning_delta(delta: Any) -> Optional[str]:
+    """The thinking a streamed delta carries: ``reasoning_content`` (tgi_nb, vLLM, DeepSeek) or ``reasoning``
+    (vLLM's newer name, OpenRouter).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> reasoning_delta(SimpleNamespace(reasoning_content="Hmm")), reasoning_delta(SimpleNamespace())
+        ('Hmm', None)
+    """
+    return getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None)
+
+
 def stream_reply(target: Target, messages: list[dict[str, Any]], kwargs: dict[str, Any], job: Job,
-                 emit: Callable[[str], None], updates_per_second: float = UPDATES_PER_SECOND,
+                 emit: Callable[..., None], updates_per_second: float = UPDATES_PER_SECOND,
                  started: Optional[float] = None) -> Reply:
-    """Stream a chat completion of ``messages`` (choice 0) from ``target``, passing the text to ``emit`` at
-    most ``updates_per_second`` times a second, until it ends or ``job`` is stopped (which closes the stream).
+    """Stream a chat completion of ``messages`` (choice 0) from ``target``, passing the text to ``emit(text)``
+    and the model's thinking to ``emit(text, "reasoning")`` at most ``updates_per_second`` times a second
+    each, until it ends or ``job`` is stopped (which closes the stream).
 
     Never raises: an error is in the returned :class:`Reply`. What arrived before a stop stays in ``text``;
     what had not been shown yet is dropped with the rest.
@@ -134,6 +195,7 @@ def stream_reply(target: Target, messages: list[dict[str, Any]], kwargs: dict[st
     """
     reply = Reply(started=started if started is not None else time.monotonic())
     shown = Coalescer(emit, updates_per_second)
+    thought = Coalescer(lambda text: emit(text, "reasoning"), updates_per_second)
     stream = None
     forget: Optional[Callable[[], None]] = None
     try:
@@ -149,9 +211,16 @@ def stream_reply(target: Target, messages: list[dict[str, Any]], kwargs: dict[st
             for choice in chunk.choices:
                 if choice.index != 0:
                     continue
-                if choice.delta.content:
+                thinking = reasoning_delta(choice.delta)
+                if choice.delta.content or thinking:
+                    reply.last_token = time.monotonic()
                     if reply.first_token is None:
-                        reply.first_token = time.monotonic()
+                        reply.first_token = reply.last_token
+                if thinking:
+                    thought.add(thinking)
+                    reply.reasoning_chunks += 1
+                if choice.delta.content:
+                    thought.flush()  # the thinking is complete on screen before the answer starts
                     shown.add(choice.delta.content)
                     reply.chunks += 1
                 reply.finish_reason = choice.finish_reason or reply.finish_reason
@@ -168,6 +237,8 @@ def stream_reply(target: Target, messages: list[dict[str, Any]], kwargs: dict[st
                 pass
     reply.stopped = job.stopping.is_set()
     if not reply.stopped:
-        shown.flush()  # the last few tokens: an ended reply is shown in full
-    reply.text, reply.updates, reply.ended = shown.text, shown.updates, time.monotonic()
+        thought.flush()  # the last few tokens: an ended reply is shown in full
+        shown.flush()
+    reply.text, reply.reasoning, reply.ended = shown.text, thought.text, time.monotonic()
+    reply.updates = shown.updates + thought.updates
     return reply

@@ -1,6 +1,7 @@
 """``tgi_nb.workbench()``: the widgets in tabs, wired together: the endpoint made or picked in the Endpoint
-tab is the one the Chat, Compare, Monitor, RAG and Migration tabs talk to, with the Parameters tab's values. The
-RAG tab is built once that endpoint runs (its pipeline needs the URL), when the Endpoint tab's status says so.
+tab is the one the Chat, Compare, Monitor, RAG and Migration tabs talk to, with the Parameters tab's values. Once
+that endpoint runs, the Parameters tab starts from its own defaults (``/info``), the Endpoint tab points to the Chat
+tab, and the RAG tab is built (its pipeline needs the URL).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import ipywidgets as w
 
 from .chat import ChatWidget
 from .compare import CompareWidget
+from .controls import button
 from .endpoint import EndpointWidget
 from .lifecycle import Worker, replace_in_cell
 from .migration import MigrationWidget
 from .monitor import MonitorWidget
 from .parameters import ParametersWidget
+from .target import Target
 
 TAB_TITLES = ("Endpoint", "Parameters", "Chat", "Compare", "Monitor", "RAG", "Migration")
 
@@ -44,11 +47,18 @@ class Workbench(w.Tab):
         self.rag: Any = None
         self._rag_for: Any = None  # the endpoint the RAG tab is built (or being built) for
         self._rag_lock = threading.Lock()
+        self._defaults_worker = Worker("workbench-defaults")
         hint = "Create, connect to or pick an endpoint in the <b>Endpoint</b> tab first."
         self._chat_box, self._compare_box, self._monitor_box, self._rag_box, self._migration_box = (
             w.VBox([w.HTML(hint)]) for _ in range(5))
-        super().__init__([self.endpoint_widget, self.parameters, self._chat_box, self._compare_box,
-                          self._monitor_box, self._rag_box, self._migration_box], titles=TAB_TITLES)
+        self.next_step = w.HBox([w.HTML("<b>The endpoint runs.</b> Talk to it in the Chat tab, or compare "
+                                        "settings, watch its load, ask your documents in the next tabs."),
+                                 button("Open the Chat tab", "tgi-workbench-to-chat", self.open_chat, icon="comments")],
+                                layout=w.Layout(display="none", align_items="center"))
+        self.next_step.add_class("tgi-workbench-next")
+        super().__init__([w.VBox([self.endpoint_widget, self.next_step]), self.parameters, self._chat_box,
+                          self._compare_box, self._monitor_box, self._rag_box, self._migration_box],
+                         titles=TAB_TITLES)
         self.add_class("tgi-workbench")
         self.endpoint_widget.observe(self._endpoint_changed, "endpoint")
         self.endpoint_widget.observe(self._on_endpoint_status, "status")
@@ -78,11 +88,44 @@ class Workbench(w.Tab):
         self._compare_box.children = [self.compare]
         self._monitor_box.children = [self.monitor]
         if endpoint.status == "running":  # picked running: its status may not change again
+            self._follow_defaults(endpoint)
             self._build_rag(endpoint)
 
+    def open_chat(self) -> None:
+        """Show the Chat tab."""
+        self.selected_index = TAB_TITLES.index("Chat")
+
     def _on_endpoint_status(self, change: Any) -> None:
-        if change["new"] == "running":
-            self._build_rag(self.endpoint_widget.endpoint)
+        running = change["new"] == "running"
+        self.next_step.layout.display = "" if running else "none"
+        if running:
+            endpoint = self.endpoint_widget.endpoint
+            self._follow_defaults(endpoint)
+            self._build_rag(endpoint)
+
+    def _follow_defaults(self, endpoint: Any) -> None:
+        """The Parameters tab starts from the endpoint's own defaults and URL (read from /info in the
+        background: this runs from a status change, which must return at once)."""
+        def read(_job: Any) -> None:
+            target = Target.of(endpoint)
+            base_url = target.base_url
+            if base_url is None:
+                return
+            defaults: dict[str, Any] = {}
+            try:
+                import httpx
+
+                token = target.token
+                response = httpx.get(base_url[: -len("/v1")] + "/info", timeout=10,
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+                if response.status_code == 200:
+                    defaults = response.json().get("generation_config") or {}
+            except (httpx.HTTPError, ValueError):  # a server without TGI's /info (vLLM, OpenAI): OpenAI's defaults
+                pass
+            if endpoint is self.endpoint_widget.endpoint:
+                self.parameters.use_endpoint_defaults(defaults, base_url)
+
+        self._defaults_worker.submit(read)
 
     def _build_rag(self, endpoint: Any) -> None:
         with self._rag_lock:
@@ -116,6 +159,7 @@ class Workbench(w.Tab):
     def close(self) -> None:
         with self._rag_lock:
             self._rag_for = None
+        self._defaults_worker.close()
         for widget in (self.chat, self.compare, self.monitor, self.rag, self.migration, self.endpoint_widget,
                        self.parameters):
             if widget is not None:
