@@ -496,6 +496,39 @@ def test_status_is_pushed_by_the_controller_and_survives_a_restart(make):
     unsubscribe()
 
 
+def test_a_child_process_pushes_its_status_too(make):
+    """A process endpoint's child changes status by itself (idle scale to zero, a request waking it): the change
+    reaches a subscriber through the relay's long poll, which the child answers when its status changes; no
+    thread checks it every so often, and an action's own answer is never undone by an older one."""
+    endpoint = make("child-pushes", backend="process", min_replica=0, scale_to_zero_timeout=0.05)
+    backend = endpoint._backend
+    seen: list[str] = []
+    scaled, woken = threading.Event(), threading.Event()
+
+    def changed(_endpoint, _old, new):
+        seen.append(new)
+        if new == "scaledToZero":
+            scaled.set()
+        elif new == "running" and scaled.is_set():
+            woken.set()
+
+    unsubscribe = endpoint.on_status_change(changed)
+    endpoint.wait(timeout=240)
+    assert backend.pushes and endpoint.status == "running"
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("tgi_nb-watch-")]
+    assert chat(endpoint.url)
+    assert scaled.wait(120), seen  # 3 s idle in the child, then told: nobody called fetch() or state()
+    assert endpoint._machine.status == "scaledToZero"
+    assert chat(endpoint.url)  # wakes the child's model
+    assert woken.wait(120), seen
+    endpoint.pause()
+    assert endpoint.status == "paused"  # the action's answer, at once
+    stale = {"status": "running", "message": None, "changed_at": float("-inf")}
+    backend._apply(stale)  # an answer older than the pause's arriving late changes nothing
+    assert endpoint.status == "paused"
+    unsubscribe()
+
+
 def test_the_life_cycle_takes_only_listed_transitions():
     from tgi_nb.endpoints.status import TRANSITIONS, InvalidTransition, StatusMachine
 

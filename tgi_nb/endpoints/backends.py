@@ -12,8 +12,9 @@
 (the ``raw`` payload, which life-cycle actions act and which raise, whether the status is pushed or checked)
 lives in the backends. Each backend holds the endpoint's one :class:`~tgi_nb.endpoints.status.StatusMachine`:
 the kernel-thread backend hands it to the server's controller, which drives it, so changes are pushed to the
-subscribers as they happen; the others record what their status checks find in it, checking every
-``watch_every`` seconds in one thread while anyone subscribes. None of them blocks the caller for long: models
+subscribers as they happen; the child-process backend copies its child's changes in as they happen (a long
+poll the child answers on a change); the remote ones record what their status checks find in it, checking
+every ``watch_every`` seconds in one thread while anyone subscribes. None of them blocks the caller for long: models
 load in the background, and every HTTP request has a timeout.
 """
 

@@ -219,9 +219,9 @@ class InferenceEndpoint:
         thread (the status machine's notifier: never the engine's, never the caller's); returns a function that
         stops the calls. The endpoint's fields are refreshed before each call.
 
-        An endpoint in this kernel's thread pushes each change as its controller makes it: nothing polls. A
-        child process is checked every 0.1 s and a remote server every 5 s while anyone listens, in one thread
-        of the backend, besides the changes the endpoint's own methods make. An exception in a callback is
+        A local endpoint pushes each change as its controller makes it (a child process's through a long poll
+        it answers on a change): nothing polls. A remote server is checked every 5 s while anyone listens, in
+        one thread of the backend, besides the changes the endpoint's own methods make. An exception in a callback is
         logged and changes nothing else.
 
         Example:
@@ -298,8 +298,8 @@ class InferenceEndpoint:
         Raises ``InferenceEndpointError`` when it failed (the message says why) or, for a local endpoint, when it
         is paused (nothing would resume it); ``InferenceEndpointTimeoutError`` after ``timeout`` seconds, naming
         the URL and the last status. A local endpoint scaled to zero is woken up, as a request would. An
-        endpoint in this kernel's thread is waited for on its status machine (no polling), a child process is
-        checked every 0.1 s, and ``refresh_every`` (seconds) paces remote ones.
+        endpoint in this kernel's thread or a child process is waited for on its status machine (no polling), and
+        ``refresh_every`` (seconds) paces the checks of remote ones.
 
         Example:
             >>> endpoint.wait(timeout=300).status     # doctest: +SKIP

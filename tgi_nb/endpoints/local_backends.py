@@ -23,7 +23,7 @@ from huggingface_hub.errors import InferenceEndpointError
 from .backends import PROBE_TIMEOUT, Backend, BackendState, loopback_url
 from .browser import browser_url
 from .spec import EndpointRequest, build_request, host_env_for_child
-from .status import FAILED, INITIALIZING, PAUSED, PENDING, RUNNING, SCALED_TO_ZERO, StatusMachine
+from .status import DELETED, FAILED, INITIALIZING, PAUSED, PENDING, RUNNING, SCALED_TO_ZERO, StatusMachine
 
 logger = logging.getLogger("tgi_nb.endpoints")
 
@@ -239,11 +239,15 @@ class ProcessBackend(LocalBackend):
 
     The child writes its port to a file once it answers HTTP; pause, resume and scale-to-zero go through its
     control route, behind a secret only this process knows. Its output goes to ``log_path``. The child drives
-    its own status machine; this backend checks it (``watch_every``) while anyone subscribes.
+    its own status machine; a relay thread copies each change into this backend's machine as it happens: it
+    keeps one long poll open (``GET state?while=<status>``, answered by the child when its status becomes
+    another), so nothing polls. Until the child answers HTTP the relay looks for its port file (every 0.1 s)
+    and whether it exited.
     """
 
     kind = "process"
-    watch_every = 0.1  # a question to a server on this machine: cheap
+    watch_every = None  # pushed, through the relay's long poll
+    relay_wait = 30.0  # seconds the child holds a long poll before answering "no change" (then it is asked again)
 
     def __init__(self, request: EndpointRequest, kwargs: dict[str, Any], machine: Optional[StatusMachine] = None):
         super().__init__(request, kwargs, machine)
@@ -254,6 +258,9 @@ class ProcessBackend(LocalBackend):
         self.log_path = self._dir / "server.log"
         self._port_file = self._dir / "port"
         self._log: Any = None
+        self._relay: Optional[threading.Thread] = None
+        self._applied_lock = threading.Lock()
+        self._applied_at = float("-inf")  # the child's changed_at of the state last applied to the machine
 
     def start(self, port: Optional[int] = None) -> None:
         launch = self.launch
@@ -276,6 +283,49 @@ class ProcessBackend(LocalBackend):
         self.proc = subprocess.Popen([sys.executable, "-m", "tgi_nb.endpoints.serve"], env=env,
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        self._relay = threading.Thread(target=self._relay_loop, name=f"tgi_nb-relay-{self.name}", daemon=True)
+        self._relay.start()
+
+    def _relay_loop(self) -> None:
+        """Copy the child's status changes into ``machine`` until this backend closes or the child exits."""
+        import httpx
+
+        from .runtime import CONTROL_HEADER
+
+        timeout = httpx.Timeout(PROBE_TIMEOUT, read=self.relay_wait + 30)  # the child answers within relay_wait
+        with httpx.Client(headers={CONTROL_HEADER: self._control_token}, timeout=timeout) as client:
+            while not self._closed.is_set():
+                if self._read_port() is None:  # not answering HTTP yet
+                    failed = self._exited()
+                    if failed is not None:
+                        self._record(failed)
+                        return
+                    self._closed.wait(0.1)
+                    continue
+                try:
+                    response = client.get(f"{self.server_url}/_tgi_nb/endpoint/state",
+                                          params={"while": self.machine.status, "timeout": self.relay_wait})
+                    response.raise_for_status()
+                    self._apply(response.json())
+                except (httpx.HTTPError, ValueError, KeyError) as exc:
+                    failed = self._exited()
+                    if failed is not None:
+                        self._record(failed)
+                        return
+                    logger.debug("status relay of %s: %s; asking again", self.name, exc)
+                    self._closed.wait(0.5)  # the child is alive but did not answer: ask again shortly
+
+    def _apply(self, body: dict[str, Any]) -> None:
+        """Record the child's state ``body`` unless one that changed later was recorded already (an action's
+        answer and the relay's can arrive in either order)."""
+        with self._applied_lock:
+            changed_at = float(body.get("changed_at", 0.0))
+            if changed_at < self._applied_at or self._closed.is_set() or self.machine.status == DELETED:
+                return
+            self._applied_at = changed_at
+            if body["status"] == RUNNING:
+                self._ever_running = True
+            self.machine.observe(body["status"], body.get("message"))
 
     def _read_port(self) -> Optional[int]:
         if self._port is None and self._port_file.exists():
@@ -313,7 +363,9 @@ class ProcessBackend(LocalBackend):
             response = httpx.get(f"{self.server_url}/_tgi_nb/endpoint/state",
                                  headers={"x-tgi-nb-control-token": self._control_token}, timeout=PROBE_TIMEOUT)
             response.raise_for_status()
-            return _wire_state(response.json())
+            body = response.json()
+            self._apply(body)  # fresher than the relay's last word, maybe: ordered by the child's changed_at
+            return _wire_state(body)
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             return self._exited() or BackendState(INITIALIZING, f"the server process does not answer: {exc}")
 
@@ -330,6 +382,7 @@ class ProcessBackend(LocalBackend):
         response = httpx.post(f"{self.server_url}/_tgi_nb/endpoint/{action}",
                               headers={"x-tgi-nb-control-token": self._control_token}, timeout=60)
         response.raise_for_status()
+        self._apply(response.json())  # the status the action left, at once (the relay may tell it a moment later)
 
     def close(self) -> None:
         super().close()

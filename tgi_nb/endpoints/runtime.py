@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from typing import Any, Callable, Optional
+from urllib.parse import parse_qs
 
 from .status import (FAILED, INITIALIZING, PAUSED, PENDING, RUNNING, SCALED_TO_ZERO, StatusMachine,
                      allowed_actions)
@@ -29,6 +30,9 @@ logger = logging.getLogger("tgi_nb.endpoints")
 
 CONTROL_PREFIX = "/_tgi_nb/endpoint/"
 CONTROL_HEADER = "x-tgi-nb-control-token"
+# The longest a parent may hold ``GET state?while=<status>`` open: it asks again after that (a change answers it at
+# once). A long poll, so that a child process's status reaches the parent as it changes, with nothing polling.
+STATE_WAIT_MAX = 60.0
 # Routes that never wake a scaled-to-zero model nor count as activity (health checks must not keep it awake).
 PASSIVE_PATHS = frozenset({"/health", "/info", "/metrics", "/docs", "/redoc", "/openapi.json",
                            "/docs/oauth2-redirect"})
@@ -220,7 +224,9 @@ class EndpointController:
                     self.last_activity = time.monotonic()
 
     def state(self) -> dict[str, Any]:
-        """``{"status", "message", "warnings", "limits"}``; ``limits`` once a model is loaded."""
+        """``{"status", "message", "changed_at", "warnings", "limits"}``; ``limits`` once a model is loaded;
+        ``changed_at``: the machine's ``time.monotonic()`` at its last change of status, which orders two answers
+        (a parent applies none older than the one it holds)."""
         engine = self.holder.engine if self.holder is not None else None
         limits = None
         if engine is not None:
@@ -229,8 +235,8 @@ class EndpointController:
                       "device": engine.config.device, "dtype": engine.config.dtype,
                       "kv_cache_dtype": engine.config.kv_cache_dtype, "kv_cache_bytes": engine.capacity.kv_cache_bytes,
                       "weights_bytes": engine.weights_bytes}
-        return {"status": self.machine.status, "message": self.machine.message, "warnings": self.notes.list(),
-                "limits": limits}
+        return {"status": self.machine.status, "message": self.machine.message,
+                "changed_at": self.machine.changed_at, "warnings": self.notes.list(), "limits": limits}
 
     def _allows(self, action: str) -> bool:
         return not self._closed.is_set() and action in allowed_actions(self.machine.status)
@@ -396,6 +402,27 @@ class ControlledApp:
         finally:
             unsubscribe()
 
+    async def _status_other_than(self, status: str, timeout: float) -> None:
+        """Until the machine's status is not ``status``, at most ``timeout`` seconds: told by the machine."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def on_change(_owner: Any, _previous: str, new: str) -> None:
+            if new != status:
+                try:
+                    loop.call_soon_threadsafe(changed.set)
+                except RuntimeError:  # the server's loop closed meanwhile
+                    pass
+
+        unsubscribe = self.controller.machine.subscribe(on_change)
+        try:
+            if self.controller.status == status:  # checked after subscribing: no change falls between the two
+                await asyncio.wait_for(changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            unsubscribe()
+
     async def _control(self, scope, receive, send, action: str) -> None:
         token = dict(scope["headers"]).get(CONTROL_HEADER.encode(), b"").decode("latin-1")
         if not hmac.compare_digest(token.encode(), (self.control_token or "").encode()):
@@ -405,6 +432,15 @@ class ControlledApp:
         actions: dict[str, Callable[[], None]] = {"pause": ctl.pause, "resume": ctl.resume,
                                                   "scale_to_zero": ctl.scale_to_zero}
         if scope["method"] == "GET" and action == "state":
+            # ?while=<status>[&timeout=<s>]: answered once the status is another (or after the timeout).
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            if "while" in query:
+                try:
+                    timeout = min(max(float(query.get("timeout", ["30"])[0]), 0.0), STATE_WAIT_MAX)
+                except ValueError:
+                    await _json(send, 400, {"error": "timeout: expected seconds", "error_type": "validation"})
+                    return
+                await self._status_other_than(query["while"][0], timeout)
             await _json(send, 200, ctl.state())
         elif scope["method"] == "POST" and action in actions:
             await asyncio.get_running_loop().run_in_executor(None, actions[action])  # unloading may take a moment
