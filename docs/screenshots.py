@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import httpx
-
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
+sys.path.insert(0, str(REPO / "tests"))  # the browser tests' JupyterLab, shared
+
+from jupyter_lab import CHROMIUM, KERNEL_IDLE, running_lab  # noqa: E402
+
 TIMEOUT_MS = 600_000
 NOTEBOOK = {"cells": [{"cell_type": "code", "execution_count": None, "id": "workbench", "metadata": {},
                        "outputs": [], "source": ["import tgi_nb\n", "\n", "bench = tgi_nb.workbench()\n", "bench"]}],
@@ -43,47 +40,6 @@ RAG_DOCUMENTS = (
     "border between Nepal and China. It was first climbed in 1953 by Edmund Hillary and Tenzing Norgay.",
     "The Great Wall of China is a series of fortifications built across northern China over many centuries. Its "
     "best-known parts were built during the Ming dynasty, between 1368 and 1644.")
-KERNEL_IDLE = """() => {
-  const nb = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-  const kernel = nb && nb.sessionContext && nb.sessionContext.session && nb.sessionContext.session.kernel;
-  return kernel && kernel.status === 'idle';
-}"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_lab(root: Path) -> tuple[subprocess.Popen, str, str]:
-    (root / "workbench.ipynb").write_text(json.dumps(NOTEBOOK))
-    settings = root / ".settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false",
-                                                                           "checkForUpdates": False}))
-    port, token = free_port(), os.urandom(12).hex()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "JUPYTER_RUNTIME_DIR": str(root / ".runtime"), "JUPYTER_DATA_DIR": str(root / ".data")}
-    command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-               f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-               "--LabApp.expose_app_in_browser=True", f"--LabApp.user_settings_dir={root / '.settings'}",
-               f"--LabApp.workspaces_dir={root / '.workspaces'}"]
-    if os.geteuid() == 0:
-        command.append("--allow-root")
-    server = subprocess.Popen(command, cwd=root, env=env, stdout=open(root / "jupyter.log", "w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{base}/api/status", params={"token": token}, timeout=5).status_code == 200:
-                return server, base, token
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("JupyterLab did not start: " + (root / "jupyter.log").read_text()[-2000:])
-
-
 def load(url: str, stop: threading.Event, prompts: int = 8) -> None:
     """Keep ``prompts`` requests running against the endpoint until ``stop``: the monitor's load."""
     from openai import OpenAI
@@ -129,10 +85,10 @@ def take(out: Path) -> None:
         print("wrote", out / name, flush=True)
 
     root = Path(tempfile.mkdtemp(prefix="tgi_nb-screens-"))
-    server, base, token = start_lab(root)
+    (root / "workbench.ipynb").write_text(json.dumps(NOTEBOOK))
     stop = threading.Event()
     try:
-        with sync_playwright() as playwright:
+        with running_lab(root) as (base, token), sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             context = browser.new_context(viewport={"width": 1280, "height": 900}, device_scale_factor=1)
             context.set_default_timeout(TIMEOUT_MS)
@@ -205,12 +161,6 @@ def take(out: Path) -> None:
             browser.close()
     finally:
         stop.set()
-        server.send_signal(signal.SIGINT)
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
 
 

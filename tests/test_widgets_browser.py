@@ -16,18 +16,11 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from server_fixtures import wait_until
-
-REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
+from jupyter_lab import CHROMIUM, KERNEL_IDLE, REPO, running_lab
 TIMEOUT_MS = 300_000  # generous: the machine may be loaded; nothing here measures speed
 
 try:
@@ -51,19 +44,6 @@ OBSERVE_RENDERS = """() => {
     if (length > (renders.length ? renders[renders.length - 1][1] : 0)) renders.push([performance.now(), length]);
   }).observe(transcript, {childList: true, subtree: true, characterData: true});
 }"""
-KERNEL_IDLE = """() => {
-  const nb = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-  const kernel = nb && nb.sessionContext && nb.sessionContext.session && nb.sessionContext.session.kernel;
-  return kernel && kernel.status === 'idle';
-}"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
     folder = Path(os.environ.get("TGI_NB_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
@@ -77,45 +57,9 @@ def lab(tmp_path_factory):
     imports this checkout. Yields (base URL, token)."""
     root = tmp_path_factory.mktemp("lab")
     shutil.copy(REPO / "notebooks" / "00_workbench.ipynb", root)
-    settings = root / ".settings"
-    (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
-    # No "Would you like to get notified about news?" toast over the widgets (and no fetch: we are offline).
-    (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
-        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    port, token = free_port(), os.urandom(12).hex()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           # endpoint.browser_url through jupyter-server-proxy, as on Binder / JupyterHub
-           "TGI_NB_BROWSER_URL": "/proxy/{port}",
-           "JUPYTER_RUNTIME_DIR": str(root / ".runtime"), "JUPYTER_DATA_DIR": str(root / ".data")}
-    command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-               f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
-               f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={root / '.workspaces'}"]
-    if os.geteuid() == 0:
-        command.append("--allow-root")
-    log = open(root / "jupyter.log", "w")
-    server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{base}/api/status", params={"token": token}, timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        assert wait_until(up, 180, interval=0.5), (root / "jupyter.log").read_text()[-3000:]
+    # endpoint.browser_url through jupyter-server-proxy, as on Binder / JupyterHub
+    with running_lab(root, env={"TGI_NB_BROWSER_URL": "/proxy/{port}"}) as (base, token):
         yield base, token
-    finally:
-        server.send_signal(signal.SIGINT)  # jupyter shuts its kernels down (and their endpoints) on SIGINT x2
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(30)
-        log.close()
 
 
 @pytest.fixture(scope="module")
