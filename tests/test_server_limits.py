@@ -149,3 +149,5 @@ def test_a_full_server_refuses_before_the_chat_template_runs(engine):
             long = {**CHAT, "messages": [{"role": "user", "content": "hello " * 2000}]}
             r = c.post("/v1/chat/completions", json=long)
             assert r.status_code == 429 and "max_concurrent_requests" in r.json()["error"]["message"], r.text
+            r = c.post("/v1/responses", json={"model": "tgi", "input": "hello " * 2000})  # the Responses API too
+            assert r.status_code == 429 and "max_concurrent_requests" in r.json()["error"]["message"], r.text

@@ -23,6 +23,7 @@ _ERRORS = {code: {"model": OpenAIError} for code in (400, 401, 404, 429, 500, 50
 async def create(body: ResponsesRequest, request: Request, ctx: ServerContext = Depends(get_ctx)) -> Response:
     """A model response, streamed as typed ``response.*`` events when ``stream`` is true."""
     reject_invalid_text(body)
+    ctx.check_slot("responses")  # a full server refuses before the conversation is templated and tokenized
     return await responses_serving.create_response(ctx, body, request)
 
 
