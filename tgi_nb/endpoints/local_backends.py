@@ -92,9 +92,6 @@ class LocalBackend(Backend):
         return self.request.raw(state=status, url=self.url, message=message, created_at=created_at,
                                 updated_at=updated_at)
 
-    def poll_interval(self, refresh_every: float) -> float:
-        return min(refresh_every, 0.1)  # checking costs nothing here
-
     def before_poll(self, status: str, name: str) -> None:
         if status == PAUSED:
             raise InferenceEndpointError(f"Inference Endpoint {name} is paused: call endpoint.resume() first, "
